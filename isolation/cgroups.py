@@ -1,0 +1,303 @@
+"""Per-job cgroups on cgroup v1 (memory, pids, cpuacct hierarchies) and v2 (unified).
+
+A job cgroup lives under a ``sandmill`` parent in each hierarchy. The caller puts the
+job's first process in it *before* exec (see ``JobCgroup.procs_files``), so every
+descendant is counted for memory and pids and can be swept when the job ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+
+
+class CgroupUnavailable(RuntimeError):
+    """No usable cgroup hierarchy here (not root, read-only mount, missing controller)."""
+
+
+@dataclass(frozen=True)
+class CgroupHost:
+    """What this host offers: ``version`` 1 or 2, the mount of each controller."""
+
+    version: int
+    mounts: dict[str, Path] = field(default_factory=dict)  # v1: controller -> mount
+    v2_root: Path | None = None
+
+
+def _v1_mounts() -> dict[str, Path]:
+    """Controller -> mount point of each cgroup v1 hierarchy, from /proc/self/mounts."""
+    found: dict[str, Path] = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 4 or parts[2] != "cgroup":
+                continue
+            for opt in parts[3].split(","):
+                if opt in V1_CONTROLLERS and opt not in found:
+                    found[opt] = Path(parts[1])
+    return found
+
+
+@lru_cache(maxsize=1)
+def detect() -> CgroupHost:
+    """Find the cgroup layout: pure v2 when /sys/fs/cgroup is cgroup2 (with memory),
+    else v1 when memory and pids hierarchies are mounted. Raises CgroupUnavailable."""
+    if os.geteuid() != 0:
+        raise CgroupUnavailable("not root: cannot create job cgroups")
+    ctl = CGROUP_ROOT / "cgroup.controllers"
+    if ctl.exists():
+        have = ctl.read_text().split()
+        if "memory" in have and "pids" in have:
+            return CgroupHost(version=2, v2_root=CGROUP_ROOT)
+        raise CgroupUnavailable(f"cgroup v2 without memory/pids controllers (have {have})")
+    mounts = _v1_mounts()
+    if "memory" in mounts and "pids" in mounts:
+        return CgroupHost(version=1, mounts=mounts)
+    raise CgroupUnavailable(f"no cgroup v2 and no v1 memory+pids hierarchies (found {sorted(mounts)})")
+
+
+def probe_gap() -> str | None:
+    """None when job cgroups work here, else the reason in words."""
+    try:
+        host = detect()
+        _ensure_parent(host, "sandmill")
+    except (CgroupUnavailable, OSError) as e:
+        return f"cgroups unavailable: {e}"
+    return None
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _v2_enable(dir_: Path, controllers: list[str]) -> None:
+    """Enable controllers for dir_'s children. Fails with EBUSY when dir_ (not the root)
+    holds processes itself: then move them into a ``worker`` leaf first, as v2 demands."""
+    want = " ".join(f"+{c}" for c in controllers)
+    try:
+        _write(dir_ / "cgroup.subtree_control", want)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        leaf = dir_ / "worker"
+        leaf.mkdir(exist_ok=True)
+        for pid in (dir_ / "cgroup.procs").read_text().split():
+            try:
+                _write(leaf / "cgroup.procs", pid)
+            except OSError:
+                pass  # exited meanwhile, or a kernel thread
+        _write(dir_ / "cgroup.subtree_control", want)
+
+
+def _own_v2_cgroup() -> Path:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return CGROUP_ROOT / line[3:].lstrip("/")
+    return CGROUP_ROOT
+
+
+_PARENTS: dict[str, tuple[tuple[str, Path], ...]] = {}
+
+
+def _ensure_parent(host: CgroupHost, name: str) -> tuple[tuple[str, Path], ...]:
+    """Create the sandmill parent cgroup(s) once per process; return (key, path) pairs."""
+    if name not in _PARENTS or not all(p.is_dir() for _, p in _PARENTS[name]):
+        _PARENTS[name] = _make_parent(host, name)
+    return _PARENTS[name]
+
+
+def _make_parent(host: CgroupHost, name: str) -> tuple[tuple[str, Path], ...]:
+    if host.version == 2:
+        assert host.v2_root is not None
+        have = (host.v2_root / "cgroup.controllers").read_text().split()
+        ctrls = [c for c in ("memory", "pids", "cpu") if c in have]
+        # Prefer a parent at the root (no internal-process rule there); inside a
+        # delegated subtree (container, systemd unit) nest under our own cgroup.
+        for base in (host.v2_root, _own_v2_cgroup()):
+            try:
+                _v2_enable(base, ctrls)
+                parent = base / name
+                parent.mkdir(exist_ok=True)
+                _v2_enable(parent, ctrls)
+                return (("unified", parent),)
+            except OSError:
+                continue
+        raise CgroupUnavailable("cannot create a v2 parent with memory+pids enabled")
+    pairs: list[tuple[str, Path]] = []
+    seen: set[Path] = set()
+    for ctrl in V1_CONTROLLERS:
+        mount = host.mounts.get(ctrl)
+        if mount is None or mount in seen:  # e.g. "cpu,cpuacct" co-mounted with memory
+            continue
+        seen.add(mount)
+        p = mount / name
+        p.mkdir(exist_ok=True)
+        pairs.append((ctrl, p))
+    return tuple(pairs)
+
+
+class JobCgroup:
+    """One job's cgroup (one directory per v1 hierarchy, or one on v2)."""
+
+    def __init__(self, host: CgroupHost, dirs: dict[str, Path]) -> None:
+        self.host = host
+        self.dirs = dirs  # "memory"/"pids"/"cpuacct" -> dir on v1; "unified" -> dir on v2
+
+    @classmethod
+    def create(cls, memory_bytes: int | None, pids: int | None, parent: str = "sandmill",
+               prefix: str = "job") -> "JobCgroup":
+        """Make a fresh job cgroup with the given limits. Raises CgroupUnavailable/OSError."""
+        host = detect()
+        parents = _ensure_parent(host, parent)
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        dirs: dict[str, Path] = {}
+        cg = cls(host, dirs)
+        try:
+            for key, p in parents:
+                d = p / name
+                d.mkdir()
+                dirs[key] = d
+        except BaseException:
+            cg.remove()
+            raise
+        if host.version == 1:  # co-mounted controllers share one dir: alias it by name
+            for ctrl in V1_CONTROLLERS:
+                for key, d in list(dirs.items()):
+                    if ctrl not in dirs and host.mounts.get(ctrl) == host.mounts.get(key):
+                        dirs[ctrl] = d
+        try:
+            cg._limit(memory_bytes, pids)
+        except BaseException:
+            cg.remove()
+            raise
+        return cg
+
+    def _limit(self, memory_bytes: int | None, pids: int | None) -> None:
+        if self.host.version == 2:
+            d = self.dirs["unified"]
+            if memory_bytes is not None:
+                _write(d / "memory.max", str(memory_bytes))
+                if (d / "memory.swap.max").exists():
+                    _write(d / "memory.swap.max", "0")  # memory+swap == memory
+            if pids is not None:
+                _write(d / "pids.max", str(pids))
+            return
+        if memory_bytes is not None:
+            m = self.dirs["memory"]
+            _write(m / "memory.limit_in_bytes", str(memory_bytes))
+            sw = m / "memory.memsw.limit_in_bytes"
+            if sw.exists():  # absent when the kernel runs without swap accounting
+                _write(sw, str(memory_bytes))
+        if pids is not None:
+            _write(self.dirs["pids"] / "pids.max", str(pids))
+
+    def procs_files(self) -> list[str]:
+        """cgroup.procs paths to write "0" into from the child before exec."""
+        return [str(d / "cgroup.procs") for d in self.unique_dirs()]
+
+    def unique_dirs(self) -> list[Path]:
+        """Each job dir once (v1 co-mounted controllers share one)."""
+        return list(dict.fromkeys(self.dirs.values()))
+
+    def _read(self, key: str, fname: str) -> str | None:
+        d = self.dirs.get(key)
+        if d is None:
+            return None
+        try:
+            return (d / fname).read_text()
+        except OSError:
+            return None
+
+    def peak_memory_bytes(self) -> int:
+        """Highest memory use seen (0 when the kernel does not record it)."""
+        if self.host.version == 2:
+            v = self._read("unified", "memory.peak") or self._read("unified", "memory.current")
+        else:
+            v = self._read("memory", "memory.max_usage_in_bytes")
+        return int(v) if v and v.strip().isdigit() else 0
+
+    def oom_kills(self) -> int:
+        """How many processes the OOM killer killed in this cgroup."""
+        text = (self._read("unified", "memory.events") if self.host.version == 2
+                else self._read("memory", "memory.oom_control")) or ""
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def memory_failcnt(self) -> int:
+        """v1: times usage hit the limit; v2: the "max" event count."""
+        if self.host.version == 2:
+            for line in (self._read("unified", "memory.events") or "").splitlines():
+                k, _, v = line.partition(" ")
+                if k == "max":
+                    return int(v)
+            return 0
+        v = self._read("memory", "memory.failcnt")
+        return int(v) if v else 0
+
+    def cpu_ns(self) -> int | None:
+        """CPU time of every process that ran in the cgroup, in ns (None if unknown)."""
+        if self.host.version == 2:
+            for line in (self._read("unified", "cpu.stat") or "").splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) * 1000
+            return None
+        v = self._read("cpuacct", "cpuacct.usage")
+        return int(v) if v else None
+
+    def pids(self) -> list[int]:
+        """Every pid in the job cgroup (union over hierarchies)."""
+        out: set[int] = set()
+        for d in self.unique_dirs():
+            try:
+                out.update(int(x) for x in (d / "cgroup.procs").read_text().split())
+            except OSError:
+                pass
+        return sorted(out)
+
+    def kill_all(self, timeout: float = 2.0) -> bool:
+        """SIGKILL everything in the cgroup; True once it is empty."""
+        if self.host.version == 2 and (self.dirs["unified"] / "cgroup.kill").exists():
+            try:
+                _write(self.dirs["unified"] / "cgroup.kill", "1")
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if not pids:
+                return True
+            for pid in pids:  # loop: a fork bomb may add pids while we kill
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+
+    def remove(self) -> None:
+        """Remove the job cgroup dirs (after kill_all). Retries briefly: the kernel
+        drops exited tasks asynchronously."""
+        for d in self.unique_dirs():
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+

@@ -1,0 +1,213 @@
+"""The ``process`` backend: a plain subprocess, hardened as far as a root worker can
+without a container runtime.
+
+As root, the child (between fork and exec) joins a fresh job cgroup (memory with swap
+counted, pids, cpuacct), unshares network/mount/ipc/uts namespaces, gets a size-capped
+tmpfs /tmp and /dev/shm, a read-only view of /, tmpfs over private host dirs (/root,
+/work, ...) and over the other jobs' dirs, rlimits, and finally drops to an unprivileged
+uid with no supplementary groups. Not root: rlimits and the process group only (the
+probe lists what that leaves open).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from pathlib import Path
+
+from . import linux, workdir
+from .base import Backend, OutputCallback, Probe
+from .cgroups import CgroupUnavailable, JobCgroup, probe_gap
+from .spec import Limits, Outcome, RunSpec, Status
+from .supervise import KILL_CPU, KILL_OUTPUT, KILL_TIMEOUT, Supervised, cpu_rlimit, supervise
+
+DEFAULT_HIDE = ("/root", "/home", "/work", "/mnt", "/media", "/srv", "/var/lib/docker",
+                "/var/lib/postgresql", "/run/secrets")
+
+
+class ProcessBackend(Backend):
+    """Run jobs as plain processes. Options: ``uid``/``gid`` to run jobs as when root
+    (default 65534), ``workdir_root`` (default /var/tmp/sandmill-jobs as root),
+    ``cgroup_parent`` (default "sandmill"), ``hide`` (host dirs masked by an empty tmpfs),
+    ``namespaces`` (False: no netns/mount ns even as root)."""
+
+    name = "process"
+
+    def __init__(self, uid: int = 65534, gid: int | None = None, workdir_root: str | None = None,
+                 cgroup_parent: str = "sandmill", hide: tuple[str, ...] = DEFAULT_HIDE,
+                 namespaces: bool = True) -> None:
+        self.root = os.geteuid() == 0
+        self.uid = uid if self.root else None
+        self.gid = (gid if gid is not None else uid) if self.root else None
+        self.workdir_root = Path(workdir_root) if workdir_root else workdir.default_root()
+        self.cgroup_parent = cgroup_parent
+        self.hide = tuple(h for h in hide if os.path.isdir(h))
+        self.namespaces = namespaces and self.root
+        self._cgroup_gap: str | None = probe_gap() if self.root else "not root"
+
+    def probe(self) -> Probe:
+        """Available everywhere; the gaps depend on root, cgroups and namespaces."""
+        gaps: dict[str, str] = {}
+        cg = self._cgroup_gap
+        if cg is not None:
+            gaps["memory_limit_children"] = f"no job cgroup ({cg}); RLIMIT_AS is per process"
+            gaps["fork_bomb"] = f"no pids cgroup ({cg}); RLIMIT_NPROC counts the whole uid"
+            gaps["no_descendant_survives"] = (
+                f"no job cgroup ({cg}); a daemon that calls setsid escapes the process-group sweep")
+            gaps["cancel"] = gaps["no_descendant_survives"]
+            gaps["cpu_limit_children"] = "RLIMIT_CPU is per process without cpuacct"
+        if not self.root:
+            gaps["no_network"] = "not root: no network namespace"
+            gaps["tmp_size_limit"] = "not root: no tmpfs /tmp (TMPDIR points into the work dir)"
+            gaps["no_outside_files"] = "not root: the job runs as the worker's own uid"
+        elif not self.namespaces:
+            gaps["no_network"] = "namespaces disabled"
+            gaps["tmp_size_limit"] = "namespaces disabled: no tmpfs /tmp"
+        return Probe(backend=self.name, available=True, gaps=gaps)
+
+    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
+        """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
+        limits = spec.limits
+        try:
+            wd = workdir.create(self.workdir_root, spec.files, self.uid, self.gid)
+        except (OSError, workdir.BadSpec) as e:
+            return Outcome(Status.sandbox_error, detail=f"work dir: {e}")
+        cgroup: JobCgroup | None = None
+        try:
+            if self._cgroup_gap is None:
+                try:
+                    cgroup = JobCgroup.create(
+                        memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
+                        pids=limits.pids, parent=self.cgroup_parent)
+                except (CgroupUnavailable, OSError) as e:
+                    return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
+            env = dict(spec.env)
+            if not self.namespaces:
+                (wd / "tmp").mkdir(exist_ok=True)
+                if self.uid is not None:
+                    os.chown(wd / "tmp", self.uid, self.gid or -1)
+                env.setdefault("TMPDIR", str(wd / "tmp"))
+            preexec = self._preexec(wd, limits, spec.network, cgroup)
+            try:
+                sup = await supervise(spec.argv, env=env, cwd=str(wd), stdin=spec.stdin,
+                                      limits=limits, cgroup=cgroup, preexec=preexec,
+                                      on_output=on_output)
+            except (OSError, ValueError) as e:  # exec failed: no such file, bad argv
+                return Outcome(Status.sandbox_error, detail=f"spawn: {e}")
+            except Exception as e:  # SubprocessError from a failing preexec
+                return Outcome(Status.sandbox_error, detail=f"spawn: {type(e).__name__}: {e}")
+            files = workdir.collect(wd, spec.collect, limits.output_bytes)
+            return classify(sup, limits, files)
+        finally:
+            if cgroup is not None:
+                cgroup.kill_all()
+                cgroup.remove()
+            workdir.remove(wd)
+
+    def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None):
+        """Build the fork-to-exec hook. Everything is computed here, in the parent: the
+        child only makes syscalls."""
+        procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
+        rl: list[tuple[int, tuple[int, int]]] = []
+        if limits.cpu_s is not None:
+            rl.append((resource.RLIMIT_CPU, cpu_rlimit(limits.cpu_s)))
+        if limits.file_size_mb is not None:
+            n = limits.file_size_mb * 1024 * 1024
+            rl.append((resource.RLIMIT_FSIZE, (n, n)))
+        if limits.open_files is not None:
+            rl.append((resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)))
+        if cgroup is None and limits.memory_mb is not None:
+            n = limits.memory_mb * 1024 * 1024  # fallback: per process, virtual memory
+            rl.append((resource.RLIMIT_AS, (n, n)))
+        if cgroup is None and self.root and limits.pids is not None:
+            # Counts every process of the uid, not just this job: only a backstop.
+            rl.append((resource.RLIMIT_NPROC, (limits.pids, limits.pids)))
+        rl.append((resource.RLIMIT_CORE, (0, 0)))
+
+        ns_flags = 0
+        if self.namespaces:
+            ns_flags = linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+            if network == "none":
+                ns_flags |= linux.CLONE_NEWNET
+        tmp_opt = (f"size={limits.tmp_mb}m,mode=1777" if limits.tmp_mb else "mode=1777").encode()
+        hide = [h.encode() for h in self.hide]
+        jobs_root = str(self.workdir_root).encode()
+        wd_b = str(wd).encode()
+        uid, gid = self.uid, self.gid
+        do_mounts = self.namespaces
+        nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
+
+        def preexec() -> None:
+            for p in procs:  # join the job cgroup before exec: children inherit it
+                fd = os.open(p, os.O_WRONLY)
+                os.write(fd, b"0")
+                os.close(fd)
+            if ns_flags:
+                linux.unshare(ns_flags)
+            if do_mounts:
+                linux.mount(None, b"/", None, linux.MS_REC | linux.MS_PRIVATE)
+                here = os.open(b".", os.O_RDONLY | os.O_DIRECTORY)  # the work dir (cwd)
+                linux.mount(b"tmpfs", b"/tmp", b"tmpfs", nosuid_nodev, tmp_opt)
+                linux.mount(b"tmpfs", b"/dev/shm", b"tmpfs", nosuid_nodev, tmp_opt)
+                for h in hide:
+                    linux.mount(b"tmpfs", h, b"tmpfs", nosuid_nodev | linux.MS_RDONLY,
+                                b"size=4k,mode=755")
+                # Mask every job dir, then bring back only ours at the same path.
+                linux.mount(b"tmpfs", jobs_root, b"tmpfs", nosuid_nodev, b"size=64k,mode=711")
+                os.mkdir(wd_b, 0o700)
+                linux.mount(b"/proc/self/fd/%d" % here, wd_b, None, linux.MS_BIND)
+                linux.mount(None, b"/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
+                os.chdir(wd_b)
+                os.close(here)
+            for res_, lim in rl:
+                resource.setrlimit(res_, lim)
+            if uid is not None:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                linux.set_pdeathsig(signal.SIGKILL)  # after setuid, which clears it
+
+        return preexec
+
+
+def classify(sup: Supervised, limits: Limits, files: dict[str, bytes], detail: str = "") -> Outcome:
+    """Turn supervisor facts into an Outcome. Order matters: what the supervisor killed
+    for wins, then the kernel's verdicts (OOM, CPU signals), then the job's own end."""
+    rc = sup.returncode
+    sig_no = -rc if rc is not None and rc < 0 else None
+    sig_name = _signame(sig_no) if sig_no else None
+    cpu_hit = (limits.cpu_s is not None and sig_no in (signal.SIGXCPU, signal.SIGKILL)
+               and sup.cpu_ms >= limits.cpu_s * 1000 * 0.9)
+    if sup.killed_for == KILL_OUTPUT:
+        status = Status.output_limit
+    elif sup.killed_for == KILL_TIMEOUT:
+        status = Status.timeout
+    elif sup.killed_for == KILL_CPU or sig_no == signal.SIGXCPU or cpu_hit:
+        status = Status.cpu_limit
+    elif sup.oom_kills > 0:
+        status = Status.memory_limit
+    elif sig_no:
+        status = Status.signalled
+    elif rc:
+        status = Status.exit_nonzero
+    else:
+        status = Status.success
+    notes = list(sup.notes)
+    if sup.survivors:
+        notes.append(f"{sup.survivors} process(es) survived the sweep")
+    if detail:
+        notes.insert(0, detail)
+    return Outcome(
+        status=status, exit_code=rc if rc is not None and rc >= 0 else None, signal=sig_name,
+        wall_ms=sup.wall_ms, cpu_ms=sup.cpu_ms, peak_memory_kb=sup.peak_memory_kb,
+        stdout=sup.stdout, stderr=sup.stderr, stdout_truncated=sup.stdout_truncated,
+        stderr_truncated=sup.stderr_truncated, files=files, detail="; ".join(notes),
+    )
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"SIG{n}"
