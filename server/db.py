@@ -1,0 +1,97 @@
+"""Where the database is: an external one from DATABASE_URL, or an embedded one (pgserver)
+in the data dir; and the versioned migrations, applied at start."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+import platformdirs
+
+log = logging.getLogger("sandmill.db")
+
+# Any fixed number: it only has to be the same in every sandmill process.
+_MIGRATION_LOCK = 0x5A4D_0001
+
+
+def default_data_dir() -> Path:
+    """The data dir when none is given: SANDMILL_DATA_DIR, else the user's data dir."""
+    env = os.environ.get("SANDMILL_DATA_DIR")
+    return Path(env) if env else Path(platformdirs.user_data_dir("sandmill"))
+
+
+def start_embedded(data_dir: Path, keep_running: bool = False):
+    """Start (or join) the embedded PostgreSQL in ``data_dir/pg``; returns the pgserver handle.
+
+    The server stops when the last handle in this process goes away, unless
+    ``keep_running``.
+    """
+    import pgserver  # imported here: its import is slow and only `up`/`server` need it
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return pgserver.get_server(data_dir / "pg", cleanup_mode=None if keep_running else "stop")
+
+
+def embedded_url(server) -> str:
+    """asyncpg-ready URL of a pgserver handle (it listens on a Unix socket only)."""
+    return server.get_uri()
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped, in order."""
+    out = []
+    for f in resources.files("server").joinpath("migrations").iterdir():
+        m = re.match(r"(\d+)_(.+)\.sql$", f.name)
+        if m:
+            out.append((int(m.group(1)), m.group(2), f.read_text()))
+    return sorted(out)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply every migration not yet recorded. Safe to run twice and from two processes at
+    once: an advisory lock serialises them and each migration commits with its record."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS sandmill_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM sandmill_migrations")}
+        applied = []
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO sandmill_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+            log.info("applied migration %04d_%s", version, name)
+            applied.append(version)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """One connection with sandmill's codecs (jsonb as Python objects)."""
+    conn = await asyncpg.connect(url)
+    await _init_conn(conn)
+    return conn
+
+
+async def create_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """A pool with sandmill's codecs."""
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_conn)
+
+
+async def _init_conn(conn: asyncpg.Connection) -> None:
+    import json
+
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")

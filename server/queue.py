@@ -1,0 +1,341 @@
+"""The one home of job SQL: push, pull, complete, logs, heartbeats, cancel, reads.
+
+Every function takes an asyncpg connection (or pool) as its first argument, so the API,
+the monitor and the workers share one implementation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import asyncpg
+
+# NOTIFY channels. Payloads stay tiny; listeners re-read the tables.
+CH_QUEUE = "sandmill_queue"    # payload: the tag of a new job ("tag" or "tag|epoch" if scheduled)
+CH_DONE = "sandmill_done"      # payload: the id of a job that has completed
+CH_CANCEL = "sandmill_cancel"  # payload: the id of a running job to kill
+
+Executor = asyncpg.Connection | asyncpg.Pool
+
+_PUSH = f"""
+INSERT INTO queue (id, workspace, kind, script_path, script_hash, language, content, args,
+                   tag, priority, timeout_s, created_by, scheduled_for,
+                   concurrency_key, concurrent_limit, concurrency_time_window_s)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+        now() + make_interval(secs => $13), $14, $15, $16)
+RETURNING id, scheduled_for,
+          pg_notify('{CH_QUEUE}', $9 || CASE WHEN $13 > 0
+                     THEN '|' || extract(epoch FROM now() + make_interval(secs => $13))::text
+                     ELSE '' END)
+"""
+
+
+async def push(
+    db: Executor,
+    *,
+    workspace: str,
+    language: str,
+    content: str,
+    args: dict[str, Any],
+    tag: str,
+    kind: str = "script",
+    script_path: str | None = None,
+    script_hash: str | None = None,
+    priority: int = 0,
+    timeout_s: float | None = None,
+    scheduled_in_secs: float = 0,
+    created_by: str = "admin",
+    concurrency_key: str | None = None,
+    concurrent_limit: int | None = None,
+    concurrency_time_window_s: int | None = None,
+) -> uuid.UUID:
+    """Queue one job and wake the workers that serve its tag. Returns the job id."""
+    job_id = uuid.uuid4()
+    await db.fetchrow(
+        _PUSH, job_id, workspace, kind, script_path, script_hash, language, content, args,
+        tag, priority, timeout_s, created_by, float(scheduled_in_secs),
+        concurrency_key, concurrent_limit, concurrency_time_window_s,
+    )
+    return job_id
+
+
+# One statement: pick the best waiting job of our tags that is due, skip rows another
+# worker holds, and mark it ours.
+_PULL = """
+UPDATE queue q
+   SET running = true, worker = $2, started_at = now(), last_ping = now()
+ WHERE q.id = (
+        SELECT id FROM queue
+         WHERE NOT running AND tag = ANY($1::text[]) AND scheduled_for <= now()
+         ORDER BY priority DESC, scheduled_for, seq
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED)
+RETURNING q.*
+"""
+
+
+async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | None:
+    """Claim the next job for ``tags``, or None when nothing is due."""
+    row = await db.fetchrow(_PULL, tags, worker)
+    return dict(row) if row else None
+
+
+async def next_due(db: Executor, tags: list[str]) -> dt.datetime | None:
+    """When the earliest waiting job of ``tags`` becomes due (None if none waits)."""
+    return await db.fetchval(
+        "SELECT min(scheduled_for) FROM queue WHERE NOT running AND tag = ANY($1::text[])", tags
+    )
+
+
+_COMPLETE = f"""
+WITH q AS (
+    DELETE FROM queue WHERE id = $1 AND worker = $2 AND running RETURNING *
+)
+INSERT INTO completed_job (id, workspace, kind, script_path, script_hash, language, content,
+    args, tag, priority, created_by, created_at, scheduled_for, started_at, worker, status,
+    result, error, duration_ms, cpu_ms, mem_peak, outcome, restarts, canceled_by,
+    canceled_reason, concurrency_key)
+SELECT id, workspace, kind, script_path, script_hash, language,
+       CASE WHEN kind = 'script' THEN NULL ELSE content END,
+       args, tag, priority, created_by, created_at, scheduled_for, started_at, worker,
+       CASE WHEN canceled THEN 'canceled' ELSE $3 END,
+       $4, CASE WHEN canceled THEN coalesce('canceled: ' || canceled_reason, 'canceled') ELSE $5 END,
+       $6, $7, $8, $9, restarts, canceled_by, canceled_reason, concurrency_key
+  FROM q
+RETURNING id, status, pg_notify('{CH_DONE}', id::text)
+"""
+
+
+async def complete(
+    db: Executor,
+    job_id: uuid.UUID,
+    worker: str,
+    *,
+    status: str,
+    result: Any,
+    error: str | None,
+    duration_ms: int,
+    cpu_ms: int,
+    mem_peak_kb: int,
+    outcome: dict[str, Any] | None,
+) -> str | None:
+    """Move a running job to completed_job in one statement (so in one transaction).
+
+    Only the worker that holds the job can complete it: if the monitor gave the job to
+    another worker meanwhile, this is a no-op and returns None. Returns the final status
+    (a job canceled while running completes as ``canceled``).
+    """
+    row = await db.fetchrow(
+        _COMPLETE, job_id, worker, status, result, error, duration_ms, cpu_ms, mem_peak_kb, outcome
+    )
+    return row["status"] if row else None
+
+
+async def append_logs(db: Executor, job_id: uuid.UUID, chunks: list[str]) -> None:
+    """Append a batch of log text in one statement."""
+    if chunks:
+        await db.execute("INSERT INTO job_logs (job_id, chunk) VALUES ($1, $2)", job_id, "".join(chunks))
+
+
+async def ping_job(db: Executor, job_id: uuid.UUID, worker: str) -> str:
+    """Heartbeat of a running job: 'ok', 'canceled' (kill it), or 'lost' (not ours any more)."""
+    canceled = await db.fetchval(
+        "UPDATE queue SET last_ping = now() WHERE id = $1 AND worker = $2 AND running"
+        " RETURNING canceled",
+        job_id, worker,
+    )
+    if canceled is None:
+        return "lost"
+    return "canceled" if canceled else "ok"
+
+
+_CANCEL_QUEUED = f"""
+WITH q AS (
+    DELETE FROM queue WHERE id = $1 AND workspace = $2 AND NOT running RETURNING *
+)
+INSERT INTO completed_job (id, workspace, kind, script_path, script_hash, language, content,
+    args, tag, priority, created_by, created_at, scheduled_for, status, error, restarts,
+    canceled_by, canceled_reason, concurrency_key, result)
+SELECT id, workspace, kind, script_path, script_hash, language,
+       CASE WHEN kind = 'script' THEN NULL ELSE content END, args, tag, priority, created_by,
+       created_at, scheduled_for, 'canceled', 'canceled: ' || $4, restarts, $3, $4,
+       concurrency_key, jsonb_build_object('error', jsonb_build_object(
+           'name', 'Canceled', 'message', 'canceled by ' || $3 || ': ' || $4))
+  FROM q
+RETURNING id, pg_notify('{CH_DONE}', id::text)
+"""
+
+_CANCEL_RUNNING = f"""
+UPDATE queue SET canceled = true, canceled_by = $3, canceled_reason = $4
+ WHERE id = $1 AND workspace = $2 AND running
+RETURNING id, pg_notify('{CH_CANCEL}', id::text)
+"""
+
+
+async def cancel(db: Executor, workspace: str, job_id: uuid.UUID, by: str, reason: str) -> str | None:
+    """Cancel a job. A queued job completes as canceled at once ('canceled'); a running
+    one is flagged and its worker kills it ('canceling'). None if no such queued job."""
+    if await db.fetchrow(_CANCEL_QUEUED, job_id, workspace, by, reason):
+        return "canceled"
+    if await db.fetchrow(_CANCEL_RUNNING, job_id, workspace, by, reason):
+        return "canceling"
+    return None
+
+
+async def requeue(db: Executor, job_id: uuid.UUID, worker: str) -> bool:
+    """Give a running job back to the queue (its worker is shutting down)."""
+    row = await db.fetchrow(
+        f"UPDATE queue SET running = false, worker = NULL, started_at = NULL, last_ping = NULL"
+        f" WHERE id = $1 AND worker = $2 AND running RETURNING pg_notify('{CH_QUEUE}', tag)",
+        job_id, worker,
+    )
+    return row is not None
+
+
+async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) -> list[dict]:
+    """Put back in the queue every running job whose heartbeat is older than the timeout,
+    counting the restart; a job past ``max_restarts`` fails with a message saying why.
+    Returns what it did, one dict per job."""
+    async with _tx(db) as conn:
+        stale = await conn.fetch(
+            "SELECT id, worker, restarts FROM queue WHERE running"
+            " AND last_ping < now() - make_interval(secs => $1) FOR UPDATE SKIP LOCKED",
+            float(ping_timeout_s),
+        )
+        done = []
+        for r in stale:
+            if r["restarts"] >= max_restarts:
+                msg = (f"worker {r['worker']} died while running this job"
+                       f" ({r['restarts'] + 1} times; restart limit {max_restarts} reached)")
+                await conn.execute(
+                    "UPDATE queue SET restarts = restarts + 1 WHERE id = $1", r["id"]
+                )
+                await conn.fetchrow(
+                    _COMPLETE, r["id"], r["worker"], "failure",
+                    {"error": {"name": "WorkerDied", "message": msg}}, msg, 0, 0, 0, None,
+                )
+                done.append({"id": r["id"], "action": "failed", "worker": r["worker"]})
+            else:
+                await conn.execute(
+                    "UPDATE queue SET running = false, worker = NULL, started_at = NULL,"
+                    " last_ping = NULL, restarts = restarts + 1 WHERE id = $1",
+                    r["id"],
+                )
+                await conn.execute("SELECT pg_notify($1, tag) FROM queue WHERE id = $2", CH_QUEUE, r["id"])
+                await conn.execute(
+                    "INSERT INTO job_logs (job_id, chunk) VALUES ($1, $2)", r["id"],
+                    f"\n[sandmill] worker {r['worker']} stopped answering; job put back in the queue\n",
+                )
+                done.append({"id": r["id"], "action": "requeued", "worker": r["worker"]})
+        return done
+
+
+class _tx:
+    """A transaction on a connection or on a connection taken from a pool."""
+
+    def __init__(self, db: Executor):
+        self.db, self.conn, self.tr = db, None, None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self.conn = await self.db.acquire() if isinstance(self.db, asyncpg.Pool) else self.db
+        self.tr = self.conn.transaction()
+        await self.tr.start()
+        return self.conn
+
+    async def __aexit__(self, typ, exc, tb) -> None:
+        try:
+            if exc is None:
+                await self.tr.commit()
+            else:
+                await self.tr.rollback()
+        finally:
+            if isinstance(self.db, asyncpg.Pool):
+                await self.db.release(self.conn)
+
+
+# ---- reads ---------------------------------------------------------------------------------
+
+async def get_job(db: Executor, workspace: str, job_id: uuid.UUID) -> dict[str, Any] | None:
+    """The job, queued or completed, with ``type`` 'QueuedJob' or 'CompletedJob'."""
+    row = await db.fetchrow("SELECT * FROM queue WHERE id = $1 AND workspace = $2", job_id, workspace)
+    if row:
+        return {"type": "QueuedJob", **dict(row)}
+    row = await db.fetchrow(
+        "SELECT * FROM completed_job WHERE id = $1 AND workspace = $2", job_id, workspace
+    )
+    return {"type": "CompletedJob", **dict(row)} if row else None
+
+
+async def get_completed(db: Executor, workspace: str, job_id: uuid.UUID) -> dict[str, Any] | None:
+    row = await db.fetchrow(
+        "SELECT id, status, result, error FROM completed_job WHERE id = $1 AND workspace = $2",
+        job_id, workspace,
+    )
+    return dict(row) if row else None
+
+
+async def job_state(db: Executor, workspace: str, job_id: uuid.UUID) -> dict[str, Any] | None:
+    """Cheap state for result polling: started/completed/success/result."""
+    row = await db.fetchrow(
+        "SELECT true AS completed, true AS started, status = 'success' AS success, result"
+        "  FROM completed_job WHERE id = $1 AND workspace = $2"
+        " UNION ALL "
+        "SELECT false, running, NULL, NULL FROM queue WHERE id = $1 AND workspace = $2",
+        job_id, workspace,
+    )
+    return dict(row) if row else None
+
+
+async def get_logs(db: Executor, job_id: uuid.UUID, after_id: int = 0) -> tuple[str, int]:
+    """Log text appended after log row ``after_id``, and the last row id (the next offset)."""
+    row = await db.fetchrow(
+        "SELECT coalesce(string_agg(chunk, '' ORDER BY id), '') AS text, coalesce(max(id), $2) AS last"
+        "  FROM job_logs WHERE job_id = $1 AND id > $2",
+        job_id, after_id,
+    )
+    return row["text"], row["last"]
+
+
+async def list_jobs(
+    db: Executor,
+    workspace: str,
+    *,
+    limit: int = 50,
+    script_path: str | None = None,
+    success: bool | None = None,
+    running: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Recent jobs, queued and completed, newest first."""
+    rows = await db.fetch(
+        """
+        SELECT * FROM (
+          SELECT 'QueuedJob' AS type, id, workspace, kind, script_path, language, tag, priority,
+                 created_at, started_at, NULL::timestamptz AS completed_at, running, worker,
+                 NULL::text AS status, NULL::int AS duration_ms, NULL::int AS mem_peak
+            FROM queue WHERE workspace = $1
+          UNION ALL
+          SELECT 'CompletedJob', id, workspace, kind, script_path, language, tag, priority,
+                 created_at, started_at, completed_at, false, worker, status, duration_ms, mem_peak
+            FROM completed_job WHERE workspace = $1
+        ) j
+        WHERE ($2::text IS NULL OR script_path = $2)
+          AND ($3::bool IS NULL OR (status = 'success') = $3)
+          AND ($4::bool IS NULL OR running = $4)
+        ORDER BY created_at DESC
+        LIMIT $5
+        """,
+        workspace, script_path, success, running, limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def queued_tags_without_workers(db: Executor, tags: list[str]) -> list[str]:
+    """Of ``tags``, those no worker that pinged recently serves."""
+    rows = await db.fetch(
+        "SELECT t FROM unnest($1::text[]) t WHERE NOT EXISTS ("
+        " SELECT 1 FROM worker w WHERE t = ANY(w.tags) AND w.last_ping > now() - interval '60 seconds')",
+        tags,
+    )
+    return [r["t"] for r in rows]

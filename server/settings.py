@@ -1,0 +1,40 @@
+"""Server settings, from the command line and the environment (SANDMILL_*)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .db import default_data_dir
+
+
+@dataclass
+class ServerSettings:
+    database_url: str
+    data_dir: Path = field(default_factory=default_data_dir)
+    admin_token: str = ""
+    ping_timeout_s: float = float(os.environ.get("SANDMILL_PING_TIMEOUT_S", 6))
+    max_restarts: int = int(os.environ.get("SANDMILL_MAX_RESTARTS", 3))
+    monitor_every_s: float = float(os.environ.get("SANDMILL_MONITOR_EVERY_S", 2))
+    wait_timeout_s: float = float(os.environ.get("SANDMILL_WAIT_TIMEOUT_S", 60))
+
+
+def admin_token(data_dir: Path) -> str:
+    """SANDMILL_ADMIN_TOKEN, else the token stored in the data dir, else a new one
+    (printed once to stderr and written to the data dir, mode 0600)."""
+    env = os.environ.get("SANDMILL_ADMIN_TOKEN")
+    if env:
+        return env
+    path = data_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    print(f"sandmill: generated admin token (saved to {path}):\n  {token}", file=sys.stderr)
+    return token

@@ -1,0 +1,110 @@
+"""`sandmill up`: embedded PostgreSQL, the server and the worker groups as child processes.
+A child that dies is started again; Ctrl-C or SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import db as dbmod
+from .settings import admin_token
+
+log = logging.getLogger("sandmill.up")
+REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.argv, env=env)
+        self.started = time.monotonic()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Run everything until a signal; returns the exit code."""
+    data_dir = Path(args.data_dir)
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    pg = None
+    if not url:
+        log.info("starting embedded PostgreSQL in %s", data_dir / "pg")
+        pg = dbmod.start_embedded(data_dir)
+        url = dbmod.embedded_url(pg)
+
+    async def _migrate() -> None:
+        conn = await dbmod.connect(url)
+        try:
+            await dbmod.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(_migrate())
+    token = admin_token(data_dir)
+    env = {**os.environ, "DATABASE_URL": url, "SANDMILL_ADMIN_TOKEN": token}
+    py = [sys.executable, "-m", "server.cli"]
+    children = [Child("server", py + ["server", "--data-dir", str(data_dir), "--host", args.host,
+                                      "--port", str(args.port)])]
+    profiles = args.profile or [str(REPO_PROFILES / "default.yaml"), str(REPO_PROFILES / "native.yaml")]
+    for prof in profiles:
+        count = args.workers if Path(prof).name == "default.yaml" else 1
+        for i in range(count):
+            children.append(Child(f"{Path(prof).stem}-{i}", py + ["worker", "--profile", prof]))
+
+    stopping = False
+
+    def _stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    for c in children:
+        c.start(env)
+    print(f"sandmill is up: API on http://{args.host}:{args.port} (docs at /docs), "
+          f"{len(children) - 1} worker process(es); Ctrl-C stops everything", file=sys.stderr)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            for c in children:
+                rc = c.proc.poll() if c.proc else 0
+                if rc is None or stopping:
+                    continue
+                if rc == 2 and time.monotonic() - c.started < 5:
+                    log.error("%s refused to start (exit 2); not restarting it", c.name)
+                    c.proc = None
+                    continue
+                c.restarts += 1
+                delay = min(30.0, 0.5 * 2 ** min(c.restarts, 6))
+                log.warning("%s exited with %s; starting it again in %.1fs (restart %d)", c.name, rc, delay, c.restarts)
+                time.sleep(delay)
+                if not stopping:
+                    c.start(env)
+    finally:
+        log.info("stopping %d process(es)", len(children))
+        for c in children:
+            if c.proc and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 40
+        for c in children:
+            if c.proc:
+                try:
+                    c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
+        if pg is not None:
+            pg.cleanup() if hasattr(pg, "cleanup") else None
+    return 0

@@ -1,0 +1,324 @@
+"""The worker process: register, wait on LISTEN/NOTIFY, pull one job per subworker, run
+it through the group's backend, stream logs, heartbeat, complete; stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from isolation import Backend, Outcome, get_backend
+from server import db as dbmod
+from server import queue, workers
+
+from .logs import LogSink
+from .native import NATIVE_LANGUAGES, run_native
+from .profile import Profile
+from .runtimes import JobResult, build_spec, interpret, job_env
+from .sysinfo import host_info
+
+log = logging.getLogger("sandmill.worker")
+
+
+@dataclass
+class WorkerSettings:
+    """Timings of the worker; defaults suit production and tests alike."""
+
+    job_ping_s: float = 1.0        # heartbeat of a running job (cancel is seen within this)
+    worker_ping_s: float = 15.0    # heartbeat of the worker row
+    poll_s: float = 30.0           # fallback poll when no NOTIFY arrives
+    grace_s: float = 30.0          # on SIGTERM, how long the job in hand may still run
+
+
+class WorkerStartError(Exception):
+    """The worker cannot start (bad backend, no GPU, failed init script...)."""
+
+
+def resolve_backend(profile: Profile) -> tuple[Backend, str | None]:
+    """The backend the profile names, or process with a warning that says why."""
+    kind = profile.backend.kind
+    options = profile.backend.options
+    candidates = ["nsjail"] if kind == "auto" else [kind]
+    reason = ""
+    for name in candidates:
+        try:
+            b = get_backend(name, **options)
+            p = b.probe()
+        except (ImportError, OSError, ValueError, TypeError) as e:
+            p, b = None, None
+            reason = f"backend {name} cannot be loaded: {e}"
+        else:
+            if p.available:
+                return b, None
+            reason = f"backend {name} is not available here: {p.reason}"
+        if kind != "auto" and profile.backend.fallback == "refuse":
+            raise WorkerStartError(reason)
+    if kind == "process":
+        raise WorkerStartError(reason)
+    return get_backend("process"), f"{reason}; running jobs with the process backend instead"
+
+
+@dataclass
+class _Running:
+    job: dict[str, Any]
+    task: asyncio.Task
+    why: str = ""  # set when we kill it: "canceled" | "lost" | "shutdown"
+
+
+@dataclass
+class Stats:
+    jobs_done: int = 0
+    busy_s: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """One worker process of a group, with ``profile.subworkers`` concurrent slots."""
+
+    def __init__(self, profile: Profile, database_url: str, *, name: str | None = None,
+                 settings: WorkerSettings | None = None):
+        self.profile = profile
+        self.database_url = database_url
+        self.settings = settings or WorkerSettings()
+        self.name = name or f"{profile.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.tags = list(profile.tags)
+        self.backend: Backend | None = None
+        self.env = job_env(profile)
+        self.pool: asyncpg.Pool | None = None
+        self.listener: asyncpg.Connection | None = None
+        self.running: dict[uuid.UUID, _Running] = {}
+        self.stats = Stats()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, pick the backend, register. Raises WorkerStartError when it cannot."""
+        if not self.profile.native or any(t in ("python3", "bash") for t in self.tags):
+            self.backend, warning = resolve_backend(self.profile)
+            if warning:
+                log.warning("%s: %s", self.profile.name, warning)
+        self.pool = await dbmod.create_pool(self.database_url, min_size=1,
+                                            max_size=min(self.profile.subworkers + 1, 10))
+        self.listener = await dbmod.connect(self.database_url)
+        await self.listener.add_listener(queue.CH_QUEUE, self._on_queue)
+        await self.listener.add_listener(queue.CH_CANCEL, self._on_cancel)
+        info = host_info()
+        await workers.register(
+            self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
+            tags=self.tags, backend=self.backend.name if self.backend else "native",
+            subworkers=self.profile.subworkers, info=info,
+        )
+        log.info("worker %s up: tags %s, backend %s, %d subworker(s)", self.name, self.tags,
+                 self.backend.name if self.backend else "native", self.profile.subworkers)
+
+    async def run(self) -> None:
+        """Serve jobs until ``stop()``; then finish (or after the grace period, re-queue)
+        the jobs in hand and leave."""
+        await self.start()
+        pinger = asyncio.create_task(self._ping_loop())
+        slots = [asyncio.create_task(self._slot(i)) for i in range(self.profile.subworkers)]
+        await self._stopping.wait()
+        log.info("worker %s stopping: finishing %d job(s) in hand", self.name, len(self.running))
+        done, pending = await asyncio.wait(slots, timeout=self.settings.grace_s)
+        if pending:
+            for r in self.running.values():
+                r.why = "shutdown"
+                r.task.cancel()
+            await asyncio.wait(pending)
+        pinger.cancel()
+        await self.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def close(self) -> None:
+        try:
+            if self.pool:
+                await workers.unregister(self.pool, self.name)
+        finally:
+            if self.listener:
+                await self.listener.close()
+            if self.pool:
+                await self.pool.close()
+
+    # ---- notifications -------------------------------------------------------------------
+
+    def _on_queue(self, _conn, _pid, _channel, payload: str) -> None:
+        if payload.split("|", 1)[0] in self.tags:
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        # Swap the event so that every slot waiting on the old one wakes, and a slot that
+        # is mid-pull still sees this wake-up (it captured the old event before pulling).
+        ev, self._wake = self._wake, asyncio.Event()
+        ev.set()
+
+    def _on_cancel(self, _conn, _pid, _channel, payload: str) -> None:
+        r = self.running.get(uuid.UUID(payload))
+        if r and not r.why:
+            r.why = "canceled"
+            r.task.cancel()
+
+    # ---- the pull loop -------------------------------------------------------------------
+
+    async def _slot(self, index: int) -> None:
+        while not self._stopping.is_set():
+            wake = self._wake
+            try:
+                job = await queue.pull(self.pool, self.name, self.tags)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("pull failed (%s); retrying", e)
+                await self._sleep_or_stop(1.0)
+                continue
+            if job is None:
+                await self._idle(wake)
+                continue
+            t0 = time.monotonic()
+            try:
+                await self._execute(job)
+            except Exception:  # noqa: BLE001 - one bad job must not kill the worker
+                log.exception("job %s: internal error", job["id"])
+            self.stats.busy_s += time.monotonic() - t0
+            self.stats.jobs_done += 1
+
+    async def _idle(self, wake: asyncio.Event) -> None:
+        timeout = self.settings.poll_s
+        try:
+            due = await queue.next_due(self.pool, self.tags)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            due = None
+        if due is not None:
+            timeout = max(0.0, min(timeout, due.timestamp() - time.time()))
+        try:
+            await asyncio.wait_for(wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _sleep_or_stop(self, s: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), s)
+        except asyncio.TimeoutError:
+            pass
+
+    # ---- one job -------------------------------------------------------------------------
+
+    async def _execute(self, job: dict[str, Any]) -> None:
+        job_id: uuid.UUID = job["id"]
+        sink = LogSink(self.pool, job_id)
+        sink.start()
+        if job["restarts"]:
+            sink.note(f"restart {job['restarts']} of this job, on worker {self.name}")
+        lang = job["language"]
+        limits = self.profile.limits
+        if job.get("timeout_s"):
+            limits = limits.merged({"wall_s": float(job["timeout_s"])})
+        outcome: Outcome | None = None
+        if lang in NATIVE_LANGUAGES and self.profile.native:
+            coro = run_native(job, limits.wall_s)
+        elif lang in ("python3", "bash") and self.backend is not None:
+            spec = build_spec(job, self.profile, self.env)
+            coro = self.backend.run(spec, sink.on_output)
+        else:
+            coro = _const(JobResult("failure", {"error": {"name": "UnsupportedLanguage",
+                          "message": f"worker group {self.profile.name} cannot run {lang} jobs"}},
+                          f"UnsupportedLanguage: worker group {self.profile.name} cannot run {lang} jobs"))
+        task = asyncio.create_task(coro)
+        r = self.running[job_id] = _Running(job, task)
+        hb = asyncio.create_task(self._job_heartbeat(r))
+        t0 = time.monotonic()
+        try:
+            res = await task
+        except asyncio.CancelledError:
+            if not r.why:  # our own task was cancelled from outside: treat as shutdown
+                r.why = "shutdown"
+            res = None
+        finally:
+            hb.cancel()
+            self.running.pop(job_id, None)
+        wall_ms = int((time.monotonic() - t0) * 1000)
+        if isinstance(res, Outcome):
+            outcome = res
+            result = interpret(job, outcome, limits)
+        elif isinstance(res, JobResult):
+            result = res
+        else:
+            result = None
+        if r.why == "lost":
+            sink.note(f"job taken away from worker {self.name} (heartbeat lost); not completing it here")
+            await sink.close()
+            return
+        if r.why == "shutdown":
+            sink.note(f"worker {self.name} shutting down; job put back in the queue")
+            await sink.close()
+            await queue.requeue(self.pool, job_id, self.name)
+            return
+        if r.why == "canceled":
+            sink.note("job canceled; killed")
+            result = JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, "canceled")
+        await sink.close()
+        await queue.complete(
+            self.pool, job_id, self.name, status=result.status, result=result.result,
+            error=result.error,
+            duration_ms=outcome.wall_ms if outcome else wall_ms,
+            cpu_ms=outcome.cpu_ms if outcome else 0,
+            mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
+            outcome=outcome.to_json() if outcome else None,
+        )
+
+    async def _job_heartbeat(self, r: _Running) -> None:
+        while True:
+            await asyncio.sleep(self.settings.job_ping_s)
+            try:
+                state = await queue.ping_job(self.pool, r.job["id"], self.name)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("job ping failed: %s", e)
+                continue
+            if state != "ok" and not r.why:
+                r.why = state
+                r.task.cancel()
+                return
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker_ping_s)
+            now = time.monotonic()
+            occ = self.stats.busy_s / max(1e-9, (now - self.stats.since) * self.profile.subworkers)
+            self.stats.busy_s, self.stats.since = 0.0, now
+            try:
+                await workers.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
+                                   busy=len(self.running), occupancy=min(1.0, occ))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("worker ping failed: %s", e)
+
+
+async def _const(v: Any) -> Any:
+    return v
+
+
+def run_worker(profile: Profile, database_url: str, settings: WorkerSettings | None = None) -> int:
+    """Entry point of `sandmill worker`: run until SIGTERM/SIGINT. Returns the exit code."""
+
+    async def main() -> int:
+        w = Worker(profile, database_url, settings=settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, w.stop)
+        try:
+            await w.run()
+        except WorkerStartError as e:
+            log.error("worker %s cannot start: %s", profile.name, e)
+            return 2
+        return 0
+
+    return asyncio.run(main())

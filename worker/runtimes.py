@@ -1,0 +1,139 @@
+"""Languages: how a job becomes a RunSpec, and how an Outcome becomes a job result."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from isolation import Limits, Outcome, RunSpec, Status
+
+from .profile import Profile
+
+SANDBOX_LANGUAGES = ("python3", "bash")
+
+_PY_WRAPPER = resources.files("worker").joinpath("templates/python_wrapper.py").read_bytes()
+# `name="$1"` / `name="${2:-default}"`: how a bash script declares its parameters.
+_BASH_PARAM = re.compile(r"""^\s*(?:local\s+|declare\s+)?([A-Za-z_]\w*)=["']?\$\{?(\d+)""", re.M)
+
+
+@dataclass
+class JobResult:
+    """What the worker writes to completed_job."""
+
+    status: str  # success | failure
+    result: Any
+    error: str | None
+
+
+def bash_params(content: str) -> list[str]:
+    """Parameter names of a bash script in positional order."""
+    by_pos = {int(pos): name for name, pos in _BASH_PARAM.findall(content)}
+    return [by_pos[k] for k in sorted(by_pos)]
+
+
+def job_env(profile: Profile) -> dict[str, str]:
+    """The job's whole environment: a fixed base, the allowed worker vars, the static env."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
+           "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in profile.env_allow:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(profile.env)
+    return env
+
+
+def build_spec(job: dict[str, Any], profile: Profile, env: dict[str, str]) -> RunSpec:
+    """The RunSpec for a python3 or bash job under the group's limits."""
+    limits: Limits = profile.limits
+    if job.get("timeout_s"):
+        limits = limits.merged({"wall_s": float(job["timeout_s"])})
+    args = job["args"] or {}
+    lang = job["language"]
+    content = job["content"]
+    if lang == "python3":
+        return RunSpec(
+            argv=[profile.python, "-u", "wrapper.py"],
+            env=env,
+            files={"wrapper.py": _PY_WRAPPER, "main.py": content.encode(),
+                   "args.json": json.dumps(args).encode()},
+            collect=["result.json", "error.json"],
+            limits=limits,
+        )
+    if lang == "bash":
+        names = bash_params(content) or list(args)
+        positional = [_bash_arg(args.get(n)) for n in names]
+        return RunSpec(
+            argv=[profile.bash, "main.sh", *positional],
+            env=env,
+            files={"main.sh": content.encode()},
+            limits=limits,
+        )
+    raise ValueError(f"language {lang!r} cannot run in a sandbox")
+
+
+def _bash_arg(v: Any) -> str:
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def interpret(job: dict[str, Any], outcome: Outcome, limits: Limits) -> JobResult:
+    """Turn the sandbox Outcome into the job's status, result and error."""
+    lang = job["language"]
+    if lang == "python3":
+        if outcome.status is Status.success and "result.json" in outcome.files:
+            try:
+                return JobResult("success", json.loads(outcome.files["result.json"]), None)
+            except ValueError:
+                return _failure("ResultError", "result.json is not valid JSON")
+        if outcome.status is Status.exit_nonzero and "error.json" in outcome.files:
+            try:
+                err = json.loads(outcome.files["error.json"])
+                return _failure(err.get("name", "Error"), err.get("message", ""), err.get("stack"))
+            except ValueError:
+                pass
+        if outcome.status is Status.success:
+            return _failure("ResultError", "the job ended without writing a result")
+        return _failure(_outcome_name(outcome), _outcome_message(outcome, limits))
+    if lang == "bash":
+        if outcome.status is Status.success:
+            return JobResult("success", _last_line(outcome.stdout), None)
+        return _failure(_outcome_name(outcome), _outcome_message(outcome, limits))
+    raise ValueError(lang)
+
+
+def _last_line(stdout: bytes) -> Any:
+    lines = stdout.decode(errors="replace").rstrip("\n").split("\n")
+    last = lines[-1] if lines else ""
+    try:
+        return json.loads(last)
+    except ValueError:
+        return last
+
+
+def _outcome_name(outcome: Outcome) -> str:
+    return {
+        Status.exit_nonzero: "ExitCode", Status.timeout: "Timeout", Status.cpu_limit: "CpuLimit",
+        Status.memory_limit: "MemoryLimit", Status.output_limit: "OutputLimit",
+        Status.signalled: "Signalled", Status.sandbox_error: "SandboxError",
+    }.get(outcome.status, "Error")
+
+
+def _outcome_message(outcome: Outcome, limits: Limits) -> str:
+    msg = outcome.describe(limits)
+    if outcome.status is Status.exit_nonzero:
+        tail = outcome.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        if tail:
+            msg += ": " + " | ".join(tail)
+    return msg
+
+
+def _failure(name: str, message: str, stack: str | None = None) -> JobResult:
+    err: dict[str, Any] = {"name": name, "message": message}
+    if stack:
+        err["stack"] = stack
+    return JobResult("failure", {"error": err}, f"{name}: {message}")
