@@ -39,3 +39,28 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` and return its Outcome. Never raises for a job's own failure."""
+
+
+# The conformance suite's cases (tests/isolation/test_conformance.py, one test each,
+# named test_<case>). A probe's ``gaps`` uses these keys.
+CONFORMANCE_CASES: dict[str, str] = {
+    "wall_timeout": "a job past limits.wall_s is killed: status timeout",
+    "cpu_limit": "a busy loop past limits.cpu_s is killed: status cpu_limit",
+    "memory_limit_children": "a child allocating past limits.memory_mb: status memory_limit",
+    "fork_bomb": "forking stops at limits.pids; the host can still fork",
+    "output_flood": "endless stdout is capped at limits.output_bytes: output_limit, truncated",
+    "output_endless_line": "one endless line (no newline) is capped the same way",
+    "file_size_limit": "writing a file past limits.file_size_mb fails",
+    "tmp_size_limit": "writing past limits.tmp_mb into /tmp fails",
+    "system_dirs_readonly": "writing /usr or /etc fails",
+    "no_worker_env": "the job sees spec.env only, nothing of the worker's environment",
+    "no_outside_files": "the job cannot read files outside its work dir (root-only, test tmp)",
+    "no_network": "network none: connecting to a port on the host's 127.0.0.1 fails",
+    "no_descendant_survives": "a double-forked daemon holding stdout dies; run returns promptly",
+    "fresh_workdir": "each job starts in a fresh, empty work dir",
+    "binary_output_intact": "4 MiB of random bytes come back intact via stdout and collect",
+    "stdin_eof": "stdin is spec.stdin then EOF",
+    "exit_nonzero": "a non-zero exit is exit_nonzero with its code",
+    "signalled": "SIGSEGV is signalled with signal SIGSEGV",
+    "cancel": "cancelling the run task kills every process of the job",
+}

@@ -56,7 +56,6 @@ class ProcessBackend(Backend):
             gaps["no_descendant_survives"] = (
                 f"no job cgroup ({cg}); a daemon that calls setsid escapes the process-group sweep")
             gaps["cancel"] = gaps["no_descendant_survives"]
-            gaps["cpu_limit_children"] = "RLIMIT_CPU is per process without cpuacct"
         if not self.root:
             gaps["no_network"] = "not root: no network namespace"
             gaps["tmp_size_limit"] = "not root: no tmpfs /tmp (TMPDIR points into the work dir)"
