@@ -1,0 +1,79 @@
+"""Migrations and the queue SQL against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from server import db as dbmod
+from server import queue
+
+
+async def _fresh_db(pg_server) -> str:
+    name = "mig_" + uuid.uuid4().hex[:8]
+    admin = await dbmod.connect(pg_server.get_uri())
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    return pg_server.get_uri(name)
+
+
+async def test_migrations_twice_and_concurrently(pg_server):
+    url = await _fresh_db(pg_server)
+    conns = [await dbmod.connect(url) for _ in range(3)]
+    results = await asyncio.gather(*(dbmod.migrate(c) for c in conns))
+    # exactly one of the racing processes applied each migration
+    applied = sorted(v for r in results for v in r)
+    assert applied == [v for v, _, _ in dbmod.migrations()]
+    assert await dbmod.migrate(conns[0]) == []  # and again: nothing to do
+    rows = await conns[0].fetch("SELECT version FROM sandmill_migrations ORDER BY version")
+    assert [r["version"] for r in rows] == applied
+    for c in conns:
+        await c.close()
+
+
+async def test_pull_is_one_claim_per_job_under_racing_pullers(pg_url):
+    pool = await dbmod.create_pool(pg_url, max_size=8)
+    tag = "race-" + uuid.uuid4().hex[:6]
+    ids = {await queue.push(pool, workspace="w", language="bash", content="", args={}, tag=tag)
+           for _ in range(40)}
+
+    async def puller(i: int) -> list:
+        got = []
+        while (j := await queue.pull(pool, f"w{i}", [tag])) is not None:
+            got.append(j["id"])
+        return got
+
+    claims = [x for lst in await asyncio.gather(*(puller(i) for i in range(8))) for x in lst]
+    assert sorted(claims) == sorted(ids)  # every job claimed exactly once
+    await pool.close()
+
+
+async def test_pull_order_priority_then_submission_and_due_time(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "ord-" + uuid.uuid4().hex[:6]
+    push = lambda **kw: queue.push(pool, workspace="w", language="bash", content="", args={}, tag=tag, **kw)  # noqa: E731
+    later = await push(priority=100, scheduled_in_secs=30)
+    a = await push()
+    b = await push(priority=5)
+    c = await push()
+    d = await push(priority=5)
+    order = []
+    while (j := await queue.pull(pool, "w", [tag])) is not None:
+        order.append(j["id"])
+    assert order == [b, d, a, c]  # later is not due yet
+    assert (await queue.next_due(pool, [tag])) is not None
+    assert later not in order
+    await pool.close()
+
+
+async def test_complete_only_by_the_holder_and_once(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "cmp-" + uuid.uuid4().hex[:6]
+    jid = await queue.push(pool, workspace="w", language="bash", content="", args={}, tag=tag)
+    assert (await queue.pull(pool, "me", [tag]))["id"] == jid
+    kw = dict(status="success", result=1, error=None, duration_ms=1, cpu_ms=1, mem_peak_kb=1, outcome=None)
+    assert await queue.complete(pool, jid, "someone-else", **kw) is None
+    assert await queue.complete(pool, jid, "me", **kw) == "success"
+    assert await queue.complete(pool, jid, "me", **kw) is None
+    assert (await queue.get_job(pool, "w", jid))["type"] == "CompletedJob"
+    await pool.close()
