@@ -1,0 +1,125 @@
+"""CPU time, peak memory and OOM count of a Docker job, read from the host's cgroupfs.
+
+Why not the stats API: it samples (one call costs up to 2 s) and stops answering once the
+container exited, so short jobs would report nothing. Why not the container's own
+cgroup: runc deletes it the moment the task exits, before we can read it.
+
+So, when dockerd runs here with the ``cgroupfs`` driver, each job gets its own
+``cgroup_parent`` (``/sandmill-docker/<job>``). Docker creates the container's cgroup
+below it; the kernel charges CPU and memory hierarchically, so the parent still holds the
+totals (``cpuacct.usage``, ``memory.max_usage_in_bytes`` on v1; ``cpu.stat``,
+``memory.peak`` on v2) after the container is gone. We read them, then rmdir the parent.
+
+With the ``systemd`` driver a parent must be a slice that systemd garbage-collects, so
+there we poll the container's own scope while it runs (best effort: a job shorter than
+one poll reports 0). With a remote dockerd nothing is readable and everything reads 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ROOT = "/sys/fs/cgroup"
+PARENT = "sandmill-docker"
+
+
+def cgroup_version(root: str = ROOT) -> int:
+    """2 on a unified hierarchy, 1 on legacy/hybrid (v1 controllers mounted)."""
+    return 2 if os.path.exists(os.path.join(root, "cgroup.controllers")) else 1
+
+
+@dataclass
+class Usage:
+    """Totals of one job; 0 where unknown."""
+
+    cpu_ns: int = 0
+    peak_bytes: int = 0
+    oom_kills: int = 0
+    memory_failcnt: int = 0
+
+    def merge(self, other: "Usage") -> None:
+        """Keep the largest reading of each counter (all of them only grow)."""
+        self.cpu_ns = max(self.cpu_ns, other.cpu_ns)
+        self.peak_bytes = max(self.peak_bytes, other.peak_bytes)
+        self.oom_kills = max(self.oom_kills, other.oom_kills)
+        self.memory_failcnt = max(self.memory_failcnt, other.memory_failcnt)
+
+
+def _read_int(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _read_keyed(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def read_usage(rel: str, root: str = ROOT) -> Usage:
+    """Usage of cgroup ``rel`` (a path below the hierarchy root, e.g.
+    ``sandmill-docker/<job>``); zeros for whatever is missing."""
+    rel = rel.strip("/")
+    if cgroup_version(root) == 2:
+        d = os.path.join(root, rel)
+        peak = _read_int(os.path.join(d, "memory.peak"))  # kernel >= 5.19
+        if not peak:
+            peak = _read_int(os.path.join(d, "memory.current"))  # polling fallback
+        return Usage(
+            cpu_ns=_read_keyed(os.path.join(d, "cpu.stat"), "usage_usec") * 1000,
+            peak_bytes=peak,
+            oom_kills=_read_keyed(os.path.join(d, "memory.events"), "oom_kill"),
+            memory_failcnt=_read_keyed(os.path.join(d, "memory.events"), "max"),
+        )
+    mem = os.path.join(root, "memory", rel)
+    oom = _read_keyed(os.path.join(mem, "memory.oom_control"), "oom_kill")
+    return Usage(
+        cpu_ns=_read_int(os.path.join(root, "cpuacct", rel, "cpuacct.usage")),
+        peak_bytes=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
+        oom_kills=oom,
+        memory_failcnt=_read_int(os.path.join(mem, "memory.failcnt")),
+    )
+
+
+def job_parent(job_id: str) -> str:
+    """The cgroup_parent given to Docker for one job (cgroupfs driver)."""
+    return f"/{PARENT}/{job_id}"
+
+
+def remove_parent(job_id: str, root: str = ROOT) -> None:
+    """rmdir the job's parent cgroup in every hierarchy (v1 has one per controller).
+    Best effort: an rmdir that fails leaves an empty cgroup, nothing else."""
+    rel = job_parent(job_id).strip("/")
+    if cgroup_version(root) == 2:
+        dirs = [os.path.join(root, rel)]
+    else:
+        try:
+            dirs = [os.path.join(root, h, rel) for h in os.listdir(root)]
+        except OSError:
+            return
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def scope_path(container_id: str, root: str = ROOT) -> str | None:
+    """Relative cgroup of a running container under the systemd driver, if found."""
+    for rel in (f"system.slice/docker-{container_id}.scope",):
+        if cgroup_version(root) == 2:
+            if os.path.isdir(os.path.join(root, rel)):
+                return rel
+        elif os.path.isdir(os.path.join(root, "memory", rel)):
+            return rel
+    return None
