@@ -58,7 +58,7 @@ class ProcessBackend(Backend):
             gaps["cancel"] = gaps["no_descendant_survives"]
         if not self.root:
             gaps["no_network"] = "not root: no network namespace"
-            gaps["tmp_size_limit"] = "not root: no tmpfs /tmp (TMPDIR points into the work dir)"
+            gaps["tmp_size_limit"] = "not root: no tmpfs /tmp (TMPDIR is a per-job dir on disk)"
             gaps["no_outside_files"] = "not root: the job runs as the worker's own uid"
         elif not self.namespaces:
             gaps["no_network"] = "namespaces disabled"
@@ -82,11 +82,12 @@ class ProcessBackend(Backend):
                 except (CgroupUnavailable, OSError) as e:
                     return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
             env = dict(spec.env)
-            if not self.namespaces:
-                (wd / "tmp").mkdir(exist_ok=True)
+            if not self.namespaces:  # no private /tmp: a per-job dir beside the work dir
+                tmp = wd.parent / f"{wd.name}-tmp"
+                tmp.mkdir(mode=0o700)
                 if self.uid is not None:
-                    os.chown(wd / "tmp", self.uid, self.gid or -1)
-                env.setdefault("TMPDIR", str(wd / "tmp"))
+                    os.chown(tmp, self.uid, self.gid if self.gid is not None else -1)
+                env.setdefault("TMPDIR", str(tmp))
             preexec = self._preexec(wd, limits, spec.network, cgroup)
             try:
                 sup = await supervise(spec.argv, env=env, cwd=str(wd), stdin=spec.stdin,
@@ -103,6 +104,7 @@ class ProcessBackend(Backend):
                 cgroup.kill_all()
                 cgroup.remove()
             workdir.remove(wd)
+            workdir.remove(wd.parent / f"{wd.name}-tmp")
 
     def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None):
         """Build the fork-to-exec hook. Everything is computed here, in the parent: the

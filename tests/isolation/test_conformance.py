@@ -38,6 +38,16 @@ def spec(code: str, **kw: object) -> RunSpec:
     return RunSpec(argv=[PY, "main.py"], env=env, files=files, limits=limits, **kw)  # type: ignore[arg-type]
 
 
+def kill_marked(marker: str) -> None:
+    """Clean up after a failing (or expected-gap) run: kill what the job left."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except psutil.Error:
+            pass
+
+
 def no_process_with(marker: str) -> list[str]:
     """Command lines of live processes mentioning ``marker`` (should be none)."""
     found = []
@@ -173,7 +183,7 @@ async def test_no_worker_env(backend: Backend, monkeypatch: pytest.MonkeyPatch) 
     assert env.get("JOB_VAR") == "visible"
     assert "SANDMILL_TEST_SECRET" not in env and secret.encode() not in o.stdout
     leaked = set(env) - set(ENV) - {"JOB_VAR", "LC_CTYPE", "PWD", "SHLVL", "_", "HOME", "HOSTNAME",
-                                    "TERM", "container"}
+                                    "TERM", "container", "TMPDIR"}
     assert not leaked, f"worker variables leaked: {sorted(leaked)}"
 
 
@@ -234,12 +244,15 @@ def _daemon_code(marker: str) -> str:
 async def test_no_descendant_survives(backend: Backend) -> None:
     marker = f"1000.{secrets.randbelow(10**6):06d}"
     t0 = time.monotonic()
-    o = await backend.run(spec(_daemon_code(marker), wall_s=30))
-    took = time.monotonic() - t0
-    assert o.status is Status.success, explain(o)
-    assert b"ready" in o.stdout
-    assert took < 5, f"run took {took:.1f} s: waited for the daemon's stdout"
-    assert not no_process_with(marker)
+    try:
+        o = await backend.run(spec(_daemon_code(marker), wall_s=30))
+        took = time.monotonic() - t0
+        assert o.status is Status.success, explain(o)
+        assert b"ready" in o.stdout
+        assert took < 5, f"run took {took:.1f} s: waited for the daemon's stdout"
+        assert not no_process_with(marker)
+    finally:
+        kill_marked(marker)
 
 
 async def test_fresh_workdir(backend: Backend) -> None:
@@ -302,8 +315,11 @@ async def test_cancel(backend: Backend) -> None:
     task = asyncio.create_task(backend.run(
         spec(code, wall_s=50), lambda name, c: ready.set() if b"ready" in c else None))
     await asyncio.wait_for(ready.wait(), 15)
-    assert no_process_with(marker), "the daemon should be running before the cancel"
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert not no_process_with(marker)
+    try:
+        assert no_process_with(marker), "the daemon should be running before the cancel"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not no_process_with(marker)
+    finally:
+        kill_marked(marker)
