@@ -1,8 +1,17 @@
 # sandmill's wrapper for python3 jobs: load main.py, call main(**args), write the result.
 # It runs inside the sandbox, with the job's own interpreter; stdlib only.
+# traceback is imported only on the error path: importing it costs more than the whole
+# wrapper otherwise does.
 import json
 import sys
-import traceback
+
+
+def _tb(exc=None):
+    import traceback
+
+    if exc is not None:
+        return "".join(traceback.format_exception_only(exc))
+    return traceback.format_exc()
 
 
 def _fail(name, message, tb=""):
@@ -19,14 +28,15 @@ def _run():
     try:
         code = compile(source, "main.py", "exec")
     except SyntaxError as e:
-        _fail("SyntaxError", f"line {e.lineno}: {e.msg}", "".join(traceback.format_exception_only(e)))
+        _fail("SyntaxError", f"line {e.lineno}: {e.msg}", _tb(e))
     module = {"__name__": "__sandmill_main__", "__file__": "main.py"}
     sys.path.insert(0, ".")
     try:
         exec(code, module)
     except BaseException as e:  # noqa: BLE001 - any error at import is the job's error
-        traceback.print_exc()
-        _fail(type(e).__name__, str(e), traceback.format_exc())
+        tb = _tb()
+        sys.stderr.write(tb)
+        _fail(type(e).__name__, str(e), tb)
     main = module.get("main")
     if not callable(main):
         _fail("NoMainFunction", "the script defines no main(...) function")
@@ -35,11 +45,13 @@ def _run():
     except TypeError as e:
         if e.__traceback__ is not None and e.__traceback__.tb_next is None:
             _fail("ArgumentError", f"main() does not take these args: {e}")
-        traceback.print_exc()
-        _fail(type(e).__name__, str(e), traceback.format_exc())
+        tb = _tb()
+        sys.stderr.write(tb)
+        _fail(type(e).__name__, str(e), tb)
     except BaseException as e:  # noqa: BLE001
-        traceback.print_exc()
-        _fail(type(e).__name__, str(e), traceback.format_exc())
+        tb = _tb()
+        sys.stderr.write(tb)
+        _fail(type(e).__name__, str(e), tb)
     try:
         data = json.dumps(result)
     except (TypeError, ValueError) as e:
