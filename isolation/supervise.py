@@ -139,8 +139,8 @@ async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: by
         res.returncode = proc.returncode
         res.wall_ms = int((time.monotonic() - t0) * 1000)
         # Sweep: whatever the job left behind dies now, so the pipes reach EOF.
-        if cgroup is not None:
-            await asyncio.to_thread(cgroup.kill_all)
+        if cgroup is not None and not cgroup.kill_all(timeout=0.0):
+            await asyncio.to_thread(cgroup.kill_all)  # stragglers (fork bomb): off-loop
         _kill_group(proc.pid)
         await drain(streams, grace=0.2 if cgroup is not None else 0.05)
         if cgroup is not None:
