@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -360,6 +361,37 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def list_workers(_u: str = Depends(auth)) -> list[dict[str, Any]]:
         return [_worker_json(w) for w in await workers.list_workers(pool())]
 
+    def group_of(name: str) -> str:
+        group = name.removeprefix("worker__")
+        if group == name or not _GROUP_RE.match(group):
+            raise HTTPException(404, f"no config {name!r}: worker group configs are named"
+                                     " worker__<group> (lowercase letters, digits, _ and -)")
+        return group
+
+    @app.get("/api/configs/{name}", tags=["workers"])
+    @app.get("/api/configs/get/{name}", tags=["workers"], include_in_schema=False)
+    async def get_config(name: str, _u: str = Depends(auth)) -> Any:
+        """A worker group's config: a partial profile that overrides its YAML profile."""
+        group = group_of(name)
+        cfg = await workers.get_config(pool(), name)
+        if cfg is None:
+            raise HTTPException(404, f"no config for worker group {group!r}")
+        return cfg
+
+    @app.put("/api/configs/{name}", tags=["workers"])
+    @app.post("/api/configs/update/{name}", tags=["workers"], include_in_schema=False)
+    async def put_config(name: str, body: Any = Body(...), _u: str = Depends(auth)) -> Any:
+        """Set a worker group's config (a partial profile, e.g. ``{"tags": [...]}``). Running
+        workers of the group reload it at once (NOTIFY), without restart."""
+        group = group_of(name)
+        cfg, errs = validate_group_config(group, body)
+        if errs:
+            msg = "; ".join(f"{e['field']}: {e['reason']}" for e in errs)
+            return JSONResponse({"error": f"invalid worker group config: {msg}", "detail": errs},
+                                status_code=422)
+        await workers.put_config(pool(), name, cfg)
+        return cfg
+
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     async def metrics(_u: str = Depends(auth)) -> str:
         r = await pool().fetchrow(
@@ -369,6 +401,29 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return "".join(f"sandmill_{k} {v}\n" for k, v in r.items())
 
     return app
+
+
+_GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
+
+
+def validate_group_config(group: str, body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Check a partial profile against the profile model. Returns (the config to store:
+    the fields given, [{field, reason}] for each bad field)."""
+    from pydantic import ValidationError
+
+    from worker.profile import Profile  # the one profile model, shared with the workers
+
+    if not isinstance(body, dict):
+        return {}, [{"field": "body", "reason": f"a group config is a JSON object of profile fields,"
+                                                 f" got {type(body).__name__}"}]
+    if body.get("name", group) != group:
+        return {}, [{"field": "name", "reason": f"must be {group!r} (the group) or left out"}]
+    try:
+        Profile.model_validate({"tags": ["_placeholder"], **body, "name": group})
+    except ValidationError as e:
+        return {}, [{"field": ".".join(str(x) for x in err["loc"]) or "(top level)", "reason": err["msg"]}
+                    for err in e.errors()]
+    return {k: v for k, v in body.items() if k != "name"}, []
 
 
 def _iso(v: Any) -> Any:

@@ -62,7 +62,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not url:
         print("sandmill worker: set DATABASE_URL (or --database-url): the queue's PostgreSQL", file=sys.stderr)
         return 2
-    return run_worker(profile, url)
+    settings = None
+    if args.allow_no_gpu:
+        from worker.loop import WorkerSettings
+
+        settings = WorkerSettings(allow_no_gpu=True)
+    return run_worker(profile, url, settings)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -233,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="one worker of a group")
     wk.add_argument("--profile", default=str(REPO_PROFILES / "default.yaml"))
     wk.add_argument("--database-url", default=None)
+    wk.add_argument("--allow-no-gpu", action="store_true",
+                    help="start a requires_gpu group even where no GPU is found")
     wk.set_defaults(fn=cmd_worker)
 
     for name, fn, hlp in (("run", cmd_run, "run a .py or .sh file as a job and print its result"),

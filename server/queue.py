@@ -69,6 +69,7 @@ UPDATE queue q
  WHERE q.id = (
         SELECT id FROM queue
          WHERE NOT running AND tag = ANY($1::text[]) AND scheduled_for <= now()
+           AND (tag = ANY($3::text[]) OR tag || '(' || workspace || ')' = ANY($4::text[]))
          ORDER BY priority DESC, scheduled_for, seq
          LIMIT 1
          FOR UPDATE SKIP LOCKED)
@@ -78,14 +79,34 @@ RETURNING q.*
 
 async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | None:
     """Claim the next job for ``tags``, or None when nothing is due."""
-    row = await db.fetchrow(_PULL, tags, worker)
+    bases, plain, pairs = split_tags(tags)
+    row = await db.fetchrow(_PULL, bases, worker, plain, pairs)
     return dict(row) if row else None
+
+
+def split_tags(tags: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """A worker's tags as the pull needs them: (every base tag, the unrestricted tags,
+    'tag(ws)' pairs). ``gpu(ws1+ws2)`` serves tag gpu only for workspaces ws1 and ws2."""
+    bases, plain, pairs = [], [], []
+    for t in tags:
+        if t.endswith(")") and "(" in t:
+            base, _, wss = t[:-1].partition("(")
+            pairs += [f"{base}({w})" for w in wss.split("+") if w]
+        else:
+            base = t
+            plain.append(t)
+        if base not in bases:
+            bases.append(base)
+    return bases, plain, pairs
 
 
 async def next_due(db: Executor, tags: list[str]) -> dt.datetime | None:
     """When the earliest waiting job of ``tags`` becomes due (None if none waits)."""
+    bases, plain, pairs = split_tags(tags)
     return await db.fetchval(
-        "SELECT min(scheduled_for) FROM queue WHERE NOT running AND tag = ANY($1::text[])", tags
+        "SELECT min(scheduled_for) FROM queue WHERE NOT running AND tag = ANY($1::text[])"
+        " AND (tag = ANY($2::text[]) OR tag || '(' || workspace || ')' = ANY($3::text[]))",
+        bases, plain, pairs,
     )
 
 
@@ -339,3 +360,48 @@ async def queued_tags_without_workers(db: Executor, tags: list[str]) -> list[str
         tags,
     )
     return [r["t"] for r in rows]
+
+
+# ---- worker lifecycle jobs (init / periodic scripts) ----------------------------------------
+
+_INSERT_COMPLETED = f"""
+WITH j AS (
+    INSERT INTO completed_job (id, workspace, kind, language, content, args, tag, created_by,
+        created_at, scheduled_for, started_at, worker, status, result, error, duration_ms,
+        cpu_ms, mem_peak, outcome)
+    VALUES ($1, $2, $3, $4, $5, '{{}}', $6, $7, $8, $8, $8, $7, $9, $10, $11, $12, $13, $14, $15)
+    RETURNING id
+), l AS (
+    INSERT INTO job_logs (job_id, chunk) SELECT $1, $16 WHERE $16 <> ''
+)
+SELECT id, pg_notify('{CH_DONE}', id::text) FROM j
+"""
+
+
+async def insert_completed(
+    db: Executor,
+    *,
+    workspace: str,
+    kind: str,
+    language: str,
+    content: str,
+    tag: str,
+    worker: str,
+    started_at: dt.datetime,
+    status: str,
+    result: Any,
+    error: str | None,
+    logs: str,
+    duration_ms: int = 0,
+    cpu_ms: int = 0,
+    mem_peak_kb: int = 0,
+    outcome: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    """Record a job that a worker ran on its own (its init or periodic script) directly as
+    completed, with its logs, in one statement. Returns the job id."""
+    job_id = uuid.uuid4()
+    await db.fetchrow(
+        _INSERT_COMPLETED, job_id, workspace, kind, language, content, tag, worker, started_at,
+        status, result, error, duration_ms, cpu_ms, mem_peak_kb, outcome, logs,
+    )
+    return job_id

@@ -6,6 +6,8 @@ from typing import Any
 
 from .queue import Executor
 
+CH_CONFIG = "sandmill_config"  # payload: the name of a worker group whose config changed
+
 
 async def register(db: Executor, *, name: str, group: str, hostname: str, tags: list[str],
                    backend: str, subworkers: int, info: dict[str, Any]) -> None:
@@ -46,8 +48,11 @@ async def get_config(db: Executor, name: str) -> dict[str, Any] | None:
 
 
 async def put_config(db: Executor, name: str, config: dict[str, Any]) -> None:
+    """Store a config and, for a worker group's (``worker__<group>``), tell its running
+    workers in the same statement (NOTIFY on CH_CONFIG with the group name)."""
     await db.execute(
-        "INSERT INTO config (name, config) VALUES ($1, $2)"
-        " ON CONFLICT (name) DO UPDATE SET config = $2, updated_at = now()",
+        "WITH c AS (INSERT INTO config (name, config) VALUES ($1, $2)"
+        " ON CONFLICT (name) DO UPDATE SET config = $2, updated_at = now() RETURNING name)"
+        f" SELECT pg_notify('{CH_CONFIG}', substr(name, 9)) FROM c WHERE name LIKE 'worker\\_\\_%'",
         name, config,
     )

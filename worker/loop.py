@@ -4,10 +4,12 @@ it through the group's backend, stream logs, heartbeat, complete; stop cleanly o
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,25 +23,48 @@ from server import queue, workers
 
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
-from .profile import Profile
+from .profile import Profile, ProfileError, profile_from_dict
 from .runtimes import JobResult, build_spec, interpret, job_env
 from .sysinfo import host_info
 
 log = logging.getLogger("sandmill.worker")
 
 
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
 @dataclass
 class WorkerSettings:
-    """Timings of the worker; defaults suit production and tests alike."""
+    """Timings of the worker; defaults suit production and tests alike. Each can be set
+    from the environment (SANDMILL_JOB_PING_S, SANDMILL_WORKER_PING_S, SANDMILL_POLL_S,
+    SANDMILL_GRACE_S)."""
 
-    job_ping_s: float = 1.0        # heartbeat of a running job (cancel is seen within this)
-    worker_ping_s: float = 15.0    # heartbeat of the worker row
-    poll_s: float = 30.0           # fallback poll when no NOTIFY arrives
-    grace_s: float = 30.0          # on SIGTERM, how long the job in hand may still run
+    # heartbeat of a running job (cancel is seen within this)
+    job_ping_s: float = field(default_factory=lambda: _env_float("SANDMILL_JOB_PING_S", 1.0))
+    # heartbeat of the worker row
+    worker_ping_s: float = field(default_factory=lambda: _env_float("SANDMILL_WORKER_PING_S", 15.0))
+    # fallback poll when no NOTIFY arrives
+    poll_s: float = field(default_factory=lambda: _env_float("SANDMILL_POLL_S", 30.0))
+    # on SIGTERM, how long the job in hand may still run before it is killed and re-queued
+    grace_s: float = field(default_factory=lambda: _env_float("SANDMILL_GRACE_S", 30.0))
+    # start a requires_gpu group on a host where no GPU is found
+    allow_no_gpu: bool = field(default_factory=lambda: os.environ.get("SANDMILL_ALLOW_NO_GPU", "") not in ("", "0"))
 
 
 class WorkerStartError(Exception):
-    """The worker cannot start (bad backend, no GPU, failed init script...)."""
+    """The worker cannot start (bad backend, no GPU...): exit code 2."""
+
+
+class WorkerInitError(Exception):
+    """The group's init script failed: exit code 3. ``logs`` is the script's output."""
+
+    def __init__(self, message: str, logs: str):
+        super().__init__(message)
+        self.logs = logs
+
+
+ADMIN_WORKSPACE = "admins"  # where the workers' own jobs (init, periodic scripts) are recorded
 
 
 def resolve_backend(profile: Profile) -> tuple[Backend, str | None]:
@@ -86,6 +111,7 @@ class Worker:
     def __init__(self, profile: Profile, database_url: str, *, name: str | None = None,
                  settings: WorkerSettings | None = None):
         self.profile = profile
+        self.file_profile = profile  # the YAML profile; the group's DB config overrides it
         self.database_url = database_url
         self.settings = settings or WorkerSettings()
         self.name = name or f"{profile.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -102,17 +128,27 @@ class Worker:
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, pick the backend, register. Raises WorkerStartError when it cannot."""
-        if not self.profile.native or any(t in ("python3", "bash") for t in self.tags):
+        """Check the host, connect, apply the group's DB config, pick the backend, register,
+        run the init script. Raises WorkerStartError / WorkerInitError when it cannot."""
+        info = host_info()
+        if self.profile.requires_gpu and not info["gpus"] and not self.settings.allow_no_gpu:
+            raise WorkerStartError(
+                f"group {self.profile.name} requires a GPU (requires_gpu: true) and none was found"
+                " on this host (no nvidia-smi GPU, no /dev/nvidia<N>); start it with --allow-no-gpu"
+                " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
+        self.pool = await dbmod.create_pool(self.database_url, min_size=1,
+                                            max_size=min(self.profile.subworkers + 1, 10))
+        await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
+        p = self.profile
+        if (not p.native or any(t in ("python3", "bash") for t in self.tags)
+                or p.init_script or p.periodic_script):
             self.backend, warning = resolve_backend(self.profile)
             if warning:
                 log.warning("%s: %s", self.profile.name, warning)
-        self.pool = await dbmod.create_pool(self.database_url, min_size=1,
-                                            max_size=min(self.profile.subworkers + 1, 10))
         self.listener = await dbmod.connect(self.database_url)
         await self.listener.add_listener(queue.CH_QUEUE, self._on_queue)
         await self.listener.add_listener(queue.CH_CANCEL, self._on_cancel)
-        info = host_info()
+        await self.listener.add_listener(workers.CH_CONFIG, self._on_config)
         await workers.register(
             self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
             tags=self.tags, backend=self.backend.name if self.backend else "native",
@@ -120,14 +156,25 @@ class Worker:
         )
         log.info("worker %s up: tags %s, backend %s, %d subworker(s)", self.name, self.tags,
                  self.backend.name if self.backend else "native", self.profile.subworkers)
+        if self.profile.init_script:
+            status, logs, job_id = await self.run_admin_script("init", self.profile.init_script)
+            if status != "success":
+                raise WorkerInitError(f"init script failed (job {job_id} in workspace {ADMIN_WORKSPACE})", logs)
+            log.info("init script done (job %s)", job_id)
 
     async def run(self) -> None:
         """Serve jobs until ``stop()``; then finish (or after the grace period, re-queue)
         the jobs in hand and leave."""
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
         pinger = asyncio.create_task(self._ping_loop())
+        periodic = asyncio.create_task(self._periodic_loop())
         slots = [asyncio.create_task(self._slot(i)) for i in range(self.profile.subworkers)]
         await self._stopping.wait()
+        periodic.cancel()
         log.info("worker %s stopping: finishing %d job(s) in hand", self.name, len(self.running))
         done, pending = await asyncio.wait(slots, timeout=self.settings.grace_s)
         if pending:
@@ -155,8 +202,50 @@ class Worker:
     # ---- notifications -------------------------------------------------------------------
 
     def _on_queue(self, _conn, _pid, _channel, payload: str) -> None:
-        if payload.split("|", 1)[0] in self.tags:
+        if payload.split("|", 1)[0] in self._bases:
             self._wake_all()
+
+    @property
+    def tags(self) -> list[str]:
+        return self._tags
+
+    @tags.setter
+    def tags(self, tags: list[str]) -> None:
+        self._tags = list(tags)
+        self._bases = set(queue.split_tags(self._tags)[0])  # gpu(ws1+ws2) is woken by gpu
+
+    # ---- the group's config in the DB ----------------------------------------------------
+
+    async def _apply_config(self, config: dict[str, Any] | None) -> bool:
+        """Overlay the group's DB config (a partial profile) on the YAML profile. Tags,
+        limits, env and the periodic script apply at once; backend, subworkers, native and
+        the init script at the next start. Returns whether anything was applied."""
+        try:
+            merged = profile_from_dict({**self.file_profile.model_dump(), **(config or {}),
+                                        "name": self.file_profile.name}, source=f"config worker__{self.file_profile.name}")
+        except ProfileError as e:
+            log.warning("ignoring the group's DB config: %s", e)
+            return False
+        self.profile = merged
+        self.tags = merged.tags
+        self.env = job_env(merged)
+        return True
+
+    def _on_config(self, _conn, _pid, _channel, payload: str) -> None:
+        if payload == self.file_profile.name:
+            asyncio.get_running_loop().create_task(self._reload_config())
+
+    async def _reload_config(self) -> None:
+        try:
+            cfg = await workers.get_config(self.pool, f"worker__{self.file_profile.name}")
+            old = self.tags
+            if not await self._apply_config(cfg):
+                return
+            log.info("group config reloaded: tags %s -> %s", old, self.tags)
+            await self._ping()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("config reload failed: %s", e)
+        self._wake_all()
 
     def _wake_all(self) -> None:
         # Swap the event so that every slot waiting on the old one wakes, and a slot that
@@ -292,14 +381,59 @@ class Worker:
     async def _ping_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.worker_ping_s)
-            now = time.monotonic()
-            occ = self.stats.busy_s / max(1e-9, (now - self.stats.since) * self.profile.subworkers)
-            self.stats.busy_s, self.stats.since = 0.0, now
             try:
-                await workers.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
-                                   busy=len(self.running), occupancy=min(1.0, occ))
+                await self._ping()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 log.warning("worker ping failed: %s", e)
+
+    async def _ping(self) -> None:
+        now = time.monotonic()
+        occ = self.stats.busy_s / max(1e-9, (now - self.stats.since) * self.profile.subworkers)
+        self.stats.busy_s, self.stats.since = 0.0, now
+        await workers.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
+                           busy=len(self.running), occupancy=min(1.0, occ))
+
+    # ---- init and periodic scripts -------------------------------------------------------
+
+    async def run_admin_script(self, kind: str, script: str) -> tuple[str, str, uuid.UUID]:
+        """Run the group's init or periodic bash script through its backend, with the group's
+        limits and env, and record it as a completed job (workspace admins, tag
+        '<kind>-<worker>'). Returns (status, logs, job id)."""
+        job = {"id": None, "language": "bash", "content": script, "args": {}, "timeout_s": None}
+        chunks: list[str] = []
+        started = dt.datetime.now(dt.timezone.utc)
+        outcome: Outcome | None = None
+        if self.backend is None:
+            result = JobResult("failure", None, "no sandbox backend to run the script with")
+        else:
+            spec = build_spec(job, self.profile, self.env)
+            outcome = await self.backend.run(spec, lambda _s, b: chunks.append(b.decode(errors="replace")))
+            result = interpret(job, outcome, self.profile.limits)
+        logs = "".join(chunks)
+        if result.status != "success":
+            logs += f"\n[sandmill] {kind} script failed: {result.error}\n"
+        job_id = await queue.insert_completed(
+            self.pool, workspace=ADMIN_WORKSPACE, kind=kind, language="bash", content=script,
+            tag=f"{kind}-{self.name}", worker=self.name, started_at=started, status=result.status,
+            result=result.result, error=result.error, logs=logs,
+            duration_ms=outcome.wall_ms if outcome else 0, cpu_ms=outcome.cpu_ms if outcome else 0,
+            mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
+            outcome=outcome.to_json() if outcome else None,
+        )
+        return result.status, logs, job_id
+
+    async def _periodic_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.profile.periodic_interval_s)
+            script = self.profile.periodic_script
+            if not script or self._stopping.is_set():
+                continue
+            try:
+                status, _logs, job_id = await self.run_admin_script("periodic", script)
+                if status != "success":
+                    log.warning("periodic script failed (job %s)", job_id)
+            except Exception as e:  # noqa: BLE001 - the worker goes on; the next run may work
+                log.warning("periodic script not run: %s", e)
 
 
 async def _const(v: Any) -> Any:
@@ -319,6 +453,10 @@ def run_worker(profile: Profile, database_url: str, settings: WorkerSettings | N
         except WorkerStartError as e:
             log.error("worker %s cannot start: %s", profile.name, e)
             return 2
+        except WorkerInitError as e:
+            log.error("worker %s: %s; exiting", profile.name, e)
+            print(f"sandmill worker: {e}. Its logs:\n{e.logs.rstrip()}", file=sys.stderr, flush=True)
+            return 3
         return 0
 
     return asyncio.run(main())
