@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,13 +76,17 @@ class DockerBackend(Backend):
     every byte over the attach socket, and with ``json-file`` a flooding job takes
     dockerd 1-4 s to kill (it must log the backlog first; measured here: 3.9 s vs 0.1 s).
     ``json-file`` (or ``local``) is kept capped at ``log_max_size`` when chosen.
+    ``workdir_root``: where job dirs are made (default: the temp dir; dockerd must see
+    the same path). ``labels``: added to every container (every container always has
+    ``sandmill.job=1`` and ``sandmill.job.id=<id>``).
     """
 
     name = "docker"
 
     def __init__(self, image: str = DEFAULT_IMAGE, docker_url: str | None = None, uid: int = 65534,
                  *, clear_image_env: bool = True, log_driver: str = "none", log_max_size: str = "1m",
-                 workdir_root: str | None = None, api_timeout_s: float = 60.0) -> None:
+                 workdir_root: str | None = None, labels: dict[str, str] | None = None,
+                 api_timeout_s: float = 60.0) -> None:
         self.image = image
         self.docker_url = docker_url
         self.uid = uid
@@ -89,6 +94,7 @@ class DockerBackend(Backend):
         self.log_driver = log_driver
         self.log_max_size = log_max_size
         self.workdir_root = workdir_root
+        self.labels = dict(labels or {})
         self.api_timeout_s = api_timeout_s
         self._client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
@@ -194,7 +200,7 @@ class DockerBackend(Backend):
             stdin_open=True,
             detach=False,  # with stdin_open this sets StdinOnce: our half-close is EOF
             name=f"sandmill-{job.job_id}",
-            labels={LABEL: "1", f"{LABEL}.id": job.job_id},
+            labels={**self.labels, LABEL: "1", f"{LABEL}.id": job.job_id},
             host_config=self.api.create_host_config(**host),
         )
         job.container_id = created["Id"]
@@ -279,10 +285,7 @@ class DockerBackend(Backend):
         assert job.sock is not None and job.container_id is not None
         started = job.started
 
-        emit = None
-        if on_output is not None:
-            def emit(name: str, chunk: bytes) -> None:
-                loop.call_soon_threadsafe(on_output, name, chunk)
+        emit = _in_loop(loop, on_output) if on_output is not None else None
         # Kill from another thread: dockerd's kill waits for the exit, and the exit waits
         # for the attach stream to drain, which is the reader's job; killing from the
         # reader thread would deadlock.
@@ -346,6 +349,13 @@ class DockerBackend(Backend):
             # RLIMIT_CPU is per process; this catches a job that spreads over children.
             if cpu_ns_limit is not None and job.usage.cpu_ns > cpu_ns_limit:
                 await asyncio.to_thread(self._kill, job, Status.cpu_limit)
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop, cb: OutputCallback) -> Callable[[str, bytes], None]:
+    """``cb`` called from the reader thread but run in the event loop, in order."""
+    def emit(name: str, chunk: bytes) -> None:
+        loop.call_soon_threadsafe(cb, name, chunk)
+    return emit
 
 
 def _classify(out: Outcome, state: dict[str, Any], job: _Job, spec: RunSpec) -> None:
