@@ -197,6 +197,9 @@ class DockerBackend(Backend):
             environment=dict(spec.env),
             user=f"{self.uid}:{self.uid}",
             working_dir=WORKDIR,
+            # NetworkDisabled: runc makes a bare netns itself instead of dockerd building
+            # a "none" network sandbox; same isolation, ~100-200 ms less per start.
+            network_disabled=spec.network != "host",
             stdin_open=True,
             detach=False,  # with stdin_open this sets StdinOnce: our half-close is EOF
             name=f"sandmill-{job.job_id}",
