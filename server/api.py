@@ -16,12 +16,12 @@ import asyncpg
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import db as dbmod
 from . import queue, scripts, workers
 from .monitor import monitor_loop
-from .routing import LANGUAGES, RoutingError, resolve_tag
+from .routing import LANGUAGES, RoutingError, interpolate, resolve_tag
 from .settings import ServerSettings
 
 log = logging.getLogger("sandmill.api")
@@ -42,6 +42,12 @@ class ScriptCreate(BaseModel):
     concurrency_time_window_s: int | None = Field(None, ge=0)
     concurrency_key: str | None = None
     dedicated_worker: bool = False
+
+    @model_validator(mode="after")
+    def _concurrency(self) -> "ScriptCreate":
+        if self.concurrent_limit is None and (self.concurrency_key or self.concurrency_time_window_s):
+            raise ValueError("concurrency_key and concurrency_time_window_s need concurrent_limit")
+        return self
 
 
 class Preview(BaseModel):
@@ -70,6 +76,15 @@ def check_code(language: str, content: str) -> None:
         if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "main"
                    for n in tree.body):
             raise HTTPException(400, "the script defines no main(...) function")
+
+
+def concurrency_key(ws: str, s: dict[str, Any], args: dict[str, Any]) -> str | None:
+    """The job's concurrency key when its script has a limit: the script's key template
+    with $workspace and $args[name] filled in, else the workspace and the script path."""
+    if not s.get("concurrent_limit"):
+        return None
+    template = s.get("concurrency_key") or f"{ws}/{s['path']}"
+    return interpolate(template, ws, args, what="concurrency_key")
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -187,6 +202,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         args = check_args(args)
         try:
             job_tag = resolve_tag(s["language"], ws, args, explicit=tag, script_tag=s["tag"])
+            key = concurrency_key(ws, s, args)
         except RoutingError as e:
             raise HTTPException(400, str(e)) from None
         return await queue.push(
@@ -194,6 +210,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             tag=job_tag, kind="script", script_path=s["path"], script_hash=s["hash"],
             priority=priority if priority is not None else (s["priority"] or 0),
             timeout_s=s["timeout_s"], scheduled_in_secs=scheduled_in_secs,
+            concurrency_key=key, concurrent_limit=s["concurrent_limit"] if key else None,
+            concurrency_time_window_s=s["concurrency_time_window_s"] if key else None,
         )
 
     async def push_preview(ws: str, body: Preview, tag: str | None, scheduled_in_secs: float,
@@ -303,6 +321,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return f"scheduled for {j['scheduled_for'].isoformat()}"
         if await queue.queued_tags_without_workers(pool(), [j["tag"]]):
             return f"no live worker serves tag {j['tag']!r}; the job waits until one does"
+        if j["concurrency_key"] and not await queue.key_has_slot(pool(), j["id"]):
+            win = j["concurrency_time_window_s"] or 0
+            rule = (f"{j['concurrent_limit']} start(s) per {win} s" if win
+                    else f"{j['concurrent_limit']} running at once")
+            return f"waiting for its concurrency key {j['concurrency_key']!r} (limit: {rule})"
         return "waiting for a free worker"
 
     @app.get("/api/w/{ws}/jobs_u/completed/get_result/{id}", tags=["jobs"])

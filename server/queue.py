@@ -61,27 +61,67 @@ async def push(
     return job_id
 
 
-# One statement: pick the best waiting job of our tags that is due, skip rows another
-# worker holds, and mark it ours.
+# One statement: pick the best waiting job of our tags that is due and whose concurrency
+# key has room, skip rows another worker holds, take a slot of its key, and mark it ours.
+# The slot is taken by INSERT .. ON CONFLICT DO UPDATE .. WHERE, which PostgreSQL re-checks
+# on the key row's newest version when pullers race: the limit holds under any race. A
+# candidate that lost its slot that way comes back with claimed id NULL, and pull() tries
+# again.
 _PULL = """
-UPDATE queue q
-   SET running = true, worker = $2, started_at = now(), last_ping = now()
- WHERE q.id = (
-        SELECT id FROM queue
-         WHERE NOT running AND tag = ANY($1::text[]) AND scheduled_for <= now()
-           AND (tag = ANY($3::text[]) OR tag || '(' || workspace || ')' = ANY($4::text[]))
-         ORDER BY priority DESC, scheduled_for, seq
-         LIMIT 1
-         FOR UPDATE SKIP LOCKED)
-RETURNING q.*
+WITH cand AS (
+    SELECT q.id, q.concurrency_key AS key, q.concurrent_limit AS lim,
+           coalesce(q.concurrency_time_window_s, 0) AS win
+      FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key
+     WHERE NOT q.running AND q.tag = ANY($1::text[]) AND q.scheduled_for <= now()
+       AND (q.tag = ANY($3::text[]) OR q.tag || '(' || q.workspace || ')' = ANY($4::text[]))
+       AND (q.concurrency_key IS NULL OR ck.key IS NULL
+            OR sandmill_has_slot(ck.running, ck.starts, q.concurrent_limit,
+                                 coalesce(q.concurrency_time_window_s, 0)))
+     ORDER BY q.priority DESC, q.scheduled_for, q.seq
+     LIMIT 1
+     FOR UPDATE OF q SKIP LOCKED
+), slot AS (
+    INSERT INTO concurrency_key AS ck (key, running, starts)
+    SELECT key, ARRAY[id],
+           CASE WHEN win > 0 THEN ARRAY[extract(epoch FROM clock_timestamp())::double precision]
+                ELSE '{}'::double precision[] END
+      FROM cand WHERE key IS NOT NULL
+    ON CONFLICT (key) DO UPDATE
+       SET running = ck.running || excluded.running,
+           -- the clock is read again here: excluded's was read before we got the row lock
+           starts = sandmill_live_starts(ck.starts, (SELECT win FROM cand))
+                    || CASE WHEN (SELECT win FROM cand) > 0
+                            THEN ARRAY[extract(epoch FROM clock_timestamp())::double precision]
+                            ELSE '{}'::double precision[] END
+     WHERE sandmill_has_slot(ck.running, ck.starts, (SELECT lim FROM cand), (SELECT win FROM cand))
+    RETURNING key, ck.starts[cardinality(ck.starts)] AS started
+), claimed AS (
+    -- started_at is the very start the window counted, so what the limit enforces is what
+    -- the job records show
+    UPDATE queue q
+       SET running = true, worker = $2, last_ping = now(),
+           started_at = coalesce((SELECT to_timestamp(started) FROM slot), clock_timestamp())
+      FROM cand c
+     WHERE q.id = c.id AND (c.key IS NULL OR EXISTS (SELECT 1 FROM slot))
+    RETURNING q.*
+)
+SELECT c.id AS cand_id, cl.* FROM cand c LEFT JOIN claimed cl ON true
 """
 
 
 async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | None:
     """Claim the next job for ``tags``, or None when nothing is due."""
     bases, plain, pairs = split_tags(tags)
-    row = await db.fetchrow(_PULL, bases, worker, plain, pairs)
-    return dict(row) if row else None
+    for _ in range(20):
+        row = await db.fetchrow(_PULL, bases, worker, plain, pairs)
+        if row is None:
+            return None
+        if row["id"] is not None:
+            job = dict(row)
+            del job["cand_id"]
+            return job
+        # A racing worker took the last slot of this job's key: look again at once.
+    return None
 
 
 def split_tags(tags: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -101,18 +141,43 @@ def split_tags(tags: list[str]) -> tuple[list[str], list[str], list[str]]:
 
 
 async def next_due(db: Executor, tags: list[str]) -> dt.datetime | None:
-    """When the earliest waiting job of ``tags`` becomes due (None if none waits)."""
+    """When the earliest waiting job of ``tags`` may start: its scheduled time, or later
+    when its concurrency key is full (None if none can start before a job ends)."""
     bases, plain, pairs = split_tags(tags)
     return await db.fetchval(
-        "SELECT min(scheduled_for) FROM queue WHERE NOT running AND tag = ANY($1::text[])"
-        " AND (tag = ANY($2::text[]) OR tag || '(' || workspace || ')' = ANY($3::text[]))",
+        "SELECT min(CASE WHEN q.concurrency_key IS NULL OR ck.key IS NULL THEN q.scheduled_for"
+        "  ELSE greatest(q.scheduled_for, sandmill_slot_free_at(ck.running, ck.starts,"
+        "       q.concurrent_limit, coalesce(q.concurrency_time_window_s, 0))) END)"
+        "  FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key"
+        " WHERE NOT q.running AND q.tag = ANY($1::text[])"
+        "   AND (q.tag = ANY($2::text[]) OR q.tag || '(' || q.workspace || ')' = ANY($3::text[]))",
         bases, plain, pairs,
     )
+
+
+# Put a running job back in the queue ($3: count it as a restart), give its concurrency
+# slot back, and wake the workers of its tag.
+_REQUEUE = f"""
+WITH q AS (
+    UPDATE queue SET running = false, worker = NULL, started_at = NULL, last_ping = NULL,
+                     restarts = restarts + $3::int
+     WHERE id = $1 AND worker = $2 AND running
+    RETURNING id, tag, concurrency_key
+), released AS (
+    UPDATE concurrency_key ck SET running = array_remove(ck.running, q.id)
+      FROM q WHERE ck.key = q.concurrency_key
+)
+SELECT pg_notify('{CH_QUEUE}', tag) FROM q
+"""
 
 
 _COMPLETE = f"""
 WITH q AS (
     DELETE FROM queue WHERE id = $1 AND worker = $2 AND running RETURNING *
+), released AS (
+    UPDATE concurrency_key ck SET running = array_remove(ck.running, q.id)
+      FROM q WHERE ck.key = q.concurrency_key
+    RETURNING pg_notify('{CH_QUEUE}', q.tag)
 )
 INSERT INTO completed_job (id, workspace, kind, script_path, script_hash, language, content,
     args, tag, priority, created_by, created_at, scheduled_for, started_at, worker, status,
@@ -207,12 +272,7 @@ async def cancel(db: Executor, workspace: str, job_id: uuid.UUID, by: str, reaso
 
 async def requeue(db: Executor, job_id: uuid.UUID, worker: str) -> bool:
     """Give a running job back to the queue (its worker is shutting down)."""
-    row = await db.fetchrow(
-        f"UPDATE queue SET running = false, worker = NULL, started_at = NULL, last_ping = NULL"
-        f" WHERE id = $1 AND worker = $2 AND running RETURNING pg_notify('{CH_QUEUE}', tag)",
-        job_id, worker,
-    )
-    return row is not None
+    return await db.fetchrow(_REQUEUE, job_id, worker, 0) is not None
 
 
 async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) -> list[dict]:
@@ -239,12 +299,7 @@ async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) 
                 )
                 done.append({"id": r["id"], "action": "failed", "worker": r["worker"]})
             else:
-                await conn.execute(
-                    "UPDATE queue SET running = false, worker = NULL, started_at = NULL,"
-                    " last_ping = NULL, restarts = restarts + 1 WHERE id = $1",
-                    r["id"],
-                )
-                await conn.execute("SELECT pg_notify($1, tag) FROM queue WHERE id = $2", CH_QUEUE, r["id"])
+                await conn.fetchrow(_REQUEUE, r["id"], r["worker"], 1)
                 await conn.execute(
                     "INSERT INTO job_logs (job_id, chunk) VALUES ($1, $2)", r["id"],
                     f"\n[sandmill] worker {r['worker']} stopped answering; job put back in the queue\n",
@@ -350,6 +405,16 @@ async def list_jobs(
         workspace, script_path, success, running, limit,
     )
     return [dict(r) for r in rows]
+
+
+async def key_has_slot(db: Executor, job_id: uuid.UUID) -> bool:
+    """Could this waiting job's concurrency key let it start now?"""
+    return await db.fetchval(
+        "SELECT ck.key IS NULL OR sandmill_has_slot(ck.running, ck.starts, q.concurrent_limit,"
+        "       coalesce(q.concurrency_time_window_s, 0))"
+        "  FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key WHERE q.id = $1",
+        job_id,
+    ) is not False
 
 
 async def queued_tags_without_workers(db: Executor, tags: list[str]) -> list[str]:
