@@ -323,7 +323,7 @@ def test_failing_init_script_stops_the_worker_with_its_logs(make_cluster):
         (init,) = admin_jobs(api, "init", group)
         assert init["status"] == "failure"
         j = api.get(f"/api/w/admins/jobs_u/get/{init['id']}").json()
-        assert "exit code 7" in j["error"] or "7" in j["error"]
+        assert "exited with code 7" in j["error"]
         assert "mounting the thing" in j["logs"]
         assert not [w for w in api.get("/api/workers/list").json() if w["worker_group"] == group]
 
