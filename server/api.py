@@ -319,8 +319,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _waiting_reason(j: dict[str, Any]) -> str:
         if j["scheduled_for"] and (await pool().fetchval("SELECT $1 > now()", j["scheduled_for"])):
             return f"scheduled for {j['scheduled_for'].isoformat()}"
-        if await queue.queued_tags_without_workers(pool(), [j["tag"]]):
-            return f"no live worker serves tag {j['tag']!r}; the job waits until one does"
+        if await queue.queued_tags_without_workers(pool(), [j["tag"]], j["workspace"]):
+            return (f"no live worker serves tag {j['tag']!r} (for workspace {j['workspace']});"
+                    " the job waits until one does")
         if j["concurrency_key"] and not await queue.key_has_slot(pool(), j["id"]):
             win = j["concurrency_time_window_s"] or 0
             rule = (f"{j['concurrent_limit']} start(s) per {win} s" if win

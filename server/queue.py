@@ -417,12 +417,18 @@ async def key_has_slot(db: Executor, job_id: uuid.UUID) -> bool:
     ) is not False
 
 
-async def queued_tags_without_workers(db: Executor, tags: list[str]) -> list[str]:
-    """Of ``tags``, those no worker that pinged recently serves."""
+async def queued_tags_without_workers(db: Executor, tags: list[str],
+                                      workspace: str | None = None) -> list[str]:
+    """Of ``tags``, those no worker that pinged recently serves (for ``workspace``, when
+    given: a worker tag ``t(ws1+ws2)`` serves t for those workspaces only)."""
     rows = await db.fetch(
         "SELECT t FROM unnest($1::text[]) t WHERE NOT EXISTS ("
-        " SELECT 1 FROM worker w WHERE t = ANY(w.tags) AND w.last_ping > now() - interval '60 seconds')",
-        tags,
+        " SELECT 1 FROM worker w WHERE w.last_ping > now() - interval '60 seconds'"
+        "   AND (t = ANY(w.tags) OR EXISTS (SELECT 1 FROM unnest(w.tags) wt"
+        "     WHERE left(wt, length(t) + 1) = t || '(' AND right(wt, 1) = ')'"
+        "       AND ($2::text IS NULL OR $2 = ANY(string_to_array("
+        "             substr(wt, length(t) + 2, length(wt) - length(t) - 2), '+'))))))",
+        tags, workspace,
     )
     return [r["t"] for r in rows]
 

@@ -231,7 +231,26 @@ def test_workspace_restricted_worker_tag(make_cluster):
         time.sleep(1.5)
         q = api.get(f"/api/w/{ws3}/jobs_u/get/{j3}").json()
         assert q["type"] == "QueuedJob" and q["running"] is False
+        assert f"no live worker serves tag '{tag}' (for workspace {ws3})" in q["waiting_reason"]
         assert api.post(f"/api/w/{ws3}/jobs_u/queue/cancel/{j3}", json={}).status_code == 200
+
+
+async def test_waiting_reason_knows_restricted_worker_tags(pg_url):
+    from server import db as dbmod
+    from server import queue, workers
+
+    conn = await dbmod.connect(pg_url)
+    name, tag = uid("fake-worker"), uid("rt")
+    try:
+        await workers.register(conn, name=name, group="g", hostname="h", tags=[f"{tag}(wsa+wsb)", "x"],
+                               backend="process", subworkers=1, info={})
+        assert await queue.queued_tags_without_workers(conn, [tag], "wsa") == []
+        assert await queue.queued_tags_without_workers(conn, [tag], "wsb") == []
+        assert await queue.queued_tags_without_workers(conn, [tag], "wsc") == [tag]
+        assert await queue.queued_tags_without_workers(conn, [tag + "x"], "wsa") == [tag + "x"]
+    finally:
+        await workers.unregister(conn, name)
+        await conn.close()
 
 
 # ---- 4. capabilities and the GPU guard ----------------------------------------------------------

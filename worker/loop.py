@@ -124,6 +124,7 @@ class Worker:
         self.stats = Stats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._bg: set[asyncio.Task] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -233,7 +234,9 @@ class Worker:
 
     def _on_config(self, _conn, _pid, _channel, payload: str) -> None:
         if payload == self.file_profile.name:
-            asyncio.get_running_loop().create_task(self._reload_config())
+            t = asyncio.get_running_loop().create_task(self._reload_config())
+            self._bg.add(t)  # keep a reference until it is done
+            t.add_done_callback(self._bg.discard)
 
     async def _reload_config(self) -> None:
         try:
