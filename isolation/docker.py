@@ -61,6 +61,8 @@ class _Job:
     killed_for: Status | None = None  # the first limit that made us kill it
     started: float = 0.0  # monotonic time of the start call
     setup_done: threading.Event = field(default_factory=threading.Event)
+    setup_begun: bool = False  # under lock: _setup got past its abandon check
+    abandoned: bool = False  # under lock: cleanup ran first; _setup must create nothing
     usage: cg.Usage = field(default_factory=cg.Usage)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -146,6 +148,11 @@ class DockerBackend(Backend):
     def _setup(self, spec: RunSpec, job: _Job) -> None:
         """Create, attach and start. Sets ``job.setup_done`` however it ends, so that a
         cleanup racing with a cancelled setup waits for the container id."""
+        with job.lock:
+            if job.abandoned:  # cancelled before this thread ran: create nothing
+                job.setup_done.set()
+                raise asyncio.CancelledError()
+            job.setup_begun = True
         try:
             self._create(spec, job)
             job.started = time.monotonic()
@@ -235,8 +242,13 @@ class DockerBackend(Backend):
 
     def _cleanup(self, job: _Job) -> None:
         """Remove container (killing it), socket, work dir and parent cgroup. Never
-        raises. Waits first for a setup still running in its thread."""
-        job.setup_done.wait(self.api_timeout_s)
+        raises. Waits first for a setup still running in its thread; a setup that has
+        not begun (its executor job was cancelled, or is yet to run) is abandoned."""
+        with job.lock:
+            begun = job.setup_begun
+            job.abandoned = not begun
+        if begun:
+            job.setup_done.wait(self.api_timeout_s * 3)
         if job.sock is not None:
             with contextlib.suppress(OSError):
                 job.sock.close()
