@@ -91,6 +91,23 @@ fi
 echo "$PY" >"$STATE_DIR/python"
 
 # --- 3. dockerd ------------------------------------------------------------------------
+# cgroup v2 inside a container without systemd: we sit in the root of our cgroup
+# namespace, and v2 forbids enabling controllers for children of a cgroup that holds
+# processes, so dockerd could not give containers memory/pids limits. Do what
+# docker's own dind entrypoint does: move every process into an `init` leaf, then
+# enable all controllers for the children. Only when controllers are not enabled yet.
+v2_nest_root_processes() {
+    local root=/sys/fs/cgroup
+    [ -e "$root/cgroup.controllers" ] || return 0             # v1: nothing to do
+    [ -d /run/systemd/system ] && return 0                     # systemd owns the tree
+    grep -qw memory "$root/cgroup.subtree_control" 2>/dev/null && return 0
+    [ -s "$root/cgroup.procs" ] || return 0
+    step "cgroups: v2 without systemd: moving root processes to $root/init, enabling controllers"
+    mkdir -p "$root/init"
+    xargs -rn1 <"$root/cgroup.procs" sh -c 'echo "$0" >'"$root"'/init/cgroup.procs' 2>/dev/null || true
+    sed -e 's/ / +/g' -e 's/^/+/' <"$root/cgroup.controllers" >"$root/cgroup.subtree_control" \
+        || echo "!!! [setup] could not enable cgroup controllers; limits may not apply" >&2
+}
 if docker info >/dev/null 2>&1; then
     step "docker: dockerd already running"
 else
@@ -100,6 +117,7 @@ else
     fi
     if ! docker info >/dev/null 2>&1 && ! pgrep -x dockerd >/dev/null; then
         # No systemd (CI containers): background it ourselves, logs to a file.
+        v2_nest_root_processes
         step "docker: starting dockerd in the background (log: $DOCKERD_LOG)"
         # shellcheck disable=SC2086 # DOCKERD_ARGS is a list of flags
         nohup dockerd $DOCKERD_ARGS >>"$DOCKERD_LOG" 2>&1 </dev/null &
