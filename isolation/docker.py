@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+import requests
+from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Ulimit
 
 from . import docker_cgroup as cg
@@ -234,7 +235,7 @@ class DockerBackend(Backend):
                 job.killed_for = reason
         if job.container_id is None:
             return
-        with contextlib.suppress(NotFound, APIError):
+        with contextlib.suppress(DockerException, requests.RequestException):
             self.api.kill(job.container_id)
 
     def _finish(self, job: _Job) -> dict[str, Any]:
@@ -242,6 +243,17 @@ class DockerBackend(Backend):
         assert job.container_id is not None
         self.api.wait(job.container_id)
         return self.api.inspect_container(job.container_id)["State"]
+
+    async def _exit_state(self, job: _Job, deadline: float) -> dict[str, Any]:
+        """The State once the container exited. The output's EOF normally means that
+        already (docker-init holds stdout/stderr until it exits), but the wall clock
+        still applies should it not."""
+        finish = asyncio.ensure_future(asyncio.to_thread(self._finish, job))
+        try:
+            return await asyncio.wait_for(asyncio.shield(finish), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(self._kill, job, Status.timeout)
+            return await finish
 
     def _cleanup(self, job: _Job) -> None:
         """Remove container (killing it), socket, work dir and parent cgroup. Never
@@ -262,7 +274,7 @@ class DockerBackend(Backend):
                     break
                 except NotFound:
                     break
-                except DockerException:
+                except Exception:  # cleanup must go on: the work dir and cgroup too
                     time.sleep(0.2)
         if job.own_parent:
             cg.remove_parent(job.job_id)
@@ -298,7 +310,7 @@ class DockerBackend(Backend):
         except ImageNotFound:
             return Outcome(Status.sandbox_error,
                            detail=f"image {self.image} not found; build it with isolation/images/build.sh")
-        except DockerException as e:
+        except (DockerException, requests.RequestException) as e:
             return Outcome(Status.sandbox_error, detail=f"docker could not start the job: {e}")
         assert job.sock is not None and job.container_id is not None
         started = job.started
@@ -314,12 +326,12 @@ class DockerBackend(Backend):
         reader = asyncio.ensure_future(asyncio.to_thread(demux.run))
         try:
             await self._watch(spec, job, reader, started)
-            state = await asyncio.to_thread(self._finish, job)
+            state = await self._exit_state(job, started + lim.wall_s + 1.0)
         except asyncio.CancelledError:
             await asyncio.to_thread(self._kill, job, None)
             await asyncio.gather(reader, return_exceptions=True)
             raise
-        except DockerException as e:
+        except (DockerException, requests.RequestException) as e:
             await asyncio.to_thread(self._kill, job, None)
             await asyncio.gather(reader, return_exceptions=True)
             return Outcome(Status.sandbox_error, detail=f"docker failed during the run: {e}")
