@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from server import db as dbmod
-from server.localcluster import REPO, LocalCluster, free_port  # noqa: F401 - re-exported for tests
-TOKEN = "test-admin-token"
+from server.localcluster import LocalCluster
+from support import TOKEN
 
 
 @pytest.fixture(scope="session")
@@ -80,14 +78,3 @@ def api(cluster):
 def ws() -> str:
     """A workspace of this test's own, so tests never see each other's jobs."""
     return "ws" + uuid.uuid4().hex[:8]
-
-
-def wait_done(api: httpx.Client, ws: str, job_id: str, timeout: float = 30) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = api.get(f"/api/w/{ws}/jobs_u/get/{job_id}")
-        j = r.json()
-        if j.get("type") == "CompletedJob":
-            return j
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not complete in {timeout}s: {j}")

@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 
-from conftest import REPO, TOKEN, free_port
+from support import REPO, TOKEN, free_port
 
 SM = [sys.executable, "-m", "server.cli"]
 

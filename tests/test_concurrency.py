@@ -10,7 +10,7 @@ from collections import defaultdict
 import asyncpg
 import pytest
 
-from conftest import wait_done
+from support import wait_done
 
 NATIVE_PROFILE = "name: {name}\ntags: [{tag}]\nnative: true\nsubworkers: {sub}\n"
 

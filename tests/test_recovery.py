@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from bench.idle_load import measure_commits_per_s
-from conftest import REPO, TOKEN, wait_done
+from support import REPO, TOKEN, wait_done
 from server import db as dbmod
 from server import queue
 from server.localcluster import LocalCluster

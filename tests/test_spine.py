@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import wait_done
+from support import wait_done
 
 PY_HELLO = '''
 import sys

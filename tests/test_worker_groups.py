@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import REPO, TOKEN, wait_done
+from support import REPO, TOKEN, wait_done
 from server.localcluster import LocalCluster
 from server.queue import split_tags
 from worker.sysinfo import detect_gpus

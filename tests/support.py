@@ -1,0 +1,22 @@
+"""Helpers the tests import (kept out of conftest.py: tests/isolation has its own)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from server.localcluster import REPO, free_port  # noqa: F401 - re-exported for tests
+
+TOKEN = "test-admin-token"
+
+
+def wait_done(api: httpx.Client, ws: str, job_id: str, timeout: float = 30) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = api.get(f"/api/w/{ws}/jobs_u/get/{job_id}")
+        j = r.json()
+        if j.get("type") == "CompletedJob":
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not complete in {timeout}s: {j}")
