@@ -109,11 +109,21 @@ SELECT c.id AS cand_id, cl.* FROM cand c LEFT JOIN claimed cl ON true
 """
 
 
+# The same pull for a worker with one base tag: ``tag = ANY(array)`` keeps PostgreSQL (16)
+# from reading queue_pull_idx in its (tag, priority DESC, scheduled_for, seq) order, so it
+# reads and sorts every waiting row of the tag (about 2 ms per pull with 2,000 waiting);
+# with plain equality it reads the index in order and stops at the first free row (0.4 ms).
+_PULL_ONE_TAG = _PULL.replace("q.tag = ANY($1::text[]) AND q.scheduled_for",
+                              "q.tag = ($1::text[])[1] AND q.scheduled_for")
+assert _PULL_ONE_TAG != _PULL
+
+
 async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | None:
     """Claim the next job for ``tags``, or None when nothing is due."""
     bases, plain, pairs = split_tags(tags)
+    sql = _PULL_ONE_TAG if len(bases) == 1 else _PULL
     for _ in range(20):
-        row = await db.fetchrow(_PULL, bases, worker, plain, pairs)
+        row = await db.fetchrow(sql, bases, worker, plain, pairs)
         if row is None:
             return None
         if row["id"] is not None:
