@@ -316,6 +316,10 @@ async def test_cancel(backend: Backend) -> None:
         spec(code, wall_s=50), lambda name, c: ready.set() if b"ready" in c else None))
     await asyncio.wait_for(ready.wait(), 15)
     try:
+        # "ready" can come before the grandchild's exec shows the marker: wait for it
+        deadline = time.monotonic() + 10
+        while not no_process_with(marker) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         assert no_process_with(marker), "the daemon should be running before the cancel"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
