@@ -16,11 +16,12 @@ import asyncpg
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import db as dbmod
 from . import queue, scripts, workers
 from .monitor import monitor_loop
+from .profiles import Profile  # the one profile model, shared with the workers
 from .routing import LANGUAGES, RoutingError, interpolate, resolve_tag
 from .settings import ServerSettings
 
@@ -433,10 +434,6 @@ _GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 def validate_group_config(group: str, body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Check a partial profile against the profile model. Returns (the config to store:
     the fields given, [{field, reason}] for each bad field)."""
-    from pydantic import ValidationError
-
-    from worker.profile import Profile  # the one profile model, shared with the workers
-
     if not isinstance(body, dict):
         return {}, [{"field": "body", "reason": f"a group config is a JSON object of profile fields,"
                                                  f" got {type(body).__name__}"}]

@@ -50,7 +50,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.loop import run_worker
-    from worker.profile import ProfileError, load_profile
+    from .profiles import ProfileError, load_profile
 
     _setup_logging(args.verbose)
     try:
@@ -197,7 +197,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles_check(args: argparse.Namespace) -> int:
-    from worker.profile import ProfileError, load_profile
+    from .profiles import ProfileError, load_profile
 
     bad = 0
     for f in args.files:

@@ -23,7 +23,7 @@ from server import queue, workers
 
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
-from .profile import Profile, ProfileError, profile_from_dict
+from server.profiles import Profile, ProfileError, profile_from_dict
 from .runtimes import JobResult, build_spec, interpret, job_env
 from .sysinfo import host_info
 

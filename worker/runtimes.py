@@ -11,7 +11,7 @@ from typing import Any
 
 from isolation import Limits, Outcome, RunSpec, Status
 
-from .profile import Profile
+from server.profiles import Profile
 
 SANDBOX_LANGUAGES = ("python3", "bash")
 

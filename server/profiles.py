@@ -1,5 +1,5 @@
-"""Worker group profiles: one pydantic model, loaded from YAML, refused early with the file,
-the field and the reason when wrong."""
+"""Worker group profiles, read by workers and checked by the server's config API: one
+pydantic model, loaded from YAML, refused early with the file, the field and the reason."""
 
 from __future__ import annotations
 
