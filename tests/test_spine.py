@@ -136,6 +136,12 @@ def test_bad_runtime_results_fail_clearly(api, ws):
         "content": "def main():\n    return object()\n", "language": "python3"})
     assert r.status_code == 400 and r.json()["error"]["name"] == "ResultNotSerializable"
     r = api.post(f"/api/w/{ws}/jobs/run_wait_result/preview", json={
+        "content": "def main():\n    return [float('nan')]\n", "language": "python3"})
+    assert r.status_code == 400 and r.json()["error"]["name"] == "ResultNotSerializable"
+    r = api.post(f"/api/w/{ws}/jobs/run_wait_result/preview", json={
+        "content": "def main():\n    x = []\n    x.append(x)\n    return x\n", "language": "python3"})
+    assert r.status_code == 400 and r.json()["error"]["name"] == "ResultNotSerializable"
+    r = api.post(f"/api/w/{ws}/jobs/run_wait_result/preview", json={
         "content": "def main():\n    raise ValueError('boom')\n", "language": "python3"})
     assert r.status_code == 400 and r.json()["error"] == {
         "name": "ValueError", "message": "boom", "stack": r.json()["error"]["stack"]}
