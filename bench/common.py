@@ -1,0 +1,131 @@
+"""Shared pieces of the benchmark suite: one embedded PostgreSQL for the whole run with a
+fresh database per section, native worker processes, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from server import db as dbmod
+from server.localcluster import LocalCluster
+
+NATIVE_PROFILE = """
+name: {name}
+tags: [{tag}]
+native: true
+subworkers: {subworkers}
+limits: {{wall_s: 300}}
+"""
+
+
+def pct(xs: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def spread(xs: list[float]) -> dict:
+    """median, p5, p95, min, max and n of a sample."""
+    return {"n": len(xs), "median": pct(xs, 50), "p5": pct(xs, 5), "p95": pct(xs, 95),
+            "min": min(xs), "max": max(xs)}
+
+
+class BenchPG:
+    """One embedded PostgreSQL (pgserver) for the run; ``database()`` hands out a fresh,
+    migrated database per section, so that sections do not see each other's rows."""
+
+    def __init__(self, max_connections: int = 300):
+        import pgserver
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="sandmill-bench-"))
+        self.tmp.chmod(0o755)
+        self.pg = pgserver.get_server(self.tmp / "pg", cleanup_mode="delete")
+        self.url = self.pg.get_uri()
+        self._raise_max_connections(max_connections)
+
+    def _raise_max_connections(self, n: int) -> None:
+        """pgserver starts PostgreSQL with max_connections 100; 100 subworkers over a few
+        worker processes, the server and the drivers need more. It is a restart setting:
+        write it with ALTER SYSTEM and restart through pg_ctl."""
+        if int(self.pg.psql("SHOW max_connections;").split()[2]) >= n:
+            return
+        self.pg.psql(f"ALTER SYSTEM SET max_connections = {n};")
+        from pgserver import pg_ctl  # the binary pgserver ships; restart keeps postmaster.opts
+
+        pg_ctl(["-w", "-l", str(self.pg.log), "-m", "fast", "restart"], pgdata=self.pg.pgdata,
+               user=self.pg.system_user, timeout=60)
+
+    def database(self, prefix: str) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:6]}"
+        self.pg.psql(f"CREATE DATABASE {name};")
+        url = self.url.replace("/postgres?", f"/{name}?")
+
+        async def mig() -> None:
+            conn = await dbmod.connect(url)
+            try:
+                await dbmod.migrate(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(mig())
+        return url
+
+    def cluster(self, url: str, name: str, env: dict | None = None) -> LocalCluster:
+        return LocalCluster(url, self.tmp / f"{name}-{uuid.uuid4().hex[:4]}", env=env)
+
+    def close(self) -> None:
+        self.pg.cleanup()
+
+
+async def wait_registered(url: str, group: str, count: int, timeout: float = 60) -> None:
+    """Wait until ``count`` workers of ``group`` have registered in the DB (no server needed)."""
+    conn = await dbmod.connect(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await conn.fetchval("SELECT count(*) FROM worker WHERE worker_group = $1", group) >= count:
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    raise RuntimeError(f"{count} worker(s) of group {group} did not register in {timeout}s")
+
+
+def start_native_workers(cluster: LocalCluster, group: str, tag: str, processes: int,
+                         subworkers: int) -> None:
+    text = NATIVE_PROFILE.format(name=group, tag=tag, subworkers=subworkers)
+    for _ in range(processes):
+        cluster.start_worker(group, profile_text=text)
+
+
+async def enqueue(url: str, n: int, *, tag: str, language: str, args: dict,
+                  workspace: str = "bench") -> None:
+    """Queue ``n`` jobs in one transaction through server.queue.push, so that they all
+    become visible at the commit (and the per-row NOTIFYs of one tag fold into one)."""
+    from server import queue
+
+    conn = await dbmod.connect(url)
+    try:
+        async with conn.transaction():
+            for _ in range(n):
+                await queue.push(conn, workspace=workspace, language=language, content="", args=args, tag=tag)
+    finally:
+        await conn.close()
+
+
+async def wait_drained(conn, n: int, tag: str, timeout: float, poll_s: float = 0.01) -> float:
+    """monotonic time at which ``n`` jobs of ``tag`` have completed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await conn.fetchval("SELECT count(*) FROM completed_job WHERE tag = $1", tag) >= n:
+            return time.monotonic()
+        await asyncio.sleep(poll_s)
+    raise RuntimeError(f"{n} {tag} jobs not completed in {timeout}s")
+
+
+def env_quiet() -> dict:
+    return {k: v for k, v in os.environ.items()}

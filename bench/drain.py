@@ -1,0 +1,93 @@
+"""Queue-bound measurements with native worker processes: scaling (N subworkers draining
+jobs that each sleep 100 ms; ideal N x 10 jobs/s) and queue throughput (no-op jobs
+drained as fast as the queue allows).
+
+    python -m bench.drain scaling [--subworkers 10,20,50,100] [--jobs 2000]
+    python -m bench.drain queue [--jobs 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+from server import db as dbmod
+
+from .common import BenchPG, enqueue, start_native_workers, wait_drained, wait_registered
+
+
+def split_processes(subworkers: int, per_process: int = 25) -> tuple[int, int]:
+    """(processes, subworkers each) for ``subworkers`` in all: one process up to
+    ``per_process``, then as many processes of equal size as needed."""
+    procs = max(1, -(-subworkers // per_process))
+    while subworkers % procs:
+        procs += 1
+    return procs, subworkers // procs
+
+
+def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: dict,
+               per_process: int = 25, timeout: float = 600) -> dict:
+    """Start native workers with ``subworkers`` slots in all on a fresh database, wait until
+    they are idle, queue ``jobs`` jobs in one transaction, and time from its commit to the
+    last completion. Returns jobs/s and the per-job queue wait spread from the DB."""
+    url = bp.database("drain")
+    procs, each = split_processes(subworkers, per_process)
+    tag = f"bench{uuid.uuid4().hex[:6]}"
+    group = f"g{tag}"
+    cluster = bp.cluster(url, "drain")
+    try:
+        start_native_workers(cluster, group, tag, procs, each)
+
+        async def go() -> dict:
+            await wait_registered(url, group, procs)
+            await asyncio.sleep(0.5)  # let every slot reach its idle wait
+            conn = await dbmod.connect(url)
+            try:
+                t0 = time.monotonic()
+                await enqueue(url, jobs, tag=tag, language=language, args=args)
+                t_commit = time.monotonic()
+                t_end = await wait_drained(conn, jobs, tag, timeout)
+                row = await conn.fetchrow(
+                    "SELECT extract(epoch FROM max(completed_at) - min(started_at)) AS span"
+                    "  FROM completed_job WHERE tag = $1", tag)
+            finally:
+                await conn.close()
+            return {"jobs": jobs, "subworkers": subworkers, "processes": procs,
+                    "enqueue_s": t_commit - t0, "drain_s": t_end - t_commit,
+                    "db_span_s": float(row["span"]),
+                    "jobs_per_s": jobs / (t_end - t_commit),
+                    "db_jobs_per_s": jobs / float(row["span"])}
+
+        return asyncio.run(go())
+    finally:
+        cluster.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["scaling", "queue"])
+    ap.add_argument("--subworkers", default="10,20,50,100")
+    ap.add_argument("--jobs", type=int, default=2000)
+    ap.add_argument("--per-process", type=int, default=25)
+    a = ap.parse_args()
+    bp = BenchPG()
+    try:
+        if a.what == "scaling":
+            for n in [int(x) for x in a.subworkers.split(",")]:
+                r = drain_once(bp, subworkers=n, jobs=a.jobs, language="sleep", args={"seconds": 0.1},
+                               per_process=a.per_process)
+                print(f"{n:4d} subworkers ({r['processes']} proc): {r['jobs_per_s']:7.1f} jobs/s "
+                      f"= {100 * r['jobs_per_s'] / (n * 10):5.1f}% of ideal; db span {r['db_jobs_per_s']:.1f}/s")
+        else:
+            for n in [int(x) for x in a.subworkers.split(",")]:
+                r = drain_once(bp, subworkers=n, jobs=a.jobs, language="noop", args={},
+                               per_process=a.per_process)
+                print(f"noop {n} subworkers: {r['jobs_per_s']:.1f} jobs/s  (enqueue {r['enqueue_s']:.2f}s)")
+    finally:
+        bp.close()
+
+
+if __name__ == "__main__":
+    main()

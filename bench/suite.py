@@ -1,0 +1,211 @@
+"""The sections of `python -m bench`: each runs on the shared BenchPG and returns plain
+data (lists of samples and their spreads) for the tables and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from server import db as dbmod
+from server import queue
+from server.localcluster import REPO
+
+from . import latency as lat
+from .common import BenchPG, spread, start_native_workers, wait_registered
+from .drain import drain_once
+from .idle_load import measure_commits_per_s
+from .pgq import pgqueuer_drain
+
+
+@dataclass
+class Counts:
+    """How much each section runs: the full set, or --quick's tiny counts."""
+
+    backends: list[str] = field(default_factory=lambda: ["process", "nsjail", "docker"])
+    latency_runs: int = 40
+    batch_jobs: int = 100        # jobs per throughput batch (per-job overhead)
+    batches: int = 3
+    docker_batch_jobs: int = 30
+    docker_latency_runs: int = 15
+    scaling_n: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
+    scaling_jobs: int = 2000
+    scaling_repeats: int = 2
+    queue_jobs: int = 5000
+    queue_repeats: int = 3
+    queue_subworkers: int = 8    # the native group's default
+    idle_window_s: float = 5
+    idle_windows: int = 6        # 6 x 5 s = 30 s
+    idle_settle_s: float = 11    # PostgreSQL flushes an idle backend's counters up to 10 s late
+    recovery_repeats: int = 3
+    recovery_env: dict = field(default_factory=dict)  # defaults: SANDMILL_PING_TIMEOUT_S 6, MONITOR_EVERY_S 2
+
+
+QUICK = Counts(backends=["process"], latency_runs=5, batch_jobs=10, batches=1, docker_batch_jobs=5,
+               docker_latency_runs=3, scaling_n=[5, 10], scaling_jobs=60, scaling_repeats=1,
+               queue_jobs=200, queue_repeats=1, idle_window_s=1, idle_windows=2, idle_settle_s=1,
+               recovery_repeats=1,
+               recovery_env={"SANDMILL_PING_TIMEOUT_S": "2", "SANDMILL_MONITOR_EVERY_S": "0.5"})
+
+
+def available_backends(wanted: list[str]) -> dict[str, str]:
+    """{backend: "" if it runs here else why not}."""
+    from isolation import get_backend
+
+    out = {}
+    for name in wanted:
+        try:
+            p = get_backend(name).probe()
+            out[name] = "" if p.available else (p.reason or "not available")
+        except Exception as e:  # noqa: BLE001 - a backend that cannot even load is reported
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+# ---- 1. per-job overhead ---------------------------------------------------------------------
+
+def overhead(bp: BenchPG, counts: Counts, log=print) -> dict:
+    """One worker per backend; per language: bare interpreter start, submit->result latency
+    (run_wait_result, one at a time) and jobs/s over batches submitted at once."""
+    probes = available_backends(counts.backends)
+    rows = []
+    for backend, why in probes.items():
+        if why:
+            log(f"  {backend}: skipped ({why})")
+            continue
+        url = bp.database(f"ovh_{backend}")
+        c = bp.cluster(url, f"ovh-{backend}")
+        try:
+            c.start_server()
+            c.start_worker("bench", tags="python3, bash", backend=backend)
+            c.wait_workers("bench")
+            with c.client() as api:
+                used = next(w["backend"] for w in api.get("/api/workers/list").json() if w["worker_group"] == "bench")
+            runs = counts.docker_latency_runs if backend == "docker" else counts.latency_runs
+            batch = counts.docker_batch_jobs if backend == "docker" else counts.batch_jobs
+            for language in ("python3", "bash"):
+                log(f"  {backend} / {language}: {runs} latency runs, {counts.batches} x {batch} jobs")
+
+                async def go() -> tuple[list[float], list[float], list[float]]:
+                    bare = await lat.bare_start(lat.BARE[language], runs)
+                    l_ms = await lat.latency(c, language, runs)
+                    jps = [await lat.throughput(c, language, batch) for _ in range(counts.batches)]
+                    return bare, l_ms, jps
+
+                bare, l_ms, jps = asyncio.run(go())
+                rows.append({"backend": backend, "backend_used": used, "language": language,
+                             "bare_ms": bare, "latency_ms": l_ms, "jobs_per_s": jps, "batch_jobs": batch,
+                             "bare": spread(bare), "latency": spread(l_ms), "jps": spread(jps),
+                             "overhead_ms": spread(l_ms)["median"] - spread(bare)["median"]})
+        finally:
+            c.stop()
+    return {"rows": rows, "probes": probes}
+
+
+# ---- 2. scaling ------------------------------------------------------------------------------
+
+def scaling(bp: BenchPG, counts: Counts, log=print) -> dict:
+    rows = []
+    for n in counts.scaling_n:
+        samples = []
+        for i in range(counts.scaling_repeats):
+            r = drain_once(bp, subworkers=n, jobs=counts.scaling_jobs, language="sleep",
+                           args={"seconds": 0.1})
+            samples.append(r)
+            log(f"  {n} subworkers ({r['processes']} process(es)), run {i + 1}: {r['jobs_per_s']:.1f} jobs/s"
+                f" ({100 * r['jobs_per_s'] / (n * 10):.1f}% of ideal)")
+        jps = [s["jobs_per_s"] for s in samples]
+        rows.append({"subworkers": n, "processes": samples[0]["processes"], "ideal": n * 10.0,
+                     "jobs_per_s": jps, "jps": spread(jps),
+                     "efficiency": spread([j / (n * 10.0) for j in jps])})
+    return {"rows": rows, "jobs": counts.scaling_jobs, "repeats": counts.scaling_repeats}
+
+
+# ---- 3. queue throughput vs pgqueuer ---------------------------------------------------------
+
+def queue_throughput(bp: BenchPG, counts: Counts, log=print) -> dict:
+    sm, pq = [], []
+    for i in range(counts.queue_repeats):
+        r = drain_once(bp, subworkers=counts.queue_subworkers, jobs=counts.queue_jobs, language="noop", args={})
+        sm.append(r["jobs_per_s"])
+        url = bp.database("pgq")
+        p = asyncio.run(pgqueuer_drain(url, counts.queue_jobs))
+        pq.append(p["jobs_per_s"])
+        log(f"  run {i + 1}: sandmill {sm[-1]:.0f} jobs/s, pgqueuer {pq[-1]:.0f} jobs/s")
+    ratio = [a / b for a, b in zip(sm, pq)]
+    return {"jobs": counts.queue_jobs, "repeats": counts.queue_repeats, "subworkers": counts.queue_subworkers,
+            "sandmill": spread(sm), "pgqueuer": spread(pq), "ratio": spread(ratio),
+            "sandmill_samples": sm, "pgqueuer_samples": pq}
+
+
+# ---- 4. idle load ----------------------------------------------------------------------------
+
+def idle(bp: BenchPG, counts: Counts, log=print) -> dict:
+    url = bp.database("idle")
+    c = bp.cluster(url, "idle")
+    try:
+        c.start_server()
+        c.spawn("worker", "--profile", str(REPO / "profiles" / "default.yaml"))
+        c.spawn("worker", "--profile", str(REPO / "profiles" / "native.yaml"))
+        c.wait_workers("default")
+        c.wait_workers("native")
+        time.sleep(counts.idle_settle_s)
+        windows = [asyncio.run(measure_commits_per_s(url, counts.idle_window_s)) for _ in range(counts.idle_windows)]
+    finally:
+        c.stop()
+    total_s = counts.idle_window_s * counts.idle_windows
+    return {"windows": windows, "window_s": counts.idle_window_s, "total_s": total_s,
+            "tx_per_s": sum(windows) / len(windows), "spread": spread(windows)}
+
+
+# ---- 5. recovery -----------------------------------------------------------------------------
+
+def recovery(bp: BenchPG, counts: Counts, log=print) -> dict:
+    """SIGKILL the worker that runs a (native sleep) job; seconds until the job runs again
+    on another worker, put back by the server's monitor."""
+    url = bp.database("recovery")
+    env = {"SANDMILL_GRACE_S": "1", **counts.recovery_env}
+    c = bp.cluster(url, "recovery", env=env)
+    group, tag = "rec", f"rec{uuid.uuid4().hex[:6]}"
+    secs = []
+    try:
+        c.start_server()
+        start_native_workers(c, group, tag, counts.recovery_repeats + 1, 1)
+
+        async def go() -> None:
+            await wait_registered(url, group, counts.recovery_repeats + 1)
+            conn = await dbmod.connect(url)
+            try:
+                for i in range(counts.recovery_repeats):
+                    jid = await queue.push(conn, workspace="bench", language="sleep", content="",
+                                           args={"seconds": 120}, tag=tag)
+                    while not (w := await conn.fetchval("SELECT worker FROM queue WHERE id = $1 AND running", jid)):
+                        await asyncio.sleep(0.02)
+                    await asyncio.sleep(1.5)  # a job ping or two, as a job in the middle of its run
+                    os.kill(int(w.split("-")[-2]), signal.SIGKILL)
+                    t_kill = time.monotonic()
+                    while True:
+                        w2 = await conn.fetchval("SELECT worker FROM queue WHERE id = $1 AND running", jid)
+                        if w2 and w2 != w:
+                            break
+                        if time.monotonic() - t_kill > 120:
+                            raise RuntimeError("job not recovered in 120 s")
+                        await asyncio.sleep(0.02)
+                    secs.append(time.monotonic() - t_kill)
+                    log(f"  kill {i + 1}: job running again after {secs[-1]:.2f} s")
+                    await queue.cancel(conn, "bench", jid, "bench", "recovery measured")
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+    finally:
+        c.stop()
+    from server.settings import ServerSettings as S
+
+    return {"seconds": secs, "spread": spread(secs),
+            "ping_timeout_s": float(env.get("SANDMILL_PING_TIMEOUT_S", S.ping_timeout_s)),
+            "monitor_every_s": float(env.get("SANDMILL_MONITOR_EVERY_S", S.monitor_every_s)),
+            "defaults": not counts.recovery_env}

@@ -1,0 +1,33 @@
+"""`python -m bench --quick` runs every section and writes the report with its charts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(240)
+def test_bench_quick_writes_report_and_charts(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("pgqueuer")
+    out = tmp_path / "tmp"
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=230)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for png in ("overhead.png", "scaling.png", "queue.png", "idle_recovery.png"):
+        assert (out / png).stat().st_size > 1000, png
+        assert f"({png})" in report
+    for heading in ("## Machine", "## Targets", "## 1. Per-job overhead", "## 2. Scaling",
+                    "## 3. Queue throughput vs pgqueuer", "## 4. Idle load", "## 5. Recovery"):
+        assert heading in report
+    res = json.loads((out / "results.json").read_text())
+    assert res["queue"]["sandmill"]["median"] > 0 and res["queue"]["pgqueuer"]["median"] > 0
+    assert res["recovery"]["seconds"] and res["idle"]["windows"]
+    assert "targets" in p.stdout
