@@ -120,7 +120,7 @@ else
         v2_nest_root_processes
         step "docker: starting dockerd in the background (log: $DOCKERD_LOG)"
         # shellcheck disable=SC2086 # DOCKERD_ARGS is a list of flags
-        nohup dockerd $DOCKERD_ARGS >>"$DOCKERD_LOG" 2>&1 </dev/null &
+        nohup dockerd ${DOCKERD_ARGS:-} >>"$DOCKERD_LOG" 2>&1 </dev/null &
     fi
     step "docker: waiting up to ${DOCKERD_TIMEOUT}s for docker info"
     for _ in $(seq "$DOCKERD_TIMEOUT"); do
