@@ -17,6 +17,7 @@ process backend only (a smoke run of every section, about a minute).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -149,7 +150,7 @@ def run(out: Path, quick: bool = False, only: list[str] | None = None,
     con = console or Console(width=None if sys.stdout.isatty() else 140)
     counts = suite.QUICK if quick else suite.Counts()
     only = only or SECTIONS
-    machine = machine_info(note or "2 cores, noisy, shared with other work (timings vary run to run)")
+    machine = machine_info(note or "noisy: shared with other engineers' test runs, timings vary run to run")
     res: dict = {"quick": quick}
     t0 = time.monotonic()
     bp = BenchPG()
@@ -167,6 +168,7 @@ def run(out: Path, quick: bool = False, only: list[str] | None = None,
     machine["load average at end"] = f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
     print_tables(con, res)
     cmd = "python -m bench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py") else "python -m bench"
+    res["command"] = cmd
     report.write(res, out, machine, cmd, notes_for(res))
     con.print(f"report: {out / 'report.md'}")
     return res
@@ -179,7 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny counts, process backend only: a smoke run")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ",".join(SECTIONS))
     ap.add_argument("--note", default="", help="a line about the machine for the report")
+    ap.add_argument("--replot", action="store_true",
+                    help="run nothing: write report.md and the PNGs again from OUT/results.json")
     a = ap.parse_args(argv)
+    if a.replot:
+        res = json.loads((a.out / "results.json").read_text())
+        machine = res.pop("machine")
+        report.write(res, a.out, machine, res.get("command", "python -m bench"), notes_for(res))
+        print_tables(Console(width=140), res)
+        return 0
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
     if bad:

@@ -160,6 +160,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
             ax = axes[0]
             ax.bar(range(1, len(i["windows"]) + 1), i["windows"], color="#8172b2")
             ax.axhline(TARGETS["idle_tx_s"], color="red", ls="--", label="target < 5 tx/s")
+            ax.set_xticks(range(1, len(i["windows"]) + 1))
             ax.set_xlabel(f"window ({i['window_s']:g} s each)")
             ax.set_ylabel("committed tx/s")
             ax.set_ylim(0, max(6, max(i["windows"]) * 1.2))
@@ -170,6 +171,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
         if rc:
             ax = axes[1]
             ax.bar(range(1, len(rc["seconds"]) + 1), rc["seconds"], color="#ccb974")
+            ax.set_xticks(range(1, len(rc["seconds"]) + 1))
             ax.set_xlabel("SIGKILL #")
             ax.set_ylabel("s until the job runs again")
             ax.set_title(f"Recovery: worker SIGKILLed mid-job, {len(rc['seconds'])} time(s);\n"
