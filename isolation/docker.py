@@ -428,7 +428,9 @@ def _classify(out: Outcome, state: dict[str, Any], job: _Job, spec: RunSpec) -> 
     if job.killed_for is not None:
         out.status = job.killed_for
         return
-    if state.get("OOMKilled") or (sig is signal.SIGKILL and job.usage.oom_kills > 0):
+    # An OOM kill of any process of the job counts, even when its parent then exited
+    # non-zero by itself (the cgroup's count: Docker's flag can lag on some versions).
+    if state.get("OOMKilled") or (code != 0 and job.usage.oom_kills > 0):
         out.status = Status.memory_limit
         return
     if sig is signal.SIGXCPU:
