@@ -57,46 +57,66 @@ def notes_for(res: dict) -> dict[str, str]:
     ov = {(r["backend"], r["language"]): r for r in res.get("overhead", {}).get("rows", [])}
     r = ov.get(("nsjail", "python3"))
     if r and met.get("python3 on nsjail, one worker") is False:
+        proc = ov.get(("process", "python3"), {}).get("jps", {}).get("median", float("nan"))
         out["python3 on nsjail, one worker"] = (
-            f"{r['jps']['median']:.1f} jobs/s = {1000 / r['jps']['median']:.0f} ms a job, of which the bare"
-            f" `python3 -c pass` start on this machine is {r['bare']['median']:.0f} ms (p50) and the nsjail"
-            " launch (namespaces, mounts, cgroup) is the rest of the gap to the process backend"
-            f" ({ov.get(('process', 'python3'), {}).get('jps', {}).get('median', float('nan')):.1f} jobs/s here;"
-            " see `python -m bench.isolation_launch`). One worker runs one job at a time, so jobs/s is"
-            " 1 / (sandbox start + interpreter start + queue round trips). On 2 shared cores the interpreter"
-            " start alone caps python3 near 1000 / bare-p50 jobs/s. Proposed: a pre-forked python3 (zygote)"
-            " per worker that imports the runtime once and forks per job inside the jail, and reuse of a"
-            " prepared nsjail mount tree; both in isolation/ and worker/runtimes.py, not in the queue.")
+            f"{r['jps']['median']:.1f} jobs/s = {1000 / r['jps']['median']:.0f} ms a job. 60 jobs/s is 16.7 ms a"
+            f" job, less than the bare `python3 -c pass` start alone on this machine ({r['bare']['median']:.0f} ms"
+            " p50, measured in the same run): with one fresh interpreter per job the target cannot be met here"
+            " by any queue change. Where the rest goes (`python -m bench.isolation_launch -n 20`, same machine,"
+            " same hour): the nsjail launch adds about +30 ms p50 over a bare subprocess (namespaces, mounts,"
+            " cgroup; the isolation target is +10 ms), the process backend +17 ms (netns + cgroup setup), and the"
+            f" worker path (pull, log sink, complete, result read) about 10-15 ms; the process backend does"
+            f" {proc:.1f} jobs/s. Proposed: (1) in isolation/: keep a warm nsjail mount tree/cgroup per worker"
+            " and reuse it (the launch is the largest piece); (2) in worker/runtimes.py: a pre-forked python3"
+            " zygote per worker, inside the jail, that has imported the job wrapper and forks per job (this"
+            " removes the interpreter start, the piece this machine cannot go under); (3) the queue fixes below"
+            " (about 2 ms a job on this machine).")
     if met.get("scaling at 100 subworkers") is False:
         sc = res["scaling"]["rows"][-1]
         gap_ms = 100 / sc["efficiency"]["median"] - 100
         out["scaling at 100 subworkers"] = (
-            f"{sc['jps']['median']:.0f} jobs/s of {sc['ideal']:.0f}: each 100 ms job costs about {gap_ms:.0f} ms more"
-            " between its end and the next start on the same subworker. py-spy on a worker"
-            " process (10 subworkers) shows it about 65% idle in epoll; the time goes to PostgreSQL round trips"
-            " (one pull statement and one complete statement per job, each its own commit with a WAL flush,"
-            " and a NOTIFY on completion that serialises commits) and, on these 2 shared cores, to waiting"
-            " for a CPU: the database, 4 worker processes and the bench share 2 cores. Fix that went in:"
-            " `server/queue.py` `pull()` uses `_PULL_ONE_TAG` (`q.tag = ($1::text[])[1]` instead of"
-            " `q.tag = ANY($1)`) for a worker with one base tag, so PostgreSQL reads `queue_pull_idx` in order"
-            " and stops at the first free row instead of reading and sorting every waiting row:"
-            " 0.4 ms instead of 1.9 ms p50 per pull with 2,000 waiting. Proposed next (worker/loop.py +"
-            " server/queue.py): claim up to k jobs in one statement for k idle subworkers (`pull_many`, the"
-            " same CTE with `LIMIT $k`), hand them to the idle slots through an asyncio.Queue, and complete"
-            " finished jobs in batches (one `DELETE ... RETURNING` + `INSERT completed_job SELECT` for all"
-            " jobs finished in the last few ms), so that commits per job fall from 2 to well under 1.")
+            f"{sc['jps']['median']:.0f} jobs/s of {sc['ideal']:.0f}: each 100 ms job costs about {gap_ms:.0f} ms"
+            " more between its end and the next start on the same subworker. Up to 50 subworkers it holds"
+            " about 92%; at 100 the 4 worker processes, PostgreSQL and the bench share 2 cores, and the run-to-run"
+            " spread on this shared machine is wide (the same 100-subworker drain gave 42% to 82% within"
+            " minutes while other test suites ran). py-spy on one of the 4 worker processes (25 subworkers)"
+            " during the drain: 25% of samples in socket send (one statement = one write syscall), 12% in"
+            " asyncpg's pool release running `Connection.reset()` (a second round trip, `RESET ALL; UNLISTEN *;"
+            " ...`, after every pooled statement), pull 11%, complete 13%, idle in epoll 17%.\n\n"
+            "Fix that went in: `server/queue.py` `pull()` now uses `_PULL_ONE_TAG` (`q.tag = ($1::text[])[1]`"
+            " instead of `q.tag = ANY($1)`) for a worker with one base tag, so PostgreSQL 16 reads"
+            " `queue_pull_idx` in order and stops at the first free row instead of reading and sorting every"
+            " waiting row of the tag: 0.4 ms instead of 1.9 ms p50 per pull with 2,000 waiting, measured alone"
+            " (the first 100-subworker drain before it, under heavy load from other suites, reached 21% of"
+            " ideal; after it, 42-82% over the runs of this session; tests/test_spine.py, test_concurrency.py,"
+            " test_db.py pass).\n\n"
+            "Proposed next, in order of gain per line changed: (1) `server/db.py` `create_pool()`: pass"
+            " `reset=` a no-op coroutine to `asyncpg.create_pool` (sandmill never SETs, LISTENs or takes"
+            " advisory locks on pooled connections; the listener is its own connection): measured here 4,800-6,100"
+            " -> 9,100-9,300 pooled statements/s with 25 tasks on a 10-connection pool, and, patched into the"
+            " worker processes only (3 interleaved A/B runs), no-op drain 1,049/1,207/1,095 -> 1,233/1,368/1,132"
+            " jobs/s (about +12%), 100-subworker scaling 69-79% -> 75-79% (within noise); (2) `worker/loop.py`"
+            " `Worker.start()`: pool `max_size` is `min(subworkers + 1, 10)`, so 25 subworkers queue for 10"
+            " connections; size it `subworkers + 2` (max_connections is raised for the bench database only);"
+            " (3) batch the queue: `queue.pull_many(db, worker, tags, k)` (the same CTE with `LIMIT $5`)"
+            " feeding idle slots from one claim, and `queue.complete_many()` flushing finished jobs every few ms"
+            " in one statement, so that commits per job fall from 2 toward 0.2. For more than one base tag"
+            " (the native group has 3), the pull still sorts: a partial index on"
+            " `(priority DESC, scheduled_for, seq) WHERE NOT running` (a migration) would let it read in order.")
     if met.get("queue throughput vs pgqueuer") is False:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (
             f"sandmill {q['sandmill']['median']:.0f} vs pgqueuer {q['pgqueuer']['median']:.0f} jobs/s"
-            f" ({q['ratio']['median']:.2f}x). pgqueuer dequeues 10 jobs per statement and records their"
-            " completion in buffered batches, so it commits about 0.2 times per job; sandmill commits twice"
-            " per job (pull, then complete, which also moves the row to completed_job with its result, logs"
-            " metadata and a NOTIFY for result waiters) and its worker makes per-job asyncio tasks (log sink,"
-            " heartbeat). The fix is the same batching as for scaling: `queue.pull_many(db, worker, tags, k)`"
-            " and `queue.complete_many(db, worker, results)` with the slot loop in `worker/loop.py`"
-            " `Worker._slot` fed from a shared claimed-jobs buffer and a completion buffer flushed every"
-            " ~5 ms or 50 jobs; the LogSink task only started for jobs that print.")
+            f" ({q['ratio']['median']:.2f}x). pgqueuer dequeues 10 jobs per statement and logs their"
+            " completion in buffered batches, so it commits about 0.2 times per job; sandmill makes two"
+            " pooled statements per job (pull, then complete, which also moves the row to completed_job with its"
+            " result and sends a NOTIFY for result waiters), each its own commit and each followed by the pool's"
+            " reset round trip, and its worker starts two asyncio tasks per job (log sink, heartbeat). The"
+            " fixes are (1)-(3) above; (3), batching claims and completions, is the one that can reach"
+            " pgqueuer's statements per job: with `synchronous_commit = off` on the bench PostgreSQL the ratio"
+            " stays 0.30-0.35x (sandmill 1,058-1,384, pgqueuer 3,550-3,931 jobs/s), so WAL flushes are not what"
+            " separates the two; statements (and round trips) per job are. The worker process sits about 53% in"
+            " epoll during the no-op drain (py-spy), i.e. it waits on PostgreSQL. The LogSink flusher task could also start only on a job's first output.")
     if met.get("idle cluster load") is False:
         out["idle cluster load"] = "Idle load over target: see the per-window chart; the pings of workers and monitor dominate."
     return out

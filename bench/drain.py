@@ -28,7 +28,7 @@ def split_processes(subworkers: int, per_process: int = 25) -> tuple[int, int]:
 
 
 def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: dict,
-               per_process: int = 25, timeout: float = 600) -> dict:
+               per_process: int = 25, timeout: float = 600, env: dict | None = None) -> dict:
     """Start native workers with ``subworkers`` slots in all on a fresh database, wait until
     they are idle, queue ``jobs`` jobs in one transaction, and time from its commit to the
     last completion. Returns jobs/s and the per-job queue wait spread from the DB."""
@@ -36,7 +36,7 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
     procs, each = split_processes(subworkers, per_process)
     tag = f"bench{uuid.uuid4().hex[:6]}"
     group = f"g{tag}"
-    cluster = bp.cluster(url, "drain")
+    cluster = bp.cluster(url, "drain", env=env)
     try:
         start_native_workers(cluster, group, tag, procs, each)
 

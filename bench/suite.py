@@ -26,14 +26,14 @@ class Counts:
     """How much each section runs: the full set, or --quick's tiny counts."""
 
     backends: list[str] = field(default_factory=lambda: ["process", "nsjail", "docker"])
-    latency_runs: int = 40
+    latency_runs: int = 50
     batch_jobs: int = 100        # jobs per throughput batch (per-job overhead)
     batches: int = 3
     docker_batch_jobs: int = 30
     docker_latency_runs: int = 15
     scaling_n: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     scaling_jobs: int = 2000
-    scaling_repeats: int = 2
+    scaling_repeats: int = 3
     queue_jobs: int = 5000
     queue_repeats: int = 3
     queue_subworkers: int = 8    # the native group's default
