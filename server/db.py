@@ -87,7 +87,16 @@ async def connect(url: str) -> asyncpg.Connection:
 
 async def create_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     """A pool with sandmill's codecs."""
-    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_conn)
+    return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_conn,
+                                     reset=_reset)
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset is a round trip after every pooled statement (RESET ALL,
+    # UNLISTEN *, ...). sandmill never SETs, LISTENs or locks on pooled connections (the
+    # listener has its own), so only an abandoned transaction needs undoing.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def _init_conn(conn: asyncpg.Connection) -> None:

@@ -137,8 +137,9 @@ class Worker:
                 f"group {self.profile.name} requires a GPU (requires_gpu: true) and none was found"
                 " on this host (no nvidia-smi GPU, no /dev/nvidia<N>); start it with --allow-no-gpu"
                 " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
+        # A connection per subworker plus one for pings: no slot waits for a connection.
         self.pool = await dbmod.create_pool(self.database_url, min_size=1,
-                                            max_size=min(self.profile.subworkers + 1, 10))
+                                            max_size=self.profile.subworkers + 1)
         await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
         p = self.profile
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
