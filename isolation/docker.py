@@ -241,8 +241,12 @@ class DockerBackend(Backend):
     def _finish(self, job: _Job) -> dict[str, Any]:
         """Wait for the exit and return the container State."""
         assert job.container_id is not None
-        self.api.wait(job.container_id)
-        return self.api.inspect_container(job.container_id)["State"]
+        # After the output's EOF it has usually exited already: one round trip, not two.
+        state = self.api.inspect_container(job.container_id)["State"]
+        if state.get("Running") or state.get("Status") in ("running", "created", "restarting"):
+            self.api.wait(job.container_id)
+            state = self.api.inspect_container(job.container_id)["State"]
+        return state
 
     async def _exit_state(self, job: _Job, deadline: float) -> dict[str, Any]:
         """The State once the container exited. The output's EOF normally means that
