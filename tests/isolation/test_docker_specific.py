@@ -188,3 +188,11 @@ async def test_network_host(backend: DockerBackend) -> None:
     assert o.status is Status.success
     host_ifaces = len(Path("/proc/net/dev").read_text().splitlines())
     assert int(o.stdout) == host_ifaces
+
+
+async def test_own_loopback_without_network(backend: DockerBackend) -> None:
+    """network none still gives the job its own lo (a local server/client pair works)."""
+    code = ("import socket\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "socket.create_connection(s.getsockname(), timeout=2); print('lo ok')")
+    o = await backend.run(py(code))
+    assert o.status is Status.success and o.stdout == b"lo ok\n", (o.status, o.stderr[-300:])
