@@ -71,6 +71,14 @@ def notes_for(res: dict) -> dict[str, str]:
             " zygote per worker, inside the jail, that has imported the job wrapper and forks per job (this"
             " removes the interpreter start, the piece this machine cannot go under); (3) the queue fixes below"
             " (about 2 ms a job on this machine).")
+    bash = [x for x in ov.values() if x["language"] == "bash" and x["jps"]["median"] < report.WINDMILL["bash"]]
+    if bash:
+        out["bash beside Windmill (no target, for scale)"] = (
+            "bash jobs: " + ", ".join(f"{x['backend']} {x['jps']['median']:.0f}" for x in bash)
+            + " jobs/s on one worker against Windmill's ~120. `bash -c 'echo 1'` itself takes about 2 ms here,"
+            " so nearly all of the job's cost is sandmill's: the backend launch (process +17 ms, nsjail +28 ms,"
+            " docker ~230 ms over a bare subprocess, `bench.isolation_launch`) and the worker path (pull, log"
+            " sink, complete with the pool's reset round trips, about 10 ms). The same fixes apply.")
     if met.get("scaling at 100 subworkers") is False:
         sc = res["scaling"]["rows"][-1]
         gap_ms = 100 / sc["efficiency"]["median"] - 100
