@@ -43,10 +43,36 @@ def machine_info(note: str) -> dict:
     except Exception:  # noqa: BLE001
         pgq = "not installed"
     la = os.getloadavg()
-    return {"host": platform.node(), "os": platform.platform(), "cpus": f"{os.cpu_count()} cores",
+    return {"code": code_state(), "host": platform.node(), "os": platform.platform(), "cpus": f"{os.cpu_count()} cores",
             "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
             "python": platform.python_version(), "pgqueuer": pgq,
             "load average at start": f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}", "note": note}
+
+
+CODE_PATHS = ["server", "worker", "isolation"]
+
+
+def code_state() -> str:
+    """The commit measured, and the files under server/, worker/, isolation/ that differ
+    from it (others may be editing the same tree): a report says exactly what it ran."""
+    import hashlib
+    import subprocess
+
+    from server.localcluster import REPO
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", *CODE_PATHS).splitlines()
+    if not dirty:
+        return f"commit {head}, no uncommitted changes in {', '.join(CODE_PATHS)}"
+    digest = hashlib.sha1(git("diff", "HEAD", "--", *CODE_PATHS).encode()).hexdigest()[:8]
+    return (f"commit {head} plus uncommitted changes (diff {digest}) in "
+            + ", ".join(line.split(maxsplit=1)[-1] for line in dirty))
 
 
 def notes_for(res: dict) -> dict[str, str]:
@@ -98,7 +124,10 @@ def notes_for(res: dict) -> dict[str, str]:
             " (the first 100-subworker drain before it, under heavy load from other suites, reached 21% of"
             " ideal; after it, 42-82% over the runs of this session; tests/test_spine.py, test_concurrency.py,"
             " test_db.py pass).\n\n"
-            "Proposed next, in order of gain per line changed: (1) `server/db.py` `create_pool()`: pass"
+            "Since then (commit 6236d2f, the lead) (1) and (2) below went in; (3), batched claims and"
+            " completions, was being written in worker/loop.py and server/queue.py while this report was made:"
+            " the `code` line under Machine says what this run measured.\n\n"
+            "The fixes, in order of gain per line changed: (1) `server/db.py` `create_pool()`: pass"
             " `reset=` a no-op coroutine to `asyncpg.create_pool` (sandmill never SETs, LISTENs or takes"
             " advisory locks on pooled connections; the listener is its own connection): measured here 4,800-6,100"
             " -> 9,100-9,300 pooled statements/s with 25 tasks on a 10-connection pool, and, patched into the"
@@ -192,6 +221,9 @@ def run(out: Path, quick: bool = False, only: list[str] | None = None,
         bp.close()
     res["elapsed_s"] = time.monotonic() - t0
     res["pgqueuer_version"] = machine["pgqueuer"]
+    end_code = code_state()
+    if end_code != machine["code"]:
+        machine["code at end"] = end_code + " (the code changed during the run)"
     la = os.getloadavg()
     machine["load average at end"] = f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
     print_tables(con, res)
