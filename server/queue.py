@@ -7,6 +7,8 @@ the monitor and the workers share one implementation.
 from __future__ import annotations
 
 import datetime as dt
+import json
+from dataclasses import dataclass
 import uuid
 from typing import Any
 
@@ -134,6 +136,39 @@ async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | N
     return None
 
 
+# Several jobs in one statement, for a worker whose idle slots ask at the same time. Only
+# jobs without a concurrency key: a key's slot is taken one job at a time by _PULL, which
+# pull_many's caller falls back to when this returns fewer jobs than it asked for.
+_PULL_MANY = """
+WITH cand AS (
+    SELECT q.id FROM queue q
+     WHERE NOT q.running AND q.tag = ANY($1::text[]) AND q.scheduled_for <= now()
+       AND (q.tag = ANY($3::text[]) OR q.tag || '(' || q.workspace || ')' = ANY($4::text[]))
+       AND q.concurrency_key IS NULL
+     ORDER BY q.priority DESC, q.scheduled_for, q.seq
+     LIMIT $5
+     FOR UPDATE OF q SKIP LOCKED
+)
+UPDATE queue q
+   SET running = true, worker = $2, started_at = clock_timestamp(), last_ping = now()
+  FROM cand c
+ WHERE q.id = c.id
+RETURNING q.*
+"""
+_PULL_MANY_ONE_TAG = _PULL_MANY.replace("q.tag = ANY($1::text[]) AND q.scheduled_for",
+                                        "q.tag = ($1::text[])[1] AND q.scheduled_for")
+assert _PULL_MANY_ONE_TAG != _PULL_MANY
+
+
+async def pull_many(db: Executor, worker: str, tags: list[str], limit: int) -> list[dict[str, Any]]:
+    """Claim up to ``limit`` due jobs without a concurrency key, best first."""
+    bases, plain, pairs = split_tags(tags)
+    sql = _PULL_MANY_ONE_TAG if len(bases) == 1 else _PULL_MANY
+    rows = [dict(r) for r in await db.fetch(sql, bases, worker, plain, pairs, limit)]
+    rows.sort(key=lambda r: (-r["priority"], r["scheduled_for"], r["seq"]))
+    return rows
+
+
 def split_tags(tags: list[str]) -> tuple[list[str], list[str], list[str]]:
     """A worker's tags as the pull needs them: (every base tag, the unrestricted tags,
     'tag(ws)' pairs). ``gpu(ws1+ws2)`` serves tag gpu only for workspaces ws1 and ws2."""
@@ -181,27 +216,78 @@ SELECT pg_notify('{CH_QUEUE}', tag) FROM q
 """
 
 
+# Completion of a batch of jobs in one statement (so in one transaction): each queue row
+# goes, its concurrency slot is given back, its completed row is written, and result
+# waiters are notified. Only the worker that holds a job can complete it.
 _COMPLETE = f"""
-WITH q AS (
-    DELETE FROM queue WHERE id = $1 AND worker = $2 AND running RETURNING *
+WITH i AS (
+    -- results travel as JSON text: a list would read as an array dimension in jsonb[]
+    SELECT id, worker, status, result::jsonb AS result, error, duration_ms, cpu_ms, mem_peak,
+           outcome::jsonb AS outcome
+      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                  $6::int[], $7::int[], $8::int[], $9::text[])
+        AS t(id, worker, status, result, error, duration_ms, cpu_ms, mem_peak, outcome)
+), q AS (
+    DELETE FROM queue USING i
+     WHERE queue.id = i.id AND queue.worker = i.worker AND queue.running
+    RETURNING queue.*
 ), released AS (
-    UPDATE concurrency_key ck SET running = array_remove(ck.running, q.id)
-      FROM q WHERE ck.key = q.concurrency_key
-    RETURNING pg_notify('{CH_QUEUE}', q.tag)
+    UPDATE concurrency_key ck
+       SET running = (SELECT coalesce(array_agg(x), '{{}}') FROM unnest(ck.running) x
+                       WHERE x <> ALL(r.ids))
+      FROM (SELECT concurrency_key AS key, array_agg(id) AS ids, min(tag) AS tag
+              FROM q WHERE concurrency_key IS NOT NULL GROUP BY 1) r
+     WHERE ck.key = r.key
+    RETURNING pg_notify('{CH_QUEUE}', r.tag)
 )
 INSERT INTO completed_job (id, workspace, kind, script_path, script_hash, language, content,
     args, tag, priority, created_by, created_at, scheduled_for, started_at, worker, status,
     result, error, duration_ms, cpu_ms, mem_peak, outcome, restarts, canceled_by,
     canceled_reason, concurrency_key)
-SELECT id, workspace, kind, script_path, script_hash, language,
-       CASE WHEN kind = 'script' THEN NULL ELSE content END,
-       args, tag, priority, created_by, created_at, scheduled_for, started_at, worker,
-       CASE WHEN canceled THEN 'canceled' ELSE $3 END,
-       $4, CASE WHEN canceled THEN coalesce('canceled: ' || canceled_reason, 'canceled') ELSE $5 END,
-       $6, $7, $8, $9, restarts, canceled_by, canceled_reason, concurrency_key
-  FROM q
+SELECT q.id, q.workspace, q.kind, q.script_path, q.script_hash, q.language,
+       CASE WHEN q.kind = 'script' THEN NULL ELSE q.content END,
+       q.args, q.tag, q.priority, q.created_by, q.created_at, q.scheduled_for, q.started_at,
+       q.worker, CASE WHEN q.canceled THEN 'canceled' ELSE i.status END, i.result,
+       CASE WHEN q.canceled THEN coalesce('canceled: ' || q.canceled_reason, 'canceled')
+            ELSE i.error END,
+       i.duration_ms, i.cpu_ms, i.mem_peak, i.outcome, q.restarts, q.canceled_by,
+       q.canceled_reason, q.concurrency_key
+  FROM q JOIN i ON i.id = q.id
 RETURNING id, status, pg_notify('{CH_DONE}', id::text)
 """
+
+
+@dataclass
+class Completion:
+    """How one job ended, as its worker reports it."""
+
+    job_id: uuid.UUID
+    worker: str
+    status: str
+    result: Any
+    error: str | None
+    duration_ms: int = 0
+    cpu_ms: int = 0
+    mem_peak_kb: int = 0
+    outcome: dict[str, Any] | None = None
+
+
+async def complete_many(db: Executor, done: list[Completion]) -> dict[uuid.UUID, str]:
+    """Move running jobs to completed_job in one statement. Returns each completed job's
+    final status (a job canceled while running completes as ``canceled``); a job that is
+    not its worker's any more (the monitor gave it away) is left alone and absent."""
+    if not done:
+        return {}
+    rows = await db.fetch(
+        _COMPLETE, [c.job_id for c in done], [c.worker for c in done], [c.status for c in done],
+        [_json(c.result) for c in done], [c.error for c in done], [c.duration_ms for c in done],
+        [c.cpu_ms for c in done], [c.mem_peak_kb for c in done], [_json(c.outcome) for c in done],
+    )
+    return {r["id"]: r["status"] for r in rows}
+
+
+def _json(v: Any) -> str | None:
+    return None if v is None else json.dumps(v)
 
 
 async def complete(
@@ -217,16 +303,11 @@ async def complete(
     mem_peak_kb: int,
     outcome: dict[str, Any] | None,
 ) -> str | None:
-    """Move a running job to completed_job in one statement (so in one transaction).
-
-    Only the worker that holds the job can complete it: if the monitor gave the job to
-    another worker meanwhile, this is a no-op and returns None. Returns the final status
-    (a job canceled while running completes as ``canceled``).
-    """
-    row = await db.fetchrow(
-        _COMPLETE, job_id, worker, status, result, error, duration_ms, cpu_ms, mem_peak_kb, outcome
-    )
-    return row["status"] if row else None
+    """Complete one running job (see complete_many). Returns its final status, or None
+    when it is not this worker's any more."""
+    done = await complete_many(db, [Completion(job_id, worker, status, result, error, duration_ms,
+                                               cpu_ms, mem_peak_kb, outcome)])
+    return done.get(job_id)
 
 
 async def append_logs(db: Executor, job_id: uuid.UUID, chunks: list[str]) -> None:
@@ -303,10 +384,9 @@ async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) 
                 await conn.execute(
                     "UPDATE queue SET restarts = restarts + 1 WHERE id = $1", r["id"]
                 )
-                await conn.fetchrow(
-                    _COMPLETE, r["id"], r["worker"], "failure",
-                    {"error": {"name": "WorkerDied", "message": msg}}, msg, 0, 0, 0, None,
-                )
+                await complete(conn, r["id"], r["worker"], status="failure",
+                               result={"error": {"name": "WorkerDied", "message": msg}}, error=msg,
+                               duration_ms=0, cpu_ms=0, mem_peak_kb=0, outcome=None)
                 done.append({"id": r["id"], "action": "failed", "worker": r["worker"]})
             else:
                 await conn.fetchrow(_REQUEUE, r["id"], r["worker"], 1)

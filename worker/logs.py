@@ -47,11 +47,10 @@ class LogSink:
         self._stored += len(text)
         self._pending.append(text)
         self._pending_bytes += len(text)
+        if self._task is None:  # the flusher starts with the first line: most jobs print none
+            self._task = asyncio.get_running_loop().create_task(self._run())
         if self._pending_bytes >= FLUSH_BYTES:
             self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while True:

@@ -96,6 +96,38 @@ class _Running:
     job: dict[str, Any]
     task: asyncio.Task
     why: str = ""  # set when we kill it: "canceled" | "lost" | "shutdown"
+    heartbeat: asyncio.Task | None = None
+
+
+class _Batcher:
+    """Group commit for one kind of request: callers that ask while a statement is in
+    flight are served together by the next one. A lone caller pays no added wait."""
+
+    def __init__(self, run_batch):
+        self._run_batch = run_batch  # async (list of requests) -> list of answers, same order
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, request: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((request, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                answers = await self._run_batch([req for req, _ in batch])
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), answer in zip(batch, answers):
+                if not fut.done():
+                    fut.set_result(answer)
 
 
 @dataclass
@@ -103,6 +135,30 @@ class Stats:
     jobs_done: int = 0
     busy_s: float = 0.0
     since: float = field(default_factory=time.monotonic)
+
+
+class _Feed:
+    """Jobs for the idle slots of one worker: slots that ask at the same time are served
+    by one claim of several jobs (queue.pull_many), keyed jobs by the one-job pull."""
+
+    def __init__(self, worker: "Worker"):
+        self.w = worker
+        self._batcher = _Batcher(self._claim)
+
+    async def next_job(self) -> dict[str, Any] | None:
+        return await self._batcher.submit(None)
+
+    async def _claim(self, asks: list[None]) -> list[dict[str, Any] | None]:
+        w, n = self.w, len(asks)
+        jobs: list[dict[str, Any]] = []
+        if n > 1:
+            jobs = await queue.pull_many(w.pool, w.name, w.tags, n)
+        while len(jobs) < n:  # one at a time: jobs with a concurrency key, or a lone slot
+            job = await queue.pull(w.pool, w.name, w.tags)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs + [None] * (n - len(jobs))
 
 
 class Worker:
@@ -125,6 +181,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
+        self._feed = _Feed(self)
+        self._completer = _Batcher(self._complete_batch)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -269,7 +327,7 @@ class Worker:
         while not self._stopping.is_set():
             wake = self._wake
             try:
-                job = await queue.pull(self.pool, self.name, self.tags)
+                job = await self._feed.next_job()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 log.warning("pull failed (%s); retrying", e)
                 await self._sleep_or_stop(1.0)
@@ -309,7 +367,6 @@ class Worker:
     async def _execute(self, job: dict[str, Any]) -> None:
         job_id: uuid.UUID = job["id"]
         sink = LogSink(self.pool, job_id)
-        sink.start()
         if job["restarts"]:
             sink.note(f"restart {job['restarts']} of this job, on worker {self.name}")
         lang = job["language"]
@@ -328,7 +385,8 @@ class Worker:
                           f"UnsupportedLanguage: worker group {self.profile.name} cannot run {lang} jobs"))
         task = asyncio.create_task(coro)
         r = self.running[job_id] = _Running(job, task)
-        hb = asyncio.create_task(self._job_heartbeat(r))
+        # Most jobs end before their first ping is due: start the heartbeat task only then.
+        hb = asyncio.get_running_loop().call_later(self.settings.job_ping_s, self._start_heartbeat, r)
         t0 = time.monotonic()
         try:
             res = await task
@@ -338,6 +396,8 @@ class Worker:
             res = None
         finally:
             hb.cancel()
+            if r.heartbeat is not None:
+                r.heartbeat.cancel()
             self.running.pop(job_id, None)
         wall_ms = int((time.monotonic() - t0) * 1000)
         if isinstance(res, Outcome):
@@ -360,18 +420,24 @@ class Worker:
             sink.note("job canceled; killed")
             result = JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, "canceled")
         await sink.close()
-        await queue.complete(
-            self.pool, job_id, self.name, status=result.status, result=result.result,
-            error=result.error,
+        await self._completer.submit(queue.Completion(
+            job_id, self.name, status=result.status, result=result.result, error=result.error,
             duration_ms=outcome.wall_ms if outcome else wall_ms,
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
             outcome=outcome.to_json() if outcome else None,
-        )
+        ))
+
+    async def _complete_batch(self, done: list[queue.Completion]) -> list[str | None]:
+        statuses = await queue.complete_many(self.pool, done)
+        return [statuses.get(c.job_id) for c in done]
+
+    def _start_heartbeat(self, r: _Running) -> None:
+        if not r.task.done():
+            r.heartbeat = asyncio.create_task(self._job_heartbeat(r))
 
     async def _job_heartbeat(self, r: _Running) -> None:
         while True:
-            await asyncio.sleep(self.settings.job_ping_s)
             try:
                 state = await queue.ping_job(self.pool, r.job["id"], self.name)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
@@ -381,6 +447,7 @@ class Worker:
                 r.why = state
                 r.task.cancel()
                 return
+            await asyncio.sleep(self.settings.job_ping_s)
 
     async def _ping_loop(self) -> None:
         while True:
