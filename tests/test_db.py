@@ -77,3 +77,37 @@ async def test_complete_only_by_the_holder_and_once(pg_url):
     assert await queue.complete(pool, jid, "me", **kw) is None
     assert (await queue.get_job(pool, "w", jid))["type"] == "CompletedJob"
     await pool.close()
+
+
+async def test_pull_many_claims_best_first_and_leaves_keyed_jobs(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "many-" + uuid.uuid4().hex[:6]
+    push = lambda **kw: queue.push(pool, workspace="w", language="noop", content="", args={}, tag=tag, **kw)  # noqa: E731
+    low = [await push() for _ in range(3)]
+    high = await push(priority=9)
+    keyed = await push(priority=50, concurrency_key="k", concurrent_limit=1)
+    got = await queue.pull_many(pool, "w1", [tag], 3)
+    assert [j["id"] for j in got] == [high, low[0], low[1]]  # best first; the keyed job is not batched
+    one = await queue.pull(pool, "w1", [tag])
+    assert one["id"] == keyed  # the one-job pull takes it, with its key's slot
+    await pool.close()
+
+
+async def test_complete_many_gives_back_every_slot_of_a_key(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "cm-" + uuid.uuid4().hex[:6]
+    key = "key-" + tag
+    ids = [await queue.push(pool, workspace="w", language="noop", content="", args={}, tag=tag,
+                            concurrency_key=key, concurrent_limit=2) for _ in range(3)]
+    a, b = await queue.pull(pool, "w", [tag]), await queue.pull(pool, "w", [tag])
+    assert await queue.pull(pool, "w", [tag]) is None  # the key is full
+    done = await queue.complete_many(pool, [
+        queue.Completion(a["id"], "w", "success", [1, {"x": 2}], None),
+        queue.Completion(b["id"], "w", "failure", {"error": {"name": "E", "message": "m"}}, "E: m"),
+        queue.Completion(ids[2], "w", "success", 1, None),  # not running: left alone
+    ])
+    assert done == {a["id"]: "success", b["id"]: "failure"}
+    assert await pool.fetchval("SELECT running FROM concurrency_key WHERE key = $1", key) == []
+    assert (await queue.get_job(pool, "w", a["id"]))["result"] == [1, {"x": 2}]
+    assert (await queue.pull(pool, "w", [tag]))["id"] == ids[2]
+    await pool.close()
