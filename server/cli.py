@@ -210,6 +210,20 @@ def cmd_profiles_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    """`sandmill bench ...` is `python -m bench ...` (needs the repository checkout)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "bench" / "__main__.py").exists() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError:
+        print("sandmill bench: the benchmarks live in the repository's bench/ folder; run it"
+              " from a checkout (pip install -e '.[bench]')", file=sys.stderr)
+        return 2
+    return bench_main(rest) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=str(default_data_dir()),
@@ -255,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit", type=int, default=20)
         p.set_defaults(fn=fn)
 
+    bn = sub.add_parser("bench", help="run the benchmark set and write a report (python -m bench)",
+                        add_help=False)
+    bn.set_defaults(fn=cmd_bench)
+
     pr = sub.add_parser("profiles", help="worker group profiles")
     prs = pr.add_subparsers(dest="pcmd", required=True)
     chk = prs.add_parser("check", help="validate profile files", parents=[common])
@@ -264,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.fn is cmd_bench:
+        return cmd_bench(args, rest)
+    if rest:
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits 2
     return args.fn(args)
 
 
