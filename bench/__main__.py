@@ -104,7 +104,7 @@ def notes_for(res: dict) -> dict[str, str]:
             + " jobs/s on one worker against Windmill's ~120. `bash -c 'echo 1'` itself takes about 2 ms here,"
             " so nearly all of the job's cost is sandmill's: the backend launch (process +17 ms, nsjail +28 ms,"
             " docker ~230 ms over a bare subprocess, `bench.isolation_launch`) and the worker path (pull, log"
-            " sink, complete with the pool's reset round trips, about 10 ms). The same fixes apply.")
+            " sink, complete: three commits, about 10 ms). The same fixes apply.")
     if met.get("scaling at 100 subworkers") is False:
         sc = res["scaling"]["rows"][-1]
         gap_ms = 100 / sc["efficiency"]["median"] - 100
@@ -117,43 +117,30 @@ def notes_for(res: dict) -> dict[str, str]:
             " during the drain: 25% of samples in socket send (one statement = one write syscall), 12% in"
             " asyncpg's pool release running `Connection.reset()` (a second round trip, `RESET ALL; UNLISTEN *;"
             " ...`, after every pooled statement), pull 11%, complete 13%, idle in epoll 17%.\n\n"
-            "Fix that went in: `server/queue.py` `pull()` now uses `_PULL_ONE_TAG` (`q.tag = ($1::text[])[1]`"
-            " instead of `q.tag = ANY($1)`) for a worker with one base tag, so PostgreSQL 16 reads"
-            " `queue_pull_idx` in order and stops at the first free row instead of reading and sorting every"
-            " waiting row of the tag: 0.4 ms instead of 1.9 ms p50 per pull with 2,000 waiting, measured alone"
-            " (the first 100-subworker drain before it, under heavy load from other suites, reached 21% of"
-            " ideal; after it, 42-82% over the runs of this session; tests/test_spine.py, test_concurrency.py,"
-            " test_db.py pass).\n\n"
-            "Since then (commit 6236d2f, the lead) (1) and (2) below went in; (3), batched claims and"
-            " completions, was being written in worker/loop.py and server/queue.py while this report was made:"
-            " the `code` line under Machine says what this run measured.\n\n"
-            "The fixes, in order of gain per line changed: (1) `server/db.py` `create_pool()`: pass"
-            " `reset=` a no-op coroutine to `asyncpg.create_pool` (sandmill never SETs, LISTENs or takes"
-            " advisory locks on pooled connections; the listener is its own connection): measured here 4,800-6,100"
-            " -> 9,100-9,300 pooled statements/s with 25 tasks on a 10-connection pool, and, patched into the"
-            " worker processes only (3 interleaved A/B runs), no-op drain 1,049/1,207/1,095 -> 1,233/1,368/1,132"
-            " jobs/s (about +12%), 100-subworker scaling 69-79% -> 75-79% (within noise); (2) `worker/loop.py`"
-            " `Worker.start()`: pool `max_size` is `min(subworkers + 1, 10)`, so 25 subworkers queue for 10"
-            " connections; size it `subworkers + 2` (max_connections is raised for the bench database only);"
-            " (3) batch the queue: `queue.pull_many(db, worker, tags, k)` (the same CTE with `LIMIT $5`)"
-            " feeding idle slots from one claim, and `queue.complete_many()` flushing finished jobs every few ms"
-            " in one statement, so that commits per job fall from 2 toward 0.2. For more than one base tag"
-            " (the native group has 3), the pull still sorts: a partial index on"
-            " `(priority DESC, scheduled_for, seq) WHERE NOT running` (a migration) would let it read in order.")
+            "Fixes that went in, measured by this report: (1) `queue.pull()` uses `_PULL_ONE_TAG`"
+            " (`q.tag = ($1::text[])[1]`, not `= ANY($1)`) for a one-tag worker, so PostgreSQL reads"
+            " `queue_pull_idx` in order and stops at the first free row (0.4 ms instead of 1.9 ms per pull with"
+            " 2,000 waiting); (2) `db.create_pool()` has a no-op `reset` (no `RESET ALL; UNLISTEN *` round trip"
+            " after every pooled statement) and a worker's pool has a connection per subworker; (3) batching in"
+            " `worker/loop.py`: idle slots that ask at once share one claim (`queue.pull_many`), completions"
+            " group-commit (`queue.complete_many`), and the heartbeat and log flusher tasks start only when a"
+            " job runs past its first ping or prints. What is left per job is one claim and one completion"
+            " round trip on a subworker that asks alone, plus the scheduling of 100 slots in 4 processes on"
+            " 2 cores shared with PostgreSQL. Next: claim the next job in the completion statement (one round"
+            " trip per job instead of two), and a partial index on `(priority DESC, scheduled_for, seq) WHERE"
+            " NOT running` so that multi-tag workers (the native group has 3 tags) read in order too.")
     if met.get("queue throughput vs pgqueuer") is False:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (
             f"sandmill {q['sandmill']['median']:.0f} vs pgqueuer {q['pgqueuer']['median']:.0f} jobs/s"
             f" ({q['ratio']['median']:.2f}x). pgqueuer dequeues 10 jobs per statement and logs their"
-            " completion in buffered batches, so it commits about 0.2 times per job; sandmill makes two"
-            " pooled statements per job (pull, then complete, which also moves the row to completed_job with its"
-            " result and sends a NOTIFY for result waiters), each its own commit and each followed by the pool's"
-            " reset round trip, and its worker starts two asyncio tasks per job (log sink, heartbeat). The"
-            " fixes are (1)-(3) above; (3), batching claims and completions, is the one that can reach"
-            " pgqueuer's statements per job: with `synchronous_commit = off` on the bench PostgreSQL the ratio"
-            " stays 0.30-0.35x (sandmill 1,058-1,384, pgqueuer 3,550-3,931 jobs/s), so WAL flushes are not what"
-            " separates the two; statements (and round trips) per job are. The worker process sits about 53% in"
-            " epoll during the no-op drain (py-spy), i.e. it waits on PostgreSQL. The LogSink flusher task could also start only on a job's first output.")
+            " completion in buffered batches. sandmill now batches too (claims shared by the slots that ask at"
+            " once, group-committed completions), but its batches are only as large as the number of slots"
+            " waiting at that moment (at most 8 here), and each completion does more than pgqueuer's: it moves"
+            " the row to completed_job with its result and outcome, gives back a concurrency slot, and sends a"
+            " NOTIFY for result waiters. `synchronous_commit = off` did not change the ratio in an earlier A/B"
+            " (WAL flushes are not what separates the two); statements per job are. Next: claim the next job"
+            " in the completion statement, and NOTIFY completions only for jobs that have a waiter.")
     if met.get("idle cluster load") is False:
         out["idle cluster load"] = "Idle load over target: see the per-window chart; the pings of workers and monitor dominate."
     return out

@@ -69,6 +69,23 @@ def cluster(pg_url, tmp_path_factory):
 
 
 @pytest.fixture()
+def make_cluster(pg_url, tmp_path):
+    """Private clusters (own server, own settings) on this xdist worker's database, or on
+    ``db_url``. Their workers serve tags of their own, so they never take other tests' jobs."""
+    made: list[LocalCluster] = []
+
+    def make(env: dict | None = None, db_url: str | None = None) -> LocalCluster:
+        c = LocalCluster(db_url or pg_url, tmp_path / f"cluster{len(made)}", token=TOKEN, env=env)
+        made.append(c)
+        c.start_server()
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture()
 def api(cluster):
     with cluster.client() as c:
         yield c

@@ -10,10 +10,9 @@ import subprocess
 import time
 import uuid
 
-import pytest
 
 from bench.idle_load import measure_commits_per_s
-from support import REPO, TOKEN, wait_done
+from support import REPO, wait_done
 from server import db as dbmod
 from server import queue
 from server.localcluster import LocalCluster
@@ -23,19 +22,6 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture()
-def make_cluster(pg_url, tmp_path):
-    made: list[LocalCluster] = []
-
-    def make(env: dict | None = None, db_url: str | None = None) -> LocalCluster:
-        c = LocalCluster(db_url or pg_url, tmp_path / f"cluster{len(made)}", token=TOKEN, env=env)
-        made.append(c)
-        c.start_server()
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def submit(api, ws: str, content: str, tag: str) -> str:

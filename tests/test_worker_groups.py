@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,21 +23,6 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture()
-def make_cluster(pg_url, tmp_path):
-    """Private clusters (own server, own settings) on this xdist worker's database.
-    Their workers serve tags of their own, so they never take other tests' jobs."""
-    made: list[LocalCluster] = []
-
-    def make(env: dict | None = None) -> LocalCluster:
-        c = LocalCluster(pg_url, tmp_path / f"cluster{len(made)}", token=TOKEN, env=env)
-        made.append(c)
-        c.start_server()
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
