@@ -40,6 +40,15 @@ async def measure_commits_per_s(database_url: str, seconds: float) -> float:
     return max(0, after - before - 2) / elapsed
 
 
+def start_idle_cluster(c: LocalCluster) -> None:
+    """The cluster whose idle load is measured: server, a default and a native worker."""
+    c.start_server()
+    c.spawn("worker", "--profile", str(REPO / "profiles" / "default.yaml"))
+    c.spawn("worker", "--profile", str(REPO / "profiles" / "native.yaml"))
+    c.wait_workers("default")
+    c.wait_workers("native")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30)
@@ -56,11 +65,7 @@ def main() -> int:
             url = pg.get_uri()
         c = LocalCluster(url, Path(tmp) / "cluster", token=uuid.uuid4().hex)
         try:
-            c.start_server()
-            c.spawn("worker", "--profile", str(REPO / "profiles" / "default.yaml"))
-            c.spawn("worker", "--profile", str(REPO / "profiles" / "native.yaml"))
-            c.wait_workers("default")
-            c.wait_workers("native")
+            start_idle_cluster(c)
             # PostgreSQL publishes an idle backend's pending counters up to 10 s late: wait,
             # so that the start-up burst does not land inside the window.
             time.sleep(11)

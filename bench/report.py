@@ -15,6 +15,17 @@ TARGETS = {
 }
 
 
+
+def _save(fig, out, name: str, foot: str) -> str:
+    """Footer, layout, write, close: the same for every chart. Returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.01, foot, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
 def _plt():
     import matplotlib
 
@@ -103,11 +114,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
         ax.set_title(f"Throughput, one worker: {ov[0]['batch_jobs']} jobs submitted at once,"
                      f" x{ov[0]['jps']['n']} batches; median, min-max", fontsize=9)
         ax.legend(fontsize=7)
-        fig.text(0.01, 0.01, foot, fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(out / "overhead.png", dpi=110)
-        plt.close(fig)
-        made.append("overhead.png")
+        made.append(_save(fig, out, "overhead.png", foot))
 
     sc = res.get("scaling", {}).get("rows", [])
     if sc:
@@ -127,11 +134,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
         ax.set_title(f"Scaling: {res['scaling']['jobs']} native sleep jobs of 100 ms drained,"
                      f" {res['scaling']['repeats']} run(s) per point", fontsize=9)
         ax.legend(fontsize=7)
-        fig.text(0.01, 0.01, foot, fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(out / "scaling.png", dpi=110)
-        plt.close(fig)
-        made.append("scaling.png")
+        made.append(_save(fig, out, "scaling.png", foot))
 
     q = res.get("queue")
     if q:
@@ -147,11 +150,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
         ax.set_ylabel("jobs/s")
         ax.set_title(f"Queue drain: {q['jobs']} no-op jobs, {q['repeats']} run(s) each, same PostgreSQL;\n"
                      f"median, min-max; ratio {q['ratio']['median']:.2f}x (target >= 1.0x)", fontsize=9)
-        fig.text(0.01, 0.01, foot, fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(out / "queue.png", dpi=110)
-        plt.close(fig)
-        made.append("queue.png")
+        made.append(_save(fig, out, "queue.png", foot))
 
     i, rc = res.get("idle"), res.get("recovery")
     if i or rc:
@@ -177,11 +176,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
             ax.set_title(f"Recovery: worker SIGKILLed mid-job, {len(rc['seconds'])} time(s);\n"
                          f"{_spread_txt(rc['spread'], 's', '.2f', 'min-max')}; ping timeout {rc['ping_timeout_s']:g} s,"
                          f" monitor every {rc['monitor_every_s']:g} s", fontsize=9)
-        fig.text(0.01, 0.01, foot, fontsize=7)
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
-        fig.savefig(out / "idle_recovery.png", dpi=110)
-        plt.close(fig)
-        made.append("idle_recovery.png")
+        made.append(_save(fig, out, "idle_recovery.png", foot))
     return made
 
 

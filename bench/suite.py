@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 from server import db as dbmod
 from server import queue
-from server.localcluster import REPO
 
 from . import latency as lat
 from .common import BenchPG, spread, start_native_workers, wait_registered
 from .drain import drain_once
-from .idle_load import measure_commits_per_s
+from .idle_load import measure_commits_per_s, start_idle_cluster
 from .pgq import pgqueuer_drain
 
 
@@ -147,11 +146,7 @@ def idle(bp: BenchPG, counts: Counts, log=print) -> dict:
     url = bp.database("idle")
     c = bp.cluster(url, "idle")
     try:
-        c.start_server()
-        c.spawn("worker", "--profile", str(REPO / "profiles" / "default.yaml"))
-        c.spawn("worker", "--profile", str(REPO / "profiles" / "native.yaml"))
-        c.wait_workers("default")
-        c.wait_workers("native")
+        start_idle_cluster(c)
         time.sleep(counts.idle_settle_s)
         windows = [asyncio.run(measure_commits_per_s(url, counts.idle_window_s)) for _ in range(counts.idle_windows)]
     finally:
