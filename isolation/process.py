@@ -11,8 +11,10 @@ probe lists what that leaves open).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
+import shutil
 import signal
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from . import linux, workdir
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, probe_gap
 from .spec import Limits, Outcome, RunSpec, Status
-from .supervise import KILL_CPU, KILL_OUTPUT, KILL_TIMEOUT, Supervised, cpu_rlimit, supervise
+from .supervise import classify, job_rlimits, supervise
+from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
 
 DEFAULT_HIDE = ("/root", "/home", "/work", "/mnt", "/media", "/srv", "/var/lib/docker",
                 "/var/lib/postgresql", "/run/secrets")
@@ -30,13 +33,16 @@ class ProcessBackend(Backend):
     """Run jobs as plain processes. Options: ``uid``/``gid`` to run jobs as when root
     (default 65534), ``workdir_root`` (default /var/tmp/sandmill-jobs as root),
     ``cgroup_parent`` (default "sandmill"), ``hide`` (host dirs masked by an empty tmpfs),
-    ``namespaces`` (False: no netns/mount ns even as root)."""
+    ``namespaces`` (False: no netns/mount ns even as root), ``warm`` (run python3 jobs
+    by fork from a warm interpreter when the host allows, default on; isolation/warm.py)
+    and ``warm_preload`` (modules the warm interpreter imports once)."""
 
     name = "process"
 
     def __init__(self, uid: int = 65534, gid: int | None = None, workdir_root: str | None = None,
                  cgroup_parent: str = "sandmill", hide: tuple[str, ...] = DEFAULT_HIDE,
-                 namespaces: bool = True) -> None:
+                 namespaces: bool = True, warm: bool = True,
+                 warm_preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD) -> None:
         self.root = os.geteuid() == 0
         self.uid = uid if self.root else None
         self.gid = (gid if gid is not None else uid) if self.root else None
@@ -45,6 +51,12 @@ class ProcessBackend(Backend):
         self.hide = tuple(h for h in hide if os.path.isdir(h))
         self.namespaces = namespaces and self.root
         self._cgroup_gap: str | None = probe_gap() if self.root else "not root"
+        # Warm runs need what makes them as isolated as a cold one: root, namespaces
+        # and job cgroups.
+        self.warm_pool: WarmPool | None = None
+        if warm and self.namespaces and self._cgroup_gap is None:
+            self.warm_pool = WarmPool(self._start_zygote, self.workdir_root, self.uid, self.gid,
+                                      cgroup_parent=cgroup_parent, preload=tuple(warm_preload))
 
     def probe(self) -> Probe:
         """Available everywhere; the gaps depend on root, cgroups and namespaces."""
@@ -67,6 +79,11 @@ class ProcessBackend(Backend):
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
+        if self.warm_pool is not None and spec.warm:
+            python = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
+            out = await run_warm(self.warm_pool, spec, on_output, python)
+            if out is not None:
+                return out
         limits = spec.limits
         try:
             wd = workdir.create(self.workdir_root, spec.files, self.uid, self.gid)
@@ -106,25 +123,33 @@ class ProcessBackend(Backend):
             workdir.remove(wd)
             workdir.remove(wd.parent / f"{wd.name}-tmp")
 
+    def close(self) -> None:
+        """Stop the warm interpreters."""
+        if self.warm_pool is not None:
+            self.warm_pool.close()
+
+    async def _start_zygote(self, argv: list[str], zdir: Path, fd: int,
+                            cgroup: JobCgroup | None) -> asyncio.subprocess.Process:
+        """A warm interpreter in the same sandbox as a cold job, with ``zdir`` as its
+        work dir; no rlimits of its own (each job sets its own)."""
+        zlimits = Limits(memory_mb=None, pids=None, file_size_mb=None, open_files=None, tmp_mb=1)
+        return await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            cwd=str(zdir), env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+            pass_fds=(fd,), start_new_session=True,
+            preexec_fn=self._preexec(zdir, zlimits, "none", cgroup))
+
     def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None):
         """Build the fork-to-exec hook. Everything is computed here, in the parent: the
         child only makes syscalls."""
         procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
-        rl: list[tuple[int, tuple[int, int]]] = []
-        if limits.cpu_s is not None:
-            rl.append((resource.RLIMIT_CPU, cpu_rlimit(limits.cpu_s)))
-        if limits.file_size_mb is not None:
-            n = limits.file_size_mb * 1024 * 1024
-            rl.append((resource.RLIMIT_FSIZE, (n, n)))
-        if limits.open_files is not None:
-            rl.append((resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)))
+        rl = job_rlimits(limits)
         if cgroup is None and limits.memory_mb is not None:
             n = limits.memory_mb * 1024 * 1024  # fallback: per process, virtual memory
             rl.append((resource.RLIMIT_AS, (n, n)))
         if cgroup is None and self.root and limits.pids is not None:
             # Counts every process of the uid, not just this job: only a backstop.
             rl.append((resource.RLIMIT_NPROC, (limits.pids, limits.pids)))
-        rl.append((resource.RLIMIT_CORE, (0, 0)))
 
         ns_flags = 0
         if self.namespaces:
@@ -170,45 +195,3 @@ class ProcessBackend(Backend):
                 linux.set_pdeathsig(signal.SIGKILL)  # after setuid, which clears it
 
         return preexec
-
-
-def classify(sup: Supervised, limits: Limits, files: dict[str, bytes], detail: str = "") -> Outcome:
-    """Turn supervisor facts into an Outcome. Order matters: what the supervisor killed
-    for wins, then the kernel's verdicts (OOM, CPU signals), then the job's own end."""
-    rc = sup.returncode
-    sig_no = -rc if rc is not None and rc < 0 else None
-    sig_name = _signame(sig_no) if sig_no else None
-    cpu_hit = (limits.cpu_s is not None and sig_no in (signal.SIGXCPU, signal.SIGKILL)
-               and sup.cpu_ms >= limits.cpu_s * 1000 * 0.9)
-    if sup.killed_for == KILL_OUTPUT:
-        status = Status.output_limit
-    elif sup.killed_for == KILL_TIMEOUT:
-        status = Status.timeout
-    elif sup.killed_for == KILL_CPU or sig_no == signal.SIGXCPU or cpu_hit:
-        status = Status.cpu_limit
-    elif sup.oom_kills > 0:
-        status = Status.memory_limit
-    elif sig_no:
-        status = Status.signalled
-    elif rc:
-        status = Status.exit_nonzero
-    else:
-        status = Status.success
-    notes = list(sup.notes)
-    if sup.survivors:
-        notes.append(f"{sup.survivors} process(es) survived the sweep")
-    if detail:
-        notes.insert(0, detail)
-    return Outcome(
-        status=status, exit_code=rc if rc is not None and rc >= 0 else None, signal=sig_name,
-        wall_ms=sup.wall_ms, cpu_ms=sup.cpu_ms, peak_memory_kb=sup.peak_memory_kb,
-        stdout=sup.stdout, stderr=sup.stderr, stdout_truncated=sup.stdout_truncated,
-        stderr_truncated=sup.stderr_truncated, files=files, detail="; ".join(notes),
-    )
-
-
-def _signame(n: int) -> str:
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"SIG{n}"

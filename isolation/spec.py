@@ -46,6 +46,11 @@ class RunSpec:
     ``collect`` names files (relative to the work dir) to read back into
     ``Outcome.files`` after the command ends (each capped at ``limits.output_bytes``).
     ``env`` is the job's whole environment: nothing of the worker's leaks in.
+    ``warm`` names the file in ``files`` that ``argv`` runs with Python (``[python,
+    -u, warm, ...]``): a backend with warm interpreters may then run it by forking a
+    pre-started ``argv[0]`` instead of exec'ing it (isolation/warm.py), same sandbox.
+    That file must be runtime code, the same for many jobs (a language wrapper), never
+    job data: warm interpreters keep it compiled, and every job forks from them.
     """
 
     argv: list[str]
@@ -55,6 +60,7 @@ class RunSpec:
     stdin: bytes = b""
     limits: Limits = field(default_factory=Limits)
     network: Network = "none"
+    warm: str | None = None
 
 
 class Status(str, enum.Enum):
@@ -84,6 +90,7 @@ class Outcome:
     stderr_truncated: bool = False
     files: dict[str, bytes] = field(default_factory=dict)
     detail: str = ""  # sandbox_error reason, or backend notes
+    warm: bool = False  # ran by fork from a warm interpreter (not a fresh exec)
 
     def describe(self, limits: Limits) -> str:
         """The error a user reads: which limit was hit and its value, in words."""
@@ -116,4 +123,5 @@ class Outcome:
             "stdout_truncated": self.stdout_truncated,
             "stderr_truncated": self.stderr_truncated,
             "detail": self.detail,
+            "warm": self.warm,
         }

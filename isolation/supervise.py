@@ -1,8 +1,10 @@
 """Spawn one job process and watch it: output caps, wall deadline, CPU budget, sweep.
 
 Shared by the process and nsjail backends (nsjail is just a different argv and a
-different preexec). The job's first process joins the job cgroup before exec, so every
-descendant is counted and swept; without a cgroup we fall back to the process group.
+different preexec) and by warm runs (``supervise_launch`` with a fork from a warm
+interpreter). The job's first process joins the job cgroup before it runs the job, so
+every descendant is counted and swept; without a cgroup we fall back to the process
+group.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .base import OutputCallback
 from .cgroups import JobCgroup
 from .output import CappedStream, drain, open_pipe
-from .spec import Limits
+from .spec import Limits, Outcome, Status
 
 # Why the supervisor itself ended the job (None: it ended on its own).
 KILL_TIMEOUT = "timeout"
@@ -73,6 +76,20 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+@dataclass
+class Launched:
+    """A started job: ``wait`` resolves to its returncode (-N for signal N); ``pgid`` is
+    its process group to kill, when it has one of its own."""
+
+    wait: Awaitable[int]
+    pgid: int | None
+
+
+# Starts the job with (stdin fd or None for /dev/null, stdout write end, stderr write
+# end); the caller closes its copies of the fds once this returns.
+Launch = Callable[[int | None, int, int], Awaitable[Launched]]
+
+
 async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: bytes,
                     limits: Limits, cgroup: JobCgroup | None,
                     preexec: Callable[[], None] | None,
@@ -83,19 +100,35 @@ async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: by
     Cancellation kills the whole job (cgroup and process group) before re-raising.
     ``extra_wall_s`` gives a wrapper (nsjail) time to enforce its own limit first.
     """
+
+    async def launch(in_fd: int | None, out_w: int, err_w: int) -> Launched:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=in_fd if in_fd is not None else asyncio.subprocess.DEVNULL,
+            stdout=out_w, stderr=err_w, cwd=cwd, env=env, close_fds=True,
+            start_new_session=True, preexec_fn=preexec,
+        )
+        return Launched(wait=proc.wait(), pgid=proc.pid)
+
+    return await supervise_launch(launch, stdin=stdin, limits=limits, cgroup=cgroup,
+                                  on_output=on_output, extra_wall_s=extra_wall_s)
+
+
+async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
+                           cgroup: JobCgroup | None, on_output: OutputCallback | None,
+                           extra_wall_s: float = 0.0) -> Supervised:
+    """``supervise`` for any way of starting the job (exec, or a warm fork)."""
     res = Supervised()
     out_r, out_w = open_pipe()
     err_r, err_w = open_pipe()
     in_fd = stdin_fd(stdin)
-    loop = asyncio.get_running_loop()
     tripped = asyncio.Event()
-    proc: asyncio.subprocess.Process | None = None
+    job: Launched | None = None
     streams: list[CappedStream] = []
     t0 = time.monotonic()
 
     def kill_now() -> None:
-        if proc is not None:
-            _kill_group(proc.pid)
+        if job is not None and job.pgid is not None:
+            _kill_group(job.pgid)
         if cgroup is not None:
             cgroup.kill_all(timeout=0.0)  # first volley now; the sweep finishes the job
 
@@ -107,11 +140,7 @@ async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: by
 
     try:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=in_fd if in_fd is not None else asyncio.subprocess.DEVNULL,
-                stdout=out_w, stderr=err_w, cwd=cwd, env=env, close_fds=True,
-                start_new_session=True, preexec_fn=preexec,
-            )
+            job = await launch(in_fd, out_w, err_w)
         finally:
             for fd in (out_w, err_w, in_fd):
                 if fd is not None:
@@ -121,7 +150,7 @@ async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: by
             CappedStream("stderr", err_r, limits.output_bytes, on_output, lambda: trip(KILL_OUTPUT)),
         ]
         out_r = err_r = -1
-        waiter = asyncio.ensure_future(proc.wait())
+        waiter = asyncio.ensure_future(job.wait)
         tripper = asyncio.ensure_future(tripped.wait())
         watchers = [waiter, tripper]
         if limits.cpu_s is not None and cgroup is not None and cgroup.cpu_ns() is not None:
@@ -136,12 +165,13 @@ async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: by
             if not tripped.is_set():
                 trip(KILL_TIMEOUT)
             await waiter  # the group and cgroup got SIGKILL: this is prompt
-        res.returncode = proc.returncode
+        res.returncode = waiter.result()
         res.wall_ms = int((time.monotonic() - t0) * 1000)
         # Sweep: whatever the job left behind dies now, so the pipes reach EOF.
         if cgroup is not None and not cgroup.kill_all(timeout=0.0):
             await asyncio.to_thread(cgroup.kill_all)  # stragglers (fork bomb): off-loop
-        _kill_group(proc.pid)
+        if job.pgid is not None:
+            _kill_group(job.pgid)
         await drain(streams, grace=0.2 if cgroup is not None else 0.05)
         if cgroup is not None:
             res.survivors = len(cgroup.pids())
@@ -152,8 +182,8 @@ async def supervise(argv: list[str], *, env: dict[str, str], cwd: str, stdin: by
                 res.cpu_ms = ns // 1_000_000
     except BaseException:
         # Cancelled (or a bug): kill everything synchronously before propagating.
-        if proc is not None:
-            _kill_group(proc.pid)
+        if job is not None and job.pgid is not None:
+            _kill_group(job.pgid)
         if cgroup is not None:
             cgroup.kill_all()
         for s in streams:
@@ -185,3 +215,59 @@ def cpu_rlimit(cpu_s: float) -> tuple[int, int]:
     """(soft, hard) RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later."""
     soft = max(1, math.ceil(cpu_s))
     return soft, soft + 1
+
+
+def job_rlimits(limits: Limits) -> list[tuple[int, tuple[int, int]]]:
+    """The rlimits every job process gets: CPU, file size, open files, no core dumps."""
+    rl: list[tuple[int, tuple[int, int]]] = []
+    if limits.cpu_s is not None:
+        rl.append((resource.RLIMIT_CPU, cpu_rlimit(limits.cpu_s)))
+    if limits.file_size_mb is not None:
+        n = limits.file_size_mb * 1024 * 1024
+        rl.append((resource.RLIMIT_FSIZE, (n, n)))
+    if limits.open_files is not None:
+        rl.append((resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files)))
+    rl.append((resource.RLIMIT_CORE, (0, 0)))
+    return rl
+
+
+def classify(sup: Supervised, limits: Limits, files: dict[str, bytes], detail: str = "") -> Outcome:
+    """Turn supervisor facts into an Outcome. Order matters: what the supervisor killed
+    for wins, then the kernel's verdicts (OOM, CPU signals), then the job's own end."""
+    rc = sup.returncode
+    sig_no = -rc if rc is not None and rc < 0 else None
+    sig_name = _signame(sig_no) if sig_no else None
+    cpu_hit = (limits.cpu_s is not None and sig_no in (signal.SIGXCPU, signal.SIGKILL)
+               and sup.cpu_ms >= limits.cpu_s * 1000 * 0.9)
+    if sup.killed_for == KILL_OUTPUT:
+        status = Status.output_limit
+    elif sup.killed_for == KILL_TIMEOUT:
+        status = Status.timeout
+    elif sup.killed_for == KILL_CPU or sig_no == signal.SIGXCPU or cpu_hit:
+        status = Status.cpu_limit
+    elif sup.oom_kills > 0:
+        status = Status.memory_limit
+    elif sig_no:
+        status = Status.signalled
+    elif rc:
+        status = Status.exit_nonzero
+    else:
+        status = Status.success
+    notes = list(sup.notes)
+    if sup.survivors:
+        notes.append(f"{sup.survivors} process(es) survived the sweep")
+    if detail:
+        notes.insert(0, detail)
+    return Outcome(
+        status=status, exit_code=rc if rc is not None and rc >= 0 else None, signal=sig_name,
+        wall_ms=sup.wall_ms, cpu_ms=sup.cpu_ms, peak_memory_kb=sup.peak_memory_kb,
+        stdout=sup.stdout, stderr=sup.stderr, stdout_truncated=sup.stdout_truncated,
+        stderr_truncated=sup.stderr_truncated, files=files, detail="; ".join(notes),
+    )
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return f"SIG{n}"

@@ -59,6 +59,7 @@ def test_job_record_shapes(api, ws):
     assert j["tag"] == "python3" and j["worker"].startswith("default-")
     assert j["duration_ms"] > 0 and "hello x" in j["logs"]
     assert j["outcome"]["status"] == "success"
+    assert j["outcome"]["warm"] is True  # forked from the worker's warm interpreter
     m = api.get(f"/api/w/{ws}/jobs_u/completed/get_result_maybe/{job_id}").json()
     assert m == {"started": True, "completed": True, "success": True, "result": {"greeting": "hi x", "double": 2}}
     assert api.get(f"/api/w/{ws}/jobs_u/completed/get_result/{job_id}").json() == {"greeting": "hi x", "double": 2}

@@ -62,6 +62,7 @@ def build_spec(job: dict[str, Any], profile: Profile, env: dict[str, str]) -> Ru
                    "args.json": json.dumps(args).encode()},
             collect=["result.json", "error.json"],
             limits=limits,
+            warm="wrapper.py",  # the same for every job: may run in a warm interpreter
         )
     if lang == "bash":
         names = bash_params(content) or list(args)

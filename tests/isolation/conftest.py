@@ -1,6 +1,9 @@
 """Conformance-suite plumbing: one parameter per backend present here, and each
 (backend, case) that the backend's probe lists as a gap marked xfail(strict=True),
-so a gap that starts passing is reported, never silently green."""
+so a gap that starts passing is reported, never silently green.
+
+Backends with warm interpreters (isolation/warm.py) run the suite twice: cold
+(``warm=False``) and warm (``<name>+warm``, where every run must really be warm)."""
 
 from __future__ import annotations
 
@@ -9,8 +12,17 @@ import os
 
 import pytest
 
-from isolation.base import CONFORMANCE_CASES, Backend, Probe
+from isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, Probe
 from isolation.registry import BACKENDS, backend_class
+from isolation.spec import Outcome, RunSpec
+
+WARM_BACKENDS = ("process", "nsjail")  # the ones with a ``warm`` option
+
+
+def variants() -> list[str]:
+    """Every backend name, plus ``<name>+warm`` for those with warm interpreters."""
+    return [v for name in BACKENDS
+            for v in ((name, f"{name}+warm") if name in WARM_BACKENDS else (name,))]
 
 
 @functools.cache
@@ -33,8 +45,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_name" not in metafunc.fixturenames:
         return
     params = []
-    for name in BACKENDS:
-        _, _, why = _probe(name)
+    for name in variants():
+        _, _, why = _probe(name.removesuffix("+warm"))
         # CI must not skip this suite: there, an unavailable backend fails its cases.
         marks = [pytest.mark.skip(reason=why)] if why and not _in_ci() else []
         params.append(pytest.param(name, id=name, marks=marks))
@@ -48,19 +60,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         case = item.originalname.removeprefix("test_")  # type: ignore[attr-defined]
         assert case in CONFORMANCE_CASES, f"{item.name}: not a conformance case"
-        _, probe, why = _probe(callspec.params["backend_name"])
+        _, probe, why = _probe(callspec.params["backend_name"].removesuffix("+warm"))
         if probe is not None and not why and case in probe.gaps:
             item.add_marker(pytest.mark.xfail(strict=True, reason=f"declared gap: {probe.gaps[case]}"))
 
 
+class MustRunWarm(Backend):
+    """A warm backend whose every run must have been warm (not a silent cold fallback)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name + "+warm"
+
+    def probe(self) -> Probe:
+        return self.inner.probe()
+
+    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
+        assert spec.warm, "conformance specs name their runtime script"
+        o = await self.inner.run(spec, on_output)
+        pool = getattr(self.inner, "warm_pool", None)
+        assert o.warm, f"ran cold: {pool.disabled if pool else 'no warm pool'}"
+        return o
+
+
 @pytest.fixture
-def backend(backend_name: str) -> Backend:
-    """A fresh backend instance with default options."""
-    cls, _, why = _probe(backend_name)
+def backend(backend_name: str):
+    """A fresh backend instance with default options (``warm`` as the variant says)."""
+    name = backend_name.removesuffix("+warm")
+    cls, _, why = _probe(name)
     if why:
         pytest.fail(f"CI runs the isolation suite on every backend, but {why}")
     assert cls is not None
-    return cls()
+    if name not in WARM_BACKENDS:
+        yield cls()
+        return
+    b = cls(warm=backend_name.endswith("+warm"))
+    yield MustRunWarm(b) if backend_name.endswith("+warm") else b
+    b.close()
 
 
 def _in_ci() -> bool:

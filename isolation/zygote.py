@@ -1,0 +1,261 @@
+# sandmill's warm interpreter (the "zygote"). It runs INSIDE a sandbox (nsjail, or the
+# process backend's namespaces), as the unprivileged job uid, with the job's own Python:
+# stdlib only, passed with `python -c`, never imported by the worker.
+#
+# One job at a time, over a SOCK_SEQPACKET socket (fd argv[1]) to the worker:
+#   zygote -> worker  R                  ready (the kernel attaches our pid, as the
+#                                         worker sees it, so it can move us between cgroups)
+#   worker -> zygote  F                  fork the next job process now: the zygote sits
+#                                         in that job's cgroup, so the job is born in it
+#   job    -> worker  W                  forked and waiting for its job (with its pid)
+#   worker -> job     J{json} + 3 fds    the job: dir, limits, env, argv; stdin/out/err
+#   job    -> worker  E<text>            setup failed (nothing of the job ran)
+#   child  -> worker  X<wait status>     the job process ended
+#   zygote -> worker  Z<wait status>     the child is gone: the zygote takes the next F
+#
+# The job process is forked ahead of its job (on F) and does everything that does not
+# depend on the job while it waits for J: a job then costs one message, a bind mount
+# and the script itself. The zygote never reads a job's message, args or files: every
+# job process is forked from the same clean state, so nothing of one job can reach the
+# next through inherited memory. The zygote's child puts itself in fresh user, mount,
+# pid, net, ipc and uts namespaces and forks the job process, which is pid 1 there: it
+# mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
+# the others), mounts a size-capped /tmp, sets the rlimits, drops every capability and
+# runs the script in-process.
+import ctypes
+import gc
+import json
+import os
+import select
+import socket
+import struct
+import sys
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+SIGKILL = 9
+SETUP_FAILED = 121
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc, what):
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _mount(src, target, fstype, flags, data=None):
+    enc = (lambda s: s.encode() if isinstance(s, str) else s)
+    _check(_libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {target}")
+
+
+def _prctl(op, arg):
+    _check(_libc.prctl(op, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {op}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_caps():
+    # The job runs without exec, so the kernel's exec-time capability rules never
+    # apply: clear the sets ourselves (capset, _LINUX_CAPABILITY_VERSION_3).
+    hdr = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# The runtime script (sandmill's python3 wrapper), compiled once: compiling it costs a
+# forked child 2 ms, more than the rest of a trivial job. It is the same for every job.
+RUNTIME = {}
+
+
+def main():
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    for name in filter(None, sys.argv[2].split(",")):
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    if len(sys.argv) > 4 and sys.argv[3]:
+        source = sys.argv[4].encode()
+        RUNTIME[source] = compile(source, sys.argv[3], "exec")
+    _prctl(PR_SET_DUMPABLE, 0)  # no same-uid process may ptrace or read our memory
+    gc.collect()
+    gc.freeze()  # the preloaded objects move to the permanent generation: less copy-on-write
+    sock.send(b"R")  # SO_PASSCRED on the worker's end: it learns our pid from this
+    while True:
+        msg = sock.recv(16)
+        if not msg:  # the worker is gone
+            os._exit(0)
+        if msg != b"F":
+            continue
+        pid = os.fork()
+        if pid == 0:
+            _child(sock)  # never returns
+        sock.send(b"Z" + struct.pack("i", _wait(pid, sock)))
+
+
+def _wait(pid, sock):
+    """Wait for the child, but leave at once (killing it, and the job through the
+    parent-death signals) if the worker hangs up meanwhile."""
+    pidfd = os.pidfd_open(pid)
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    poll.register(sock, select.POLLRDHUP)
+    while True:
+        for fd, ev in poll.poll():
+            if fd == pidfd:
+                os.close(pidfd)
+                return os.waitpid(pid, 0)[1]
+            if ev & (select.POLLRDHUP | select.POLLHUP):
+                os._exit(0)
+
+
+def _child(sock):
+    code = SETUP_FAILED
+    try:
+        _prctl(PR_SET_PDEATHSIG, SIGKILL)
+        uid, gid = os.getuid(), os.getgid()
+        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
+                             | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        # Non-dumpable (inherited from the zygote), /proc/self/* would belong to a uid
+        # not mapped here and the maps could not be written.
+        _prctl(PR_SET_DUMPABLE, 1)
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        pid = os.fork()
+        if pid == 0:
+            _job(sock)  # never returns
+        status = os.waitpid(pid, 0)[1]
+        sock.send(b"X" + struct.pack("i", status))
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - report, never raise into the zygote's loop
+        _report(sock, e)
+    os._exit(code)
+
+
+def _report(sock, e):
+    try:
+        sock.send(b"E" + f"{type(e).__name__}: {e}".encode()[:4000])
+    except OSError:
+        pass
+
+
+def _job(sock):
+    """The job process: pid 1 of its namespaces. Set up, wait for the job, run it."""
+    try:
+        _prctl(PR_SET_PDEATHSIG, SIGKILL)
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        import resource
+
+        sock.send(b"W")  # waiting (with our pid: the worker checks our cgroup)
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
+        if msg[:1] != b"J" or len(fds) != 3:
+            raise RuntimeError("bad job message")
+        job = json.loads(msg[1:])
+        mount_at = job["mount"]
+        here = os.open(job["dir"], os.O_RDONLY | os.O_DIRECTORY)
+        # Our dir over the shared jobs dir: the job sees only its own files there.
+        _mount(f"/proc/self/fd/{here}", mount_at, None, MS_BIND)
+        os.close(here)
+        tmp = "mode=1777" + (f",size={job['tmp_bytes']}" if job.get("tmp_bytes") else "")
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
+        if os.path.isdir("/dev/shm"):
+            _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
+        if job.get("hostname"):
+            socket.sethostname(job["hostname"])
+        os.chdir(mount_at)
+        for res, soft, hard in job["rlimits"]:
+            resource.setrlimit(res, (soft, hard))
+        _drop_caps()
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        _prctl(PR_SET_DUMPABLE, 1)  # our own /proc/self again (the job's, not the zygote's)
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+        sock.close()
+        os.closerange(3, 1 << 16)
+    except BaseException as e:  # noqa: BLE001
+        _report(sock, e)
+        os._exit(SETUP_FAILED)
+    os._exit(_run(job))
+
+
+def _run(job):
+    """Run the script as `python SCRIPT ARGS...` would, in this warm interpreter."""
+    import types
+
+    os.environ.clear()
+    os.environ.update(job["env"])
+    sys.argv = list(job["argv"])
+    script = sys.argv[0]
+    sys.path[0] = os.getcwd()
+    extra = job["env"].get("PYTHONPATH")
+    if extra:
+        sys.path[1:1] = [p for p in extra.split(os.pathsep) if p]
+    main_mod = types.ModuleType("__main__")
+    main_mod.__file__ = script
+    main_mod.__builtins__ = __builtins__
+    sys.modules["__main__"] = main_mod
+    rc = 0
+    try:
+        with open(script, "rb") as f:
+            source = f.read()
+        code = RUNTIME.get(source) or compile(source, script, "exec")
+        exec(code, main_mod.__dict__)
+    except SystemExit as e:
+        rc = _exit_code(e.code)
+    except BaseException:  # noqa: BLE001 - as the interpreter itself reports it
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    return _shutdown(rc)
+
+
+def _exit_code(code):
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _shutdown(rc):
+    # What interpreter exit does: join non-daemon threads, run atexit, flush.
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        rc = rc or 1
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    return rc
+
+
+if __name__ == "__main__":
+    main()
