@@ -85,10 +85,11 @@ async def connect(url: str) -> asyncpg.Connection:
     return conn
 
 
-async def create_pool(url: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    """A pool with sandmill's codecs."""
+async def create_pool(url: str, min_size: int = 1, max_size: int = 4,
+                      settings: dict[str, str] | None = None) -> asyncpg.Pool:
+    """A pool with sandmill's codecs; ``settings``: PostgreSQL settings of its sessions."""
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_conn,
-                                     reset=_reset)
+                                     reset=_reset, server_settings=settings)
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

@@ -79,17 +79,18 @@ async def test_complete_only_by_the_holder_and_once(pg_url):
     await pool.close()
 
 
-async def test_pull_many_claims_best_first_and_leaves_keyed_jobs(pg_url):
+async def test_pull_many_claims_best_first_up_to_a_keyed_job(pg_url):
     pool = await dbmod.create_pool(pg_url)
     tag = "many-" + uuid.uuid4().hex[:6]
     push = lambda **kw: queue.push(pool, workspace="w", language="noop", content="", args={}, tag=tag, **kw)  # noqa: E731
     low = [await push() for _ in range(3)]
     high = await push(priority=9)
     keyed = await push(priority=50, concurrency_key="k", concurrent_limit=1)
-    got = await queue.pull_many(pool, "w1", [tag], 3)
-    assert [j["id"] for j in got] == [high, low[0], low[1]]  # best first; the keyed job is not batched
+    assert await queue.pull_many(pool, "w1", [tag], 3) == []  # the batch stops at a keyed job
     one = await queue.pull(pool, "w1", [tag])
     assert one["id"] == keyed  # the one-job pull takes it, with its key's slot
+    got = await queue.pull_many(pool, "w1", [tag], 3)
+    assert [j["id"] for j in got] == [high, low[0], low[1]]  # best first
     await pool.close()
 
 

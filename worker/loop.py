@@ -100,19 +100,25 @@ class _Running:
 
 
 class _Batcher:
-    """Group commit for one kind of request: callers that ask while a statement is in
-    flight are served together by the next one. A lone caller pays no added wait."""
+    """Group commit for one kind of request: callers that ask while statements are in
+    flight are served together by the next one. A lone caller pays no added wait. Up to
+    ``in_flight`` statements run at once, so that the database works on one batch while
+    this process handles the answer to another (one at a time leaves both sides idle half
+    of the time when jobs are short)."""
 
-    def __init__(self, run_batch):
+    def __init__(self, run_batch, in_flight: int = 1):
         self._run_batch = run_batch  # async (list of requests) -> list of answers, same order
         self._pending: list[tuple[Any, asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
+        self._in_flight = in_flight
+        self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, request: Any) -> Any:
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((request, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
+        if len(self._tasks) < self._in_flight:
+            t = asyncio.create_task(self._drain())
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
         return await fut
 
     async def _drain(self) -> None:
@@ -182,7 +188,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
         self._feed = _Feed(self)
-        self._completer = _Batcher(self._complete_batch)
+        self._completer = _Batcher(self._complete_batch, in_flight=2)
+        # the wake event and next_due's read under it, shared by the idle slots (_next_due)
+        self._due: tuple[asyncio.Event, asyncio.Future] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -197,7 +205,8 @@ class Worker:
                 " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
         # A connection per subworker plus one for pings: no slot waits for a connection.
         self.pool = await dbmod.create_pool(self.database_url, min_size=1,
-                                            max_size=self.profile.subworkers + 1)
+                                            max_size=self.profile.subworkers + 1,
+                                            settings=queue.CLAIM_SETTINGS)
         await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
         p = self.profile
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
@@ -324,37 +333,62 @@ class Worker:
     # ---- the pull loop -------------------------------------------------------------------
 
     async def _slot(self, index: int) -> None:
+        job: dict[str, Any] | None = None  # a job claimed with the last completion
         while not self._stopping.is_set():
             wake = self._wake
-            try:
-                job = await self._feed.next_job()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("pull failed (%s); retrying", e)
-                await self._sleep_or_stop(1.0)
-                continue
             if job is None:
-                await self._idle(wake)
-                continue
+                try:
+                    job = await self._feed.next_job()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    log.warning("pull failed (%s); retrying", e)
+                    await self._sleep_or_stop(1.0)
+                    continue
+                if job is None:
+                    await self._idle(wake)
+                    continue
             t0 = time.monotonic()
+            current, job = job, None
             try:
-                await self._execute(job)
+                job = await self._execute(current)
             except Exception:  # noqa: BLE001 - one bad job must not kill the worker
-                log.exception("job %s: internal error", job["id"])
+                log.exception("job %s: internal error", current["id"])
             self.stats.busy_s += time.monotonic() - t0
             self.stats.jobs_done += 1
+        if job is not None:  # claimed while the worker began to stop: not started, give it back
+            await queue.requeue(self.pool, job["id"], self.name)
 
     async def _idle(self, wake: asyncio.Event) -> None:
         timeout = self.settings.poll_s
-        try:
-            due = await queue.next_due(self.pool, self.tags)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            due = None
+        due = await self._next_due(wake)
         if due is not None:
             timeout = max(0.0, min(timeout, due.timestamp() - time.time()))
         try:
             await asyncio.wait_for(wake.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+
+    async def _next_due(self, wake: asyncio.Event) -> dt.datetime | None:
+        """When the earliest waiting job may start, read once per wake-up for all the slots
+        that miss a pull (a drain's tail: every slot at once): what makes a job due sooner
+        (a push, a freed key slot, a re-queue) NOTIFYs and so swaps the wake event; what
+        makes it later (another worker claims it) only wakes a slot early. A due time that
+        has passed, or a failed read, is read again."""
+        d = self._due
+        if d is None or d[0] is not wake or self._due_stale(d[1]):
+            d = self._due = (wake, asyncio.ensure_future(queue.next_due(self.pool, self.tags)))
+        try:
+            return await asyncio.shield(d[1])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return None
+
+    @staticmethod
+    def _due_stale(read: asyncio.Future) -> bool:
+        if not read.done():
+            return False
+        if read.cancelled() or read.exception() is not None:
+            return True
+        due = read.result()
+        return due is not None and due.timestamp() <= time.time()
 
     async def _sleep_or_stop(self, s: float) -> None:
         try:
@@ -364,7 +398,9 @@ class Worker:
 
     # ---- one job -------------------------------------------------------------------------
 
-    async def _execute(self, job: dict[str, Any]) -> None:
+    async def _execute(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """Run one job and complete it; returns the next job when the completion claimed
+        one for this slot."""
         job_id: uuid.UUID = job["id"]
         sink = LogSink(self.pool, job_id)
         if job["restarts"]:
@@ -410,27 +446,37 @@ class Worker:
         if r.why == "lost":
             sink.note(f"job taken away from worker {self.name} (heartbeat lost); not completing it here")
             await sink.close()
-            return
+            return None
         if r.why == "shutdown":
             sink.note(f"worker {self.name} shutting down; job put back in the queue")
             await sink.close()
             await queue.requeue(self.pool, job_id, self.name)
-            return
+            return None
         if r.why == "canceled":
             sink.note("job canceled; killed")
             result = JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, "canceled")
         await sink.close()
-        await self._completer.submit(queue.Completion(
+        _status, next_job = await self._completer.submit((queue.Completion(
             job_id, self.name, status=result.status, result=result.result, error=result.error,
             duration_ms=outcome.wall_ms if outcome else wall_ms,
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
             outcome=outcome.to_json() if outcome else None,
-        ))
+        ), not self._stopping.is_set()))
+        return next_job
 
-    async def _complete_batch(self, done: list[queue.Completion]) -> list[str | None]:
-        statuses = await queue.complete_many(self.pool, done)
-        return [statuses.get(c.job_id) for c in done]
+    async def _complete_batch(self, reqs: list[tuple[queue.Completion, bool]]
+                              ) -> list[tuple[str | None, dict[str, Any] | None]]:
+        """Complete a batch and, in the same statement, claim the next job of each slot
+        that wants one: a busy slot makes one round trip per job."""
+        done = [c for c, _ in reqs]
+        want = sum(1 for _, w in reqs if w)
+        if want:
+            statuses, jobs = await queue.complete_and_pull(self.pool, done, self.name, self.tags, want)
+        else:
+            statuses, jobs = await queue.complete_many(self.pool, done), []
+        feed = iter(jobs)
+        return [(statuses.get(c.job_id), next(feed, None) if w else None) for c, w in reqs]
 
     def _start_heartbeat(self, r: _Running) -> None:
         if not r.task.done():

@@ -1,0 +1,138 @@
+"""The hot path of a busy worker: completion and next claim in one statement, claims that
+read the queue in order whatever the statistics say, and idle slots that share one
+next_due read."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+
+from server import db as dbmod
+from server import queue
+from server.profiles import profile_from_dict
+from worker.loop import Worker
+
+
+def _push(pool, tag: str, **kw):
+    return queue.push(pool, workspace="w", language="noop", content="", args={}, tag=tag, **kw)
+
+
+def _done(job_id: uuid.UUID, worker: str = "w1") -> queue.Completion:
+    return queue.Completion(job_id, worker, "success", {"ok": 1}, None)
+
+
+async def test_complete_and_pull_completes_and_claims_in_one_statement(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "cap-" + uuid.uuid4().hex[:6]
+    ids = [await _push(pool, tag) for _ in range(4)]
+    (first,) = await queue.pull_many(pool, "w1", [tag], 1)
+    statuses, jobs = await queue.complete_and_pull(pool, [_done(first["id"])], "w1", [tag], 2)
+    assert statuses == {first["id"]: "success"}
+    assert [j["id"] for j in jobs] == ids[1:3]  # the next two, in order, now running as w1's
+    assert all(j["running"] and j["worker"] == "w1" for j in jobs)
+    assert (await queue.get_job(pool, "w", first["id"]))["type"] == "CompletedJob"
+    # a job that is not this worker's is left alone; want 0 claims nothing
+    statuses, jobs = await queue.complete_and_pull(pool, [_done(ids[1], "w2")], "w1", [tag], 0)
+    assert statuses == {} and jobs == []
+    # nothing left to claim: the completions still go through
+    statuses, jobs = await queue.complete_and_pull(
+        pool, [_done(ids[1]), _done(ids[2])], "w1", [tag], 5)
+    assert statuses == {ids[1]: "success", ids[2]: "success"}
+    assert [j["id"] for j in jobs] == [ids[3]]
+    await pool.close()
+
+
+async def test_complete_and_pull_stops_at_a_keyed_job(pg_url):
+    """A keyed job is claimed by pull() alone (its slot); jobs behind it must not pass it."""
+    pool = await dbmod.create_pool(pg_url)
+    tag = "capk-" + uuid.uuid4().hex[:6]
+    key = "k-" + tag
+    running = await _push(pool, tag, priority=9)
+    (r,) = await queue.pull_many(pool, "w1", [tag], 1)
+    assert r["id"] == running
+    before = await _push(pool, tag, priority=5)
+    keyed = await _push(pool, tag, priority=5, concurrency_key=key, concurrent_limit=1)
+    after = await _push(pool, tag, priority=5)
+    statuses, jobs = await queue.complete_and_pull(pool, [_done(running)], "w1", [tag], 3)
+    assert statuses == {running: "success"}
+    assert [j["id"] for j in jobs] == [before]  # up to the keyed job, not past it
+    assert (await queue.pull(pool, "w1", [tag]))["id"] == keyed  # with its key's slot
+    assert await pool.fetchval("SELECT running FROM concurrency_key WHERE key = $1", key) == [keyed]
+    statuses, jobs = await queue.complete_and_pull(pool, [_done(before)], "w1", [tag], 3)
+    assert [j["id"] for j in jobs] == [after]
+    await pool.close()
+
+
+async def _fresh_db(pg_server) -> str:
+    name = "claims_" + uuid.uuid4().hex[:8]
+    admin = await dbmod.connect(pg_server.get_uri())
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = pg_server.get_uri(name)
+    conn = await dbmod.connect(url)
+    await dbmod.migrate(conn)
+    await conn.close()
+    return url
+
+
+async def _cand_plan(conn, sql: str, tags: list[str]) -> str:
+    """The plan of a claim's candidate scan (rolled back: EXPLAIN ANALYZE claims)."""
+    bases, plain, pairs = queue.split_tags(tags)
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        rows = await conn.fetch("EXPLAIN ANALYZE " + sql, bases, "w", plain, pairs, 8)
+    finally:
+        await tr.rollback()
+    text = "\n".join(r[0] for r in rows)
+    return text[text.index("CTE cand"):text.index("CTE claimed")]
+
+
+async def test_claims_read_the_queue_in_order_without_statistics(pg_server):
+    """A burst of waiting jobs in a queue PostgreSQL has no statistics for: the claim must
+    read the pull indexes in order and stop, not sort every waiting row per claim."""
+    url = await _fresh_db(pg_server)
+    pool = await dbmod.create_pool(url, max_size=1, settings=queue.CLAIM_SETTINGS)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO queue (id, workspace, kind, language, content, tag)"
+            " SELECT gen_random_uuid(), 'w', 'preview', 'noop', '', (ARRAY['a','b','c','d'])[1 + i % 4]"
+            "   FROM generate_series(1, 8000) i")
+        one = await _cand_plan(conn, queue._PULL_MANY_ONE_TAG, ["a"])
+        assert "Index Scan using queue_pull_idx" in one and "Sort" not in one, one
+        many = await _cand_plan(conn, queue._PULL_MANY, ["a", "b", "c"])
+        assert "Index Scan using queue_pull_order_idx" in many and "Sort" not in many, many
+        got = await queue.pull_many(conn, "w", ["a", "b", "c"], 3)
+        assert [j["seq"] for j in got] == [1, 2, 4]  # pull order (seq 3 is tag d's)
+    await pool.close()
+
+
+async def test_idle_slots_share_one_next_due_read(monkeypatch):
+    w = Worker(profile_from_dict({"name": "nd", "tags": ["nd"], "native": True}), "postgresql://unused")
+    calls = []
+    answer: list[dt.datetime | None] = [None]
+
+    async def slow_next_due(_db, tags):
+        calls.append(tags)
+        await asyncio.sleep(0.01)  # every slot asks while the read is in flight
+        return answer[0]
+
+    monkeypatch.setattr(queue, "next_due", slow_next_due)
+    wake = w._wake
+    assert await asyncio.gather(*(w._next_due(wake) for _ in range(10))) == [None] * 10
+    assert calls == [["nd"]]
+    calls.clear()
+    for _ in range(5):
+        await w._next_due(wake)  # the same wake-up: nothing new can be due sooner
+    assert calls == []
+    w._wake_all()  # a NOTIFY: read again
+    answer[0] = dt.datetime.fromtimestamp(time.time() + 0.05, dt.timezone.utc)
+    assert await w._next_due(w._wake) == answer[0]
+    assert await w._next_due(w._wake) == answer[0]
+    assert len(calls) == 1
+    await asyncio.sleep(0.06)  # that due time passed: read again
+    await w._next_due(w._wake)
+    assert len(calls) == 2
+
