@@ -198,8 +198,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     # ---- submitting -----------------------------------------------------------------------
 
+    # wait=True: the caller waits for the result (wait_result), so its completion NOTIFYs
     async def push_script(ws: str, s: dict[str, Any], args: Any, tag: str | None,
-                          scheduled_in_secs: float, priority: int | None) -> uuid.UUID:
+                          scheduled_in_secs: float, priority: int | None, wait: bool = False) -> uuid.UUID:
         args = check_args(args)
         try:
             job_tag = resolve_tag(s["language"], ws, args, explicit=tag, script_tag=s["tag"])
@@ -213,10 +214,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             timeout_s=s["timeout_s"], scheduled_in_secs=scheduled_in_secs,
             concurrency_key=key, concurrent_limit=s["concurrent_limit"] if key else None,
             concurrency_time_window_s=s["concurrency_time_window_s"] if key else None,
+            notify_done=wait,
         )
 
     async def push_preview(ws: str, body: Preview, tag: str | None, scheduled_in_secs: float,
-                           priority: int | None) -> uuid.UUID:
+                           priority: int | None, wait: bool = False) -> uuid.UUID:
         check_code(body.language, body.content)
         try:
             job_tag = resolve_tag(body.language, ws, body.args, explicit=tag or body.tag)
@@ -225,6 +227,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return await queue.push(
             pool(), workspace=ws, language=body.language, content=body.content, args=body.args,
             tag=job_tag, kind="preview", priority=priority or 0, scheduled_in_secs=scheduled_in_secs,
+            notify_done=wait,
         )
 
     async def script_or_404(ws: str, path: str | None = None, h: str | None = None) -> dict[str, Any]:
@@ -285,7 +288,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                             priority: int | None = Prio, timeout_s: float | None = WaitT,
                             _u: str = Depends(auth)) -> Response:
         s = await script_or_404(ws, path=path)
-        jid = await push_script(ws, s, args, tag, 0, priority)
+        jid = await push_script(ws, s, args, tag, 0, priority, wait=True)
         return await wait_result(ws, jid, timeout_s or settings.wait_timeout_s)
 
     @app.post("/api/w/{ws}/jobs/run_wait_result/h/{h}", tags=["jobs"])
@@ -293,14 +296,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
                             priority: int | None = Prio, timeout_s: float | None = WaitT,
                             _u: str = Depends(auth)) -> Response:
         s = await script_or_404(ws, h=h)
-        jid = await push_script(ws, s, args, tag, 0, priority)
+        jid = await push_script(ws, s, args, tag, 0, priority, wait=True)
         return await wait_result(ws, jid, timeout_s or settings.wait_timeout_s)
 
     @app.post("/api/w/{ws}/jobs/run_wait_result/preview", tags=["jobs"])
     @app.post("/api/w/{ws}/jobs/run_inline/preview", tags=["jobs"])
     async def run_wait_preview(ws: str, body: Preview, tag: str | None = Tag, priority: int | None = Prio,
                                timeout_s: float | None = WaitT, _u: str = Depends(auth)) -> Response:
-        jid = await push_preview(ws, body, tag, 0, priority)
+        jid = await push_preview(ws, body, tag, 0, priority, wait=True)
         return await wait_result(ws, jid, timeout_s or settings.wait_timeout_s)
 
     # ---- reading jobs ---------------------------------------------------------------------

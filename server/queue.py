@@ -16,7 +16,7 @@ import asyncpg
 
 # NOTIFY channels. Payloads stay tiny; listeners re-read the tables.
 CH_QUEUE = "sandmill_queue"    # payload: the tag of a new job ("tag" or "tag|epoch" if scheduled)
-CH_DONE = "sandmill_done"      # payload: the id of a job that has completed
+CH_DONE = "sandmill_done"      # payload: the id of a completed job pushed with notify_done
 CH_CANCEL = "sandmill_cancel"  # payload: the id of a running job to kill
 
 Executor = asyncpg.Connection | asyncpg.Pool
@@ -24,9 +24,9 @@ Executor = asyncpg.Connection | asyncpg.Pool
 _PUSH = f"""
 INSERT INTO queue (id, workspace, kind, script_path, script_hash, language, content, args,
                    tag, priority, timeout_s, created_by, scheduled_for,
-                   concurrency_key, concurrent_limit, concurrency_time_window_s)
+                   concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-        now() + make_interval(secs => $13), $14, $15, $16)
+        now() + make_interval(secs => $13), $14, $15, $16, $17)
 RETURNING id, scheduled_for,
           pg_notify('{CH_QUEUE}', $9 || CASE WHEN $13 > 0
                      THEN '|' || extract(epoch FROM now() + make_interval(secs => $13))::text
@@ -52,13 +52,16 @@ async def push(
     concurrency_key: str | None = None,
     concurrent_limit: int | None = None,
     concurrency_time_window_s: int | None = None,
+    notify_done: bool = False,
 ) -> uuid.UUID:
-    """Queue one job and wake the workers that serve its tag. Returns the job id."""
+    """Queue one job and wake the workers that serve its tag. Returns the job id.
+    ``notify_done``: someone waits for the result, NOTIFY CH_DONE when it completes (a
+    NOTIFY wakes every listening backend of the database, so only when asked)."""
     job_id = uuid.uuid4()
     await db.fetchrow(
         _PUSH, job_id, workspace, kind, script_path, script_hash, language, content, args,
         tag, priority, timeout_s, created_by, float(scheduled_in_secs),
-        concurrency_key, concurrent_limit, concurrency_time_window_s,
+        concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done,
     )
     return job_id
 
@@ -253,8 +256,8 @@ SELECT pg_notify('{CH_QUEUE}', tag) FROM q
 def _complete_ctes(p: int) -> str:
     """Completion of a batch of jobs (CTEs i, gone, released, done), its nine arrays from
     parameter $p on: each queue row goes, its concurrency slot is given back, its completed
-    row is written, and result waiters are notified. Only the worker that holds a job can
-    complete it."""
+    row is written, and result waiters (notify_done) are notified. Only the worker that
+    holds a job can complete it."""
     a = [f"${p + k}" for k in range(9)]
     return f"""
 i AS (
@@ -270,7 +273,8 @@ i AS (
     DELETE FROM queue USING i
      WHERE queue.id = ANY({a[0]}::uuid[]) AND queue.id = i.id AND queue.worker = i.worker
        AND queue.running
-    RETURNING queue.*
+    RETURNING queue.*,
+              CASE WHEN queue.notify_done THEN pg_notify('{CH_DONE}', queue.id::text) END AS notified
 ), released AS (
     UPDATE concurrency_key ck
        SET running = (SELECT coalesce(array_agg(x), '{{}}') FROM unnest(ck.running) x
@@ -293,7 +297,7 @@ i AS (
            i.duration_ms, i.cpu_ms, i.mem_peak, i.outcome, q.restarts, q.canceled_by,
            q.canceled_reason, q.concurrency_key
       FROM gone q JOIN i ON i.id = q.id
-    RETURNING id, status, pg_notify('{CH_DONE}', id::text)
+    RETURNING id, status
 )"""
 
 

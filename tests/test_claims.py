@@ -136,3 +136,24 @@ async def test_idle_slots_share_one_next_due_read(monkeypatch):
     await w._next_due(w._wake)
     assert len(calls) == 2
 
+
+async def test_completion_notifies_only_jobs_someone_waits_on(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "nd-" + uuid.uuid4().hex[:6]
+    heard: list[str] = []
+    listener = await dbmod.connect(pg_url)
+    await listener.add_listener(queue.CH_DONE, lambda _c, _p, _ch, payload: heard.append(payload))
+    waited = await _push(pool, tag, notify_done=True)
+    fire_and_forget = await _push(pool, tag)
+    jobs = await queue.pull_many(pool, "w1", [tag], 2)
+    assert {j["id"] for j in jobs} == {waited, fire_and_forget}
+    statuses, _ = await queue.complete_and_pull(pool, [_done(waited), _done(fire_and_forget)],
+                                                "w1", [tag], 1)
+    assert statuses == {waited: "success", fire_and_forget: "success"}
+    deadline = time.monotonic() + 5
+    while str(waited) not in heard and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # time for a stray NOTIFY to arrive too
+    assert heard == [str(waited)]
+    await listener.close()
+    await pool.close()
