@@ -150,13 +150,14 @@ def print_tables(con: Console, res: dict) -> None:
     ov = res.get("overhead", {}).get("rows", [])
     if ov:
         t = Table(title="1. per-job overhead, one worker")
-        for c in ("backend", "lang", "bare p50 ms", "latency p50 ms", "p95 ms", "overhead ms", "jobs/s (min-max)", "Windmill"):
+        for c in ("backend", "lang", "bare p50 ms", "latency p50 ms", "p95 ms", "overhead ms", "jobs/s (min-max)",
+                  "warm", "Windmill"):
             t.add_column(c)
         for r in ov:
             t.add_row(r["backend"], r["language"], f"{r['bare']['median']:.1f}", f"{r['latency']['median']:.1f}",
                       f"{r['latency']['p95']:.1f}", f"{r['overhead_ms']:.1f}",
                       f"{r['jps']['median']:.1f} ({r['jps']['min']:.1f}-{r['jps']['max']:.1f})",
-                      f"{report.WINDMILL[r['language']]:g}")
+                      f"{100 * r.get('warm_share', 0):.0f}%", f"{report.WINDMILL[r['language']]:g}")
         con.print(t)
     sc = res.get("scaling", {}).get("rows", [])
     if sc:

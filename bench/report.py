@@ -198,14 +198,18 @@ def markdown(res: dict, machine: dict, pngs: list[str], cmd: str, notes: dict[st
               "Trivial job (`def main(): return 1`, `echo 1`) through the HTTP API on a one-subworker worker."
               " Latency: sequential `run_wait_result/preview` calls; throughput: a batch submitted at once"
               " (20 in flight), timed until its last completion, repeated; beside the bare interpreter start"
-              " (`python3 -c pass`, `bash -c 'echo 1'`) timed in the same run.", "",
-              "| backend | language | bare start p50 | latency p50 | latency p95 | overhead p50 | jobs/s median (min-max) | Windmill 1 worker |",
-              "|---|---|---|---|---|---|---|---|"]
+              " (`python3 -c pass`, `bash -c 'echo 1'`) timed in the same run. python3 jobs on process and nsjail"
+              " fork from a warm interpreter inside the sandbox (`isolation/README.md`, \"Warm runs\"); the"
+              " `-cold` rows run the same jobs with `warm: false`, a fresh interpreter each. \"warm\" is the share"
+              " of the run's jobs whose outcome says they ran warm.", "",
+              "| backend | language | bare start p50 | latency p50 | latency p95 | overhead p50 | jobs/s median (min-max) | warm | Windmill 1 worker |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for r in ov["rows"]:
             used = "" if r["backend_used"] == r["backend"] else f" (ran as {r['backend_used']})"
+            warm = f"{100 * r['warm_share']:.0f}%" if "warm_share" in r else ""
             L.append(f"| {r['backend']}{used} | {r['language']} | {r['bare']['median']:.1f} ms | {r['latency']['median']:.1f} ms"
                      f" | {r['latency']['p95']:.1f} ms | {r['overhead_ms']:.1f} ms | {r['jps']['median']:.1f}"
-                     f" ({r['jps']['min']:.1f}-{r['jps']['max']:.1f}) | {WINDMILL[r['language']]:g} jobs/s |")
+                     f" ({r['jps']['min']:.1f}-{r['jps']['max']:.1f}) | {warm} | {WINDMILL[r['language']]:g} jobs/s |")
         skipped = {k: v for k, v in ov["probes"].items() if v}
         for k, v in skipped.items():
             L.append(f"\n{k}: not measured ({v}).")

@@ -66,36 +66,46 @@ def available_backends(wanted: list[str]) -> dict[str, str]:
 
 # ---- 1. per-job overhead ---------------------------------------------------------------------
 
+WARM_BACKENDS = ("process", "nsjail")  # python3 jobs fork from a warm interpreter there
+
 def overhead(bp: BenchPG, counts: Counts, log=print) -> dict:
     """One worker per backend; per language: bare interpreter start, submit->result latency
     (run_wait_result, one at a time) and jobs/s over batches submitted at once."""
     probes = available_backends(counts.backends)
     rows = []
-    for backend, why in probes.items():
+    variants = [(b, False) for b in probes]
+    # The same python3 jobs in a fresh interpreter each: what the warm interpreters save.
+    variants += [(b, True) for b in probes if b in WARM_BACKENDS]
+    for backend, cold in variants:
+        why = probes[backend]
         if why:
-            log(f"  {backend}: skipped ({why})")
+            if not cold:
+                log(f"  {backend}: skipped ({why})")
             continue
-        url = bp.database(f"ovh_{backend}")
-        c = bp.cluster(url, f"ovh-{backend}")
+        name = f"{backend}-cold" if cold else backend
+        url = bp.database(f"ovh_{name.replace('-', '_')}")
+        c = bp.cluster(url, f"ovh-{name}")
         try:
             c.start_server()
-            c.start_worker("bench", tags="python3, bash", backend=backend)
+            c.start_worker("bench", tags="python3, bash", backend=backend,
+                           backend_options={"warm": False} if cold else None)
             c.wait_workers("bench")
             with c.client() as api:
                 used = next(w["backend"] for w in api.get("/api/workers/list").json() if w["worker_group"] == "bench")
             runs = counts.docker_latency_runs if backend == "docker" else counts.latency_runs
             batch = counts.docker_batch_jobs if backend == "docker" else counts.batch_jobs
-            for language in ("python3", "bash"):
-                log(f"  {backend} / {language}: {runs} latency runs, {counts.batches} x {batch} jobs")
+            for language in ("python3",) if cold else ("python3", "bash"):
+                log(f"  {name} / {language}: {runs} latency runs, {counts.batches} x {batch} jobs")
 
                 async def go() -> tuple[list[float], list[float], list[float]]:
                     bare = await lat.bare_start(lat.BARE[language], runs)
                     l_ms = await lat.latency(c, language, runs)
                     jps = [await lat.throughput(c, language, batch) for _ in range(counts.batches)]
-                    return bare, l_ms, jps
+                    return bare, l_ms, jps, await lat.warm_share(c, language)
 
-                bare, l_ms, jps = asyncio.run(go())
-                rows.append({"backend": backend, "backend_used": used, "language": language,
+                bare, l_ms, jps, warm_share = asyncio.run(go())
+                rows.append({"backend": name, "backend_used": f"{used}-cold" if cold else used,
+                             "language": language, "warm_share": warm_share,
                              "bare_ms": bare, "latency_ms": l_ms, "jobs_per_s": jps, "batch_jobs": batch,
                              "bare": spread(bare), "latency": spread(l_ms), "jps": spread(jps),
                              "overhead_ms": spread(l_ms)["median"] - spread(bare)["median"]})

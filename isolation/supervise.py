@@ -79,10 +79,13 @@ def _kill_group(pgid: int) -> None:
 @dataclass
 class Launched:
     """A started job: ``wait`` resolves to its returncode (-N for signal N); ``pgid`` is
-    its process group to kill, when it has one of its own."""
+    its process group to kill, when it has one of its own; ``kill``, when given, is how
+    to kill the job before it ended instead of the cgroup (a warm job: its cgroup may
+    still hold the warm interpreter for a moment); the sweep after the end is the same."""
 
     wait: Awaitable[int]
     pgid: int | None
+    kill: Callable[[], None] | None = None
 
 
 # Starts the job with (stdin fd or None for /dev/null, stdout write end, stderr write
@@ -123,10 +126,14 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
     in_fd = stdin_fd(stdin)
     tripped = asyncio.Event()
     job: Launched | None = None
+    waiter: asyncio.Future[int] | None = None
     streams: list[CappedStream] = []
     t0 = time.monotonic()
 
     def kill_now() -> None:
+        if job is not None and job.kill is not None:
+            job.kill()
+            return
         if job is not None and job.pgid is not None:
             _kill_group(job.pgid)
         if cgroup is not None:
@@ -182,6 +189,10 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
                 res.cpu_ms = ns // 1_000_000
     except BaseException:
         # Cancelled (or a bug): kill everything synchronously before propagating.
+        if waiter is not None:
+            waiter.cancel()
+        if job is not None and job.kill is not None:
+            job.kill()
         if job is not None and job.pgid is not None:
             _kill_group(job.pgid)
         if cgroup is not None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import uuid
@@ -113,6 +114,8 @@ class Zygote:
         self.pid: int | None = None  # the interpreter's pid as we see it (not nsjail's)
         self.next_cgroup: JobCgroup | None = None
         self._moving: asyncio.Future[None] | None = None
+        self.job_pidfd: int | None = None  # the running job process (pid 1 of its namespaces)
+        self._reading: asyncio.AbstractEventLoop | None = None  # a reader is registered there
         self.broken = False
 
     async def _recv(self) -> tuple[bytes, int | None]:
@@ -126,18 +129,27 @@ class Zygote:
             except BlockingIOError:
                 readable: asyncio.Future[None] = loop.create_future()
                 loop.add_reader(fd, _set_once, readable)
+                self._reading = loop
                 try:
                     await readable
                 finally:
-                    loop.remove_reader(fd)
+                    self._stop_reading()
         if not data:
             self.broken = True
-            raise WarmError("the warm interpreter exited")
+            await asyncio.sleep(0.05)  # let the exit status arrive, for the message
+            raise WarmError(f"the warm interpreter exited (status {self.proc.returncode})")
         pid = None
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid = struct.unpack("iII", payload[:12])[0]
         return data, pid
+
+    def _stop_reading(self) -> None:
+        # Only while the socket is open: after close() its fd number may belong to
+        # another job's pipe, whose reader must not be removed.
+        if self._reading is not None:
+            self._reading.remove_reader(self.sock.fileno())
+            self._reading = None
 
     def _move_to_next(self) -> None:
         """(In a thread.) A fresh cgroup for the next job, with the zygote in it."""
@@ -188,6 +200,7 @@ class Zygote:
                 raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
             if msg != b"W" or pid is None:
                 raise WarmError(f"unexpected message from the warm interpreter: {msg[:200]!r}")
+            self.job_pidfd = os.pidfd_open(pid)  # from here on, this very process
             with open(f"/proc/{pid}/cgroup") as f:
                 if cgroup.unique_dirs()[0].name not in f.read():
                     raise WarmError("the job process is not in its job cgroup")
@@ -198,6 +211,20 @@ class Zygote:
             self.broken = True
             raise
         self.advance(fork=False)
+
+    def kill_job(self) -> None:
+        """SIGKILL the job process: pid 1 of its pid namespace, so every process of the
+        job dies with it. (Not the cgroup: the zygote may still be in it for a moment.)"""
+        if self.job_pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.job_pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _close_pidfd(self) -> None:
+        if self.job_pidfd is not None:
+            os.close(self.job_pidfd)
+            self.job_pidfd = None
 
     async def job_done(self) -> None:
         """After a job: once out of its cgroup, fork the next job process."""
@@ -228,6 +255,8 @@ class Zygote:
         except BaseException:
             self.broken = True
             raise
+        finally:
+            self._close_pidfd()
         await self.settle()  # the caller sweeps the job's cgroup next: be out of it
         if setup_error:
             raise WarmSetupError(f"warm job setup failed: {setup_error}")
@@ -237,6 +266,8 @@ class Zygote:
     def close(self) -> None:
         """Stop it: closing the socket ends the zygote (and any job, by parent death)."""
         self.broken = True
+        self._stop_reading()
+        self._close_pidfd()
         try:
             self.sock.close()
         except OSError:
@@ -365,7 +396,7 @@ def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup):
         finally:
             if null is not None:
                 os.close(null)
-        return Launched(wait=z.wait_job(), pgid=None)
+        return Launched(wait=z.wait_job(), pgid=None, kill=z.kill_job)
 
     return launch
 
@@ -415,12 +446,16 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             log.warning("warm run failed before the job started, running it cold: %s", e)
             z.broken = True
             return None
+        except BaseException:  # cancelled: its messages are unread, it cannot be reused
+            z.broken = True
+            raise
         files = workdir.collect(wd, spec.collect, limits.output_bytes)
         out = classify(sup, limits, files)
         out.warm = True
         return out
     finally:
-        await z.job_done()
+        if not z.broken:
+            await z.job_done()
         if cgroup is not None:
             cgroup.kill_all()
             cgroup.remove()

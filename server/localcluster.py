@@ -3,6 +3,7 @@ database), for tests and benchmarks."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROCESS_PROFILE = """
 name: {name}
 tags: [{tags}]
-backend: {{kind: {backend}}}
+backend: {{kind: {backend}{backend_options}}}
 subworkers: {subworkers}
 limits: {{wall_s: 60, memory_mb: 512, pids: 128}}
 """
@@ -67,8 +68,10 @@ class LocalCluster:
 
     def start_worker(self, name: str = "default", tags: str = "python3, bash", subworkers: int = 1,
                      backend: str = "process", profile_text: str | None = None,
-                     env: dict | None = None) -> subprocess.Popen:
-        text = profile_text or PROCESS_PROFILE.format(name=name, tags=tags, subworkers=subworkers, backend=backend)
+                     env: dict | None = None, backend_options: dict | None = None) -> subprocess.Popen:
+        opts = "".join(f", {k}: {json.dumps(v)}" for k, v in (backend_options or {}).items())
+        text = profile_text or PROCESS_PROFILE.format(name=name, tags=tags, subworkers=subworkers,
+                                                      backend=backend, backend_options=opts)
         prof = self.tmp / f"{name}-{uuid.uuid4().hex[:6]}.yaml"
         prof.write_text(text)
         return self.spawn("worker", "--profile", str(prof), env=env)
