@@ -116,6 +116,7 @@ class Zygote:
         self._moving: asyncio.Future[None] | None = None
         self.job_pidfd: int | None = None  # the running job process (pid 1 of its namespaces)
         self._reading: asyncio.AbstractEventLoop | None = None  # a reader is registered there
+        self._reaped = False  # the zygote reported its last child gone (Z)
         self.broken = False
 
     async def _recv(self) -> tuple[bytes, int | None]:
@@ -227,17 +228,23 @@ class Zygote:
             self.job_pidfd = None
 
     async def job_done(self) -> None:
-        """After a job: once out of its cgroup, fork the next job process."""
-        await self.settle()
-        if not self.broken:
-            try:
+        """After a job: once the zygote has reaped its child (Z) and is out of the job's
+        cgroup, have it fork the next job process."""
+        try:
+            while not self._reaped:
+                msg, _ = await self._recv()
+                self._reaped = msg[:1] == b"Z"
+            await self.settle()
+            if not self.broken:
                 self.sock.send(b"F")
-            except OSError:
-                self.broken = True
+                self._reaped = False
+        except (OSError, WarmError):
+            self.broken = True
 
     async def wait_job(self) -> int:
         """The job's end, as asyncio reports a returncode (-N for signal N). Raises
-        WarmError when the setup failed before the job's code ran."""
+        WarmError when the setup failed before the job's code ran. Returns on the job
+        process's end (X): the zygote's note that the child is gone (Z) is read after."""
         status: int | None = None
         setup_error = ""
         try:
@@ -246,10 +253,12 @@ class Zygote:
                 kind, body = msg[:1], msg[1:]
                 if kind == b"X":
                     status = struct.unpack("i", body)[0]
-                elif kind == b"E":
+                    break
+                if kind == b"E":
                     setup_error = body.decode(errors="replace")
                 elif kind == b"Z":
-                    if status is None and not setup_error:
+                    self._reaped = True
+                    if not setup_error:
                         status = struct.unpack("i", body)[0]  # the child was killed
                     break
         except BaseException:
@@ -452,6 +461,10 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         files = workdir.collect(wd, spec.collect, limits.output_bytes)
         out = classify(sup, limits, files)
         out.warm = True
+        # Every process is dead (supervise swept the cgroup): removing the cgroup and
+        # the work dir can happen in a thread while the caller records the result.
+        asyncio.get_running_loop().run_in_executor(None, _remove, cgroup, wd)
+        cgroup = wd = None
         return out
     finally:
         if not z.broken:
@@ -462,3 +475,9 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         if wd is not None:
             workdir.remove(wd)
         pool.release(z)
+
+
+def _remove(cgroup: JobCgroup, wd: Path) -> None:
+    cgroup.kill_all()
+    cgroup.remove()
+    workdir.remove(wd)
