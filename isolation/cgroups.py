@@ -310,3 +310,53 @@ class JobCgroup:
                 except OSError:
                     time.sleep(0.01)
 
+
+
+def sweep_stale(older_than_s: float = 60.0, recheck_s: float = 5.0,
+                parent: str = "sandmill") -> list[Path]:
+    """Remove job cgroups (``job-*``, ``warm-*`` under ``parent``) that a dead worker left:
+    those with no process and no child cgroup, created more than ``older_than_s`` ago, and
+    still so ``recheck_s`` later (a live job's cgroup is empty only for moments: before its
+    first process joins, and after the job ends until its worker reads and removes it).
+    rmdir itself refuses a cgroup that holds a process. Returns what it removed."""
+    try:
+        host = detect()
+    except CgroupUnavailable:
+        return []
+    first = _stale_cgroups(host, parent, older_than_s)
+    if not first:
+        return []
+    time.sleep(recheck_s)
+    removed = []
+    for d in sorted(first & _stale_cgroups(host, parent, older_than_s)):
+        try:
+            d.rmdir()
+            removed.append(d)
+        except OSError:
+            pass  # busy again, or gone
+    return removed
+
+
+def _stale_cgroups(host: CgroupHost, parent: str, older_than_s: float) -> set[Path]:
+    if host.version == 2:
+        assert host.v2_root is not None
+        parents = {host.v2_root / parent, _own_v2_cgroup() / parent}
+    else:
+        parents = {host.mounts[c] / parent for c in V1_CONTROLLERS if c in host.mounts}
+    now = time.time()
+    found: set[Path] = set()
+    for p in parents:
+        try:
+            kids = [d for d in p.iterdir() if d.is_dir() and d.name.startswith(("job-", "warm-"))]
+        except OSError:
+            continue
+        for d in kids:
+            try:
+                idle = not (d / "cgroup.procs").read_text().split()
+                leaf = not any(c.is_dir() for c in d.iterdir())
+                old = now - d.stat().st_mtime >= older_than_s
+            except OSError:
+                continue
+            if idle and leaf and old:
+                found.add(d)
+    return found

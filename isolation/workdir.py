@@ -86,3 +86,57 @@ def collect(wd: Path, names: list[str], cap: int) -> dict[str, bytes]:
 def remove(wd: Path) -> None:
     """Delete the work dir (best effort; never raises)."""
     shutil.rmtree(wd, ignore_errors=True)
+
+
+# ---- leftovers of dead workers -----------------------------------------------------------
+# A worker keeps its work dirs under a root of its own, w-<pid ns>-<pid>-<start time>, so
+# that once it is dead (SIGKILL: no cleanup ran) a later worker can tell its dirs apart
+# from a live worker's: the pid no longer runs, or runs a process with another start time.
+
+
+def owner_root(root: Path) -> Path:
+    """This process's own work dir root under the shared ``root``."""
+    return root / f"w-{_pid_ns()}-{os.getpid()}-{_start_time(os.getpid())}"
+
+
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]") or "0"
+    except OSError:
+        return "0"
+
+
+def _start_time(pid: int) -> str | None:
+    """Start time of process ``pid`` in clock ticks since boot; None when it does not run."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_stale(root: Path, older_than_s: float = 60.0) -> list[Path]:
+    """Remove the worker roots under ``root`` whose worker is dead, untouched for
+    ``older_than_s`` (jobs a dead worker left running get that long). Roots of another
+    pid namespace (a worker in another container) are left alone: their pids mean
+    nothing here. Returns what it removed."""
+    import time
+
+    ns, removed = _pid_ns(), []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        parts = d.name.split("-")
+        if len(parts) != 4 or parts[0] != "w" or parts[1] != ns or not parts[2].isdigit():
+            continue
+        if _start_time(int(parts[2])) == parts[3]:
+            continue  # its worker runs
+        try:
+            st = d.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and time.time() - st.st_mtime >= older_than_s:
+            remove(d)
+            removed.append(d)
+    return removed

@@ -13,11 +13,12 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from isolation import Backend, Outcome, get_backend
+from isolation import Backend, Outcome, cgroups, get_backend, workdir
 from server import db as dbmod
 from server import queue, workers
 
@@ -48,6 +49,10 @@ class WorkerSettings:
     poll_s: float = field(default_factory=lambda: _env_float("SANDMILL_POLL_S", 30.0))
     # on SIGTERM, how long the job in hand may still run before it is killed and re-queued
     grace_s: float = field(default_factory=lambda: _env_float("SANDMILL_GRACE_S", 30.0))
+    # leftovers of dead workers (work dirs, job cgroups): swept at start and this often,
+    # once untouched this long
+    sweep_every_s: float = field(default_factory=lambda: _env_float("SANDMILL_SWEEP_EVERY_S", 600.0))
+    sweep_grace_s: float = field(default_factory=lambda: _env_float("SANDMILL_SWEEP_GRACE_S", 60.0))
     # start a requires_gpu group on a host where no GPU is found
     allow_no_gpu: bool = field(default_factory=lambda: os.environ.get("SANDMILL_ALLOW_NO_GPU", "") not in ("", "0"))
 
@@ -67,15 +72,34 @@ class WorkerInitError(Exception):
 ADMIN_WORKSPACE = "admins"  # where the workers' own jobs (init, periodic scripts) are recorded
 
 
-def resolve_backend(profile: Profile) -> tuple[Backend, str | None]:
-    """The backend the profile names, or process with a warning that says why."""
+# Backends whose work dirs go under a root of the worker's own (see _own_options).
+_OWN_ROOT_BACKENDS = ("process", "nsjail")
+
+
+def work_root(profile: Profile) -> Path:
+    """The shared work dir root of the profile's backend (the worker's own lives in it)."""
+    opt = profile.backend.options.get("workdir_root")
+    return Path(opt) if opt else workdir.default_root()
+
+
+def _own_options(name: str, options: dict[str, Any], own_root: Path | None) -> dict[str, Any]:
+    # A SIGKILLed worker leaves its jobs' work dirs behind; under a root named after the
+    # worker (workdir.owner_root) a later worker can tell they are a dead worker's.
+    if own_root is None or name not in _OWN_ROOT_BACKENDS:
+        return options
+    return {**options, "workdir_root": str(own_root)}
+
+
+def resolve_backend(profile: Profile, own_root: Path | None = None) -> tuple[Backend, str | None]:
+    """The backend the profile names, or process with a warning that says why. With
+    ``own_root``, process and nsjail keep their work dirs there."""
     kind = profile.backend.kind
     options = profile.backend.options
     candidates = ["nsjail"] if kind == "auto" else [kind]
     reason = ""
     for name in candidates:
         try:
-            b = get_backend(name, **options)
+            b = get_backend(name, **_own_options(name, options, own_root))
             p = b.probe()
         except (ImportError, OSError, ValueError, TypeError) as e:
             p, b = None, None
@@ -88,7 +112,8 @@ def resolve_backend(profile: Profile) -> tuple[Backend, str | None]:
             raise WorkerStartError(reason)
     if kind == "process":
         raise WorkerStartError(reason)
-    return get_backend("process"), f"{reason}; running jobs with the process backend instead"
+    return (get_backend("process", **_own_options("process", {}, own_root)),
+            f"{reason}; running jobs with the process backend instead")
 
 
 @dataclass
@@ -211,9 +236,13 @@ class Worker:
         p = self.profile
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
                 or p.init_script or p.periodic_script):
-            self.backend, warning = resolve_backend(self.profile)
+            self.backend, warning = resolve_backend(self.profile, workdir.owner_root(work_root(self.profile)))
             if warning:
                 log.warning("%s: %s", self.profile.name, warning)
+            if self.backend.name in _OWN_ROOT_BACKENDS:
+                t = asyncio.get_running_loop().create_task(self._sweep_loop())
+                self._bg.add(t)
+                t.add_done_callback(self._bg.discard)
         self.listener = await dbmod.connect(self.database_url)
         await self.listener.add_listener(queue.CH_QUEUE, self._on_queue)
         await self.listener.add_listener(queue.CH_CANCEL, self._on_cancel)
@@ -329,6 +358,25 @@ class Worker:
         if r and not r.why:
             r.why = "canceled"
             r.task.cancel()
+
+    # ---- leftovers of dead workers -------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        """Now and then (at start first), remove what dead workers left on this host: the
+        work dirs of a worker that no longer runs, and job cgroups with no process."""
+        root = work_root(self.profile)
+        parent = self.profile.backend.options.get("cgroup_parent", "sandmill")
+        while True:
+            try:
+                dirs = await asyncio.to_thread(workdir.sweep_stale, root, self.settings.sweep_grace_s)
+                cgs = await asyncio.to_thread(cgroups.sweep_stale, self.settings.sweep_grace_s,
+                                              parent=parent)
+                if dirs or cgs:
+                    log.info("removed %d work dir root(s) and %d cgroup(s) of dead workers",
+                             len(dirs), len(cgs))
+            except OSError as e:
+                log.warning("sweep of dead workers' leftovers failed: %s", e)
+            await asyncio.sleep(self.settings.sweep_every_s)
 
     # ---- the pull loop -------------------------------------------------------------------
 
