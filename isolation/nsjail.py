@@ -70,7 +70,7 @@ class NsjailBackend(Backend):
     """Run jobs in nsjail. Options: ``binary`` (default: bundled, else PATH), ``uid``/
     ``gid`` (inside == outside id, default 65534), ``workdir_root``, ``cgroup_parent``,
     ``lo_up`` (bring lo up in the job's netns; costs a netlink round trip, default off),
-    ``warm`` (python3 jobs by fork from a warm interpreter inside a jail, default on;
+    ``warm`` (jobs start by fork from a warm interpreter inside a jail, default on;
     isolation/warm.py) and ``warm_preload`` (modules it imports once)."""
 
     name = "nsjail"
@@ -176,8 +176,11 @@ class NsjailBackend(Backend):
         """Run ``spec`` under nsjail; see the module docstring."""
         if not self.binary:
             return Outcome(Status.sandbox_error, detail="nsjail binary not found")
-        if self.warm_pool is not None and spec.warm:
-            out = await run_warm(self.warm_pool, spec, on_output, _resolve(spec.argv[0], spec.env))
+        if self.warm_pool is not None and spec.argv:
+            program = _resolve(spec.argv[0], spec.env)
+            # A warm exec sees what a cold job sees: only programs in the bound system dirs.
+            visible = any(program.startswith(d + "/") for d in SYSTEM_DIRS)
+            out = await run_warm(self.warm_pool, spec, on_output, program, can_exec=visible)
             if out is not None:
                 return out
         limits = spec.limits

@@ -33,8 +33,8 @@ class ProcessBackend(Backend):
     """Run jobs as plain processes. Options: ``uid``/``gid`` to run jobs as when root
     (default 65534), ``workdir_root`` (default /var/tmp/sandmill-jobs as root),
     ``cgroup_parent`` (default "sandmill"), ``hide`` (host dirs masked by an empty tmpfs),
-    ``namespaces`` (False: no netns/mount ns even as root), ``warm`` (run python3 jobs
-    by fork from a warm interpreter when the host allows, default on; isolation/warm.py)
+    ``namespaces`` (False: no netns/mount ns even as root), ``warm`` (start jobs by fork
+    from a warm interpreter when the host allows, default on; isolation/warm.py)
     and ``warm_preload`` (modules the warm interpreter imports once)."""
 
     name = "process"
@@ -79,9 +79,9 @@ class ProcessBackend(Backend):
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
-        if self.warm_pool is not None and spec.warm:
-            python = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
-            out = await run_warm(self.warm_pool, spec, on_output, python)
+        if self.warm_pool is not None and spec.argv:
+            program = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
+            out = await run_warm(self.warm_pool, spec, on_output, program)
             if out is not None:
                 return out
         limits = spec.limits

@@ -90,6 +90,7 @@ class JobRequest:
     rlimits: list[tuple[int, int, int]]
     tmp_bytes: int | None
     hostname: str | None = None
+    exec: list[str] | None = None  # exec this argv instead of running argv[0] in-process
 
 
 class Zygote:
@@ -306,10 +307,11 @@ class WarmPool:
     def __init__(self, starter: Starter, root: Path, uid: int | None, gid: int | None, *,
                  mount_at: str | None = None, hostname: str | None = None,
                  cgroup_parent: str = "sandmill", preload: tuple[str, ...] = DEFAULT_PRELOAD,
-                 memory_mb: int = 256) -> None:
+                 memory_mb: int = 256, python: str = "/usr/bin/python3") -> None:
         self.starter = starter
         self.root = root
         self.mount_at = mount_at  # where a zygote sees its dir (None: at the same path)
+        self.python = python  # the interpreter of the zygotes that exec other programs
         self.hostname = hostname
         self.cgroup_parent = cgroup_parent
         self.uid = uid
@@ -411,15 +413,26 @@ def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup):
 
 
 async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | None,
-                   python: str) -> Outcome | None:
-    """Run ``spec`` by a warm fork; None when it must run cold instead (not a warm
-    spec, pool off, or the warm path failed before any of the job's code ran)."""
+                   program: str, can_exec: bool = True) -> Outcome | None:
+    """Run ``spec`` warm; None when it must run cold instead (network on, pool off, or
+    the warm path failed before any of the job's code ran). ``program`` is argv[0]
+    resolved to a path. A spec with a runtime script (``spec.warm``) runs in-process in a
+    warm ``program``; any other is exec'd by a forked job process (``can_exec``: the
+    backend says ``program`` is visible in the sandbox), which still skips the sandbox
+    set-up and the cgroup move."""
+    if pool.disabled or spec.network != "none" or not spec.argv:
+        return None
     script = warm_script(spec)
-    if script is None or pool.disabled:
+    exec_argv: list[str] | None = None
+    if script is not None:
+        key: tuple[str, str, bytes] = (program, script, spec.files[script])
+    elif can_exec and os.path.isabs(program) and os.access(program, os.X_OK):
+        key, exec_argv = (pool.python, "", b""), [program, *spec.argv[1:]]
+    else:
         return None
     limits = spec.limits
     try:
-        z = await pool.acquire(python, script, spec.files[script])
+        z = await pool.acquire(*key)
     except WarmError:
         return None
     wd: Path | None = None
@@ -439,12 +452,12 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             z.broken = True
             return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
         mount = pool.mount_at or str(z.dir)
-        rest = spec.argv[spec.argv.index(script, 1):]
         req = JobRequest(
-            dir=f"{mount}/{wd.name}", mount=mount, argv=rest, env=dict(spec.env),
+            dir=f"{mount}/{wd.name}", mount=mount,
+            argv=spec.argv[spec.argv.index(script, 1):] if script else [], env=dict(spec.env),
             rlimits=[(r, s, h) for r, (s, h) in job_rlimits(limits)],
             tmp_bytes=limits.tmp_mb * 1024 * 1024 if limits.tmp_mb else None,
-            hostname=pool.hostname)
+            hostname=pool.hostname, exec=exec_argv)
         try:
             sup = await supervise_launch(make_launch(z, req, cgroup), stdin=spec.stdin,
                                          limits=limits, cgroup=cgroup, on_output=on_output)

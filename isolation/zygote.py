@@ -21,7 +21,7 @@
 # pid, net, ipc and uts namespaces and forks the job process, which is pid 1 there: it
 # mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
 # the others), mounts a size-capped /tmp, sets the rlimits, drops every capability and
-# runs the script in-process.
+# runs the script in-process, or execs the job's program (J with "exec").
 import ctypes
 import gc
 import json
@@ -194,7 +194,24 @@ def _job(sock):
     except BaseException as e:  # noqa: BLE001
         _report(sock, e)
         os._exit(SETUP_FAILED)
+    if job.get("exec"):
+        _exec(job)
     os._exit(_run(job))
+
+
+def _exec(job):
+    """Become the job's program (a warm exec: fresh namespaces, no new interpreter)."""
+    import signal
+
+    # Python ignores these at start; an exec'd program must get the defaults back.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    argv = job["exec"]
+    try:
+        os.execve(argv[0], argv, job["env"])
+    except OSError as e:
+        os.write(2, f"sandmill: cannot run {argv[0]}: {e.strerror}\n".encode())
+    os._exit(127)
 
 
 def _run(job):

@@ -2,8 +2,9 @@
 (backend, case) that the backend's probe lists as a gap marked xfail(strict=True),
 so a gap that starts passing is reported, never silently green.
 
-Backends with warm interpreters (isolation/warm.py) run the suite twice: cold
-(``warm=False``) and warm (``<name>+warm``, where every run must really be warm)."""
+Backends with warm interpreters (isolation/warm.py) run the suite three times: cold
+(``warm=False``), warm in-process (``<name>+warm``) and warm exec (``<name>+exec``);
+in the warm variants every run must really have been warm."""
 
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ WARM_BACKENDS = ("process", "nsjail")  # the ones with a ``warm`` option
 
 
 def variants() -> list[str]:
-    """Every backend name, plus ``<name>+warm`` for those with warm interpreters."""
+    """Every backend name, plus ``<name>+warm`` (the runtime script runs in a warm
+    interpreter) and ``<name>+exec`` (a warm job process execs the program) for those
+    with warm interpreters."""
     return [v for name in BACKENDS
-            for v in ((name, f"{name}+warm") if name in WARM_BACKENDS else (name,))]
+            for v in ((name, f"{name}+warm", f"{name}+exec") if name in WARM_BACKENDS else (name,))]
+
+
+def base(variant: str) -> str:
+    return variant.removesuffix("+warm").removesuffix("+exec")
 
 
 @functools.cache
@@ -46,7 +53,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     params = []
     for name in variants():
-        _, _, why = _probe(name.removesuffix("+warm"))
+        _, _, why = _probe(base(name))
         # CI must not skip this suite: there, an unavailable backend fails its cases.
         marks = [pytest.mark.skip(reason=why)] if why and not _in_ci() else []
         params.append(pytest.param(name, id=name, marks=marks))
@@ -60,7 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         case = item.originalname.removeprefix("test_")  # type: ignore[attr-defined]
         assert case in CONFORMANCE_CASES, f"{item.name}: not a conformance case"
-        _, probe, why = _probe(callspec.params["backend_name"].removesuffix("+warm"))
+        _, probe, why = _probe(base(callspec.params["backend_name"]))
         if probe is not None and not why and case in probe.gaps:
             item.add_marker(pytest.mark.xfail(strict=True, reason=f"declared gap: {probe.gaps[case]}"))
 
@@ -68,15 +75,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class MustRunWarm(Backend):
     """A warm backend whose every run must have been warm (not a silent cold fallback)."""
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Backend, exec_: bool) -> None:
         self.inner = inner
-        self.name = inner.name + "+warm"
+        self.exec = exec_
+        self.name = inner.name + ("+exec" if exec_ else "+warm")
 
     def probe(self) -> Probe:
         return self.inner.probe()
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         assert spec.warm, "conformance specs name their runtime script"
+        if self.exec:  # no runtime script: the warm job process execs python3
+            spec.warm = None
         o = await self.inner.run(spec, on_output)
         pool = getattr(self.inner, "warm_pool", None)
         assert o.warm, f"ran cold: {pool.disabled if pool else 'no warm pool'}"
@@ -86,7 +96,7 @@ class MustRunWarm(Backend):
 @pytest.fixture
 def backend(backend_name: str):
     """A fresh backend instance with default options (``warm`` as the variant says)."""
-    name = backend_name.removesuffix("+warm")
+    name = base(backend_name)
     cls, _, why = _probe(name)
     if why:
         pytest.fail(f"CI runs the isolation suite on every backend, but {why}")
@@ -94,8 +104,9 @@ def backend(backend_name: str):
     if name not in WARM_BACKENDS:
         yield cls()
         return
-    b = cls(warm=backend_name.endswith("+warm"))
-    yield MustRunWarm(b) if backend_name.endswith("+warm") else b
+    warm = backend_name != name
+    b = cls(warm=warm)
+    yield MustRunWarm(b, backend_name.endswith("+exec")) if warm else b
     b.close()
 
 

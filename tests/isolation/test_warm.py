@@ -9,7 +9,7 @@ import signal
 
 import psutil
 import pytest
-from test_conformance import PY, RUNNER, explain, spec
+from test_conformance import PY, explain, spec
 
 from isolation import Backend, RunSpec, Status
 from isolation.nsjail import NsjailBackend
@@ -119,12 +119,24 @@ async def test_cold_when_warm_cannot_start(monkeypatch) -> None:
         b.close()
 
 
-async def test_only_runtime_scripts_run_warm(warm) -> None:
-    # No `warm` script, another interpreter flag, or network on: cold, as asked.
-    plain = RunSpec(argv=[PY, "run.py"], files={"run.py": RUNNER, "main.py": b"print(1)"},
+async def test_other_programs_are_exec_ed_warm(warm) -> None:
+    # No runtime script, or interpreter flags: a warm job process execs the program
+    # (a fresh interpreter, flags and all), still without the sandbox set-up.
+    plain = RunSpec(argv=[PY, "-X", "dev", "-c", "import sys, os; print(sys.flags.dev_mode, os.getpid())"],
                     env={"PATH": "/usr/bin:/bin"})
-    flagged = spec("print(1)")
-    flagged.argv = [PY, "-X", "dev", "run.py"]
-    for s in (plain, flagged):
-        o = await warm.run(s)
+    o = await warm.run(plain)
+    assert o.status is Status.success and o.warm, explain(o)
+    assert o.stdout == b"True 1\n"
+    # Python ignores SIGPIPE; a program it execs must not inherit that.
+    o = await warm.run(RunSpec(argv=["/bin/bash", "-c", "yes | head -n 2; echo done"],
+                               env={"PATH": "/usr/bin:/bin"}))
+    assert o.status is Status.success and o.warm and o.stdout == b"y\ny\ndone\n", explain(o)
+
+
+async def test_network_host_and_unknown_programs_run_cold(warm) -> None:
+    if warm.name == "nsjail":
+        o = await warm.run(RunSpec(argv=[PY, "-c", "print(1)"], env={"PATH": "/usr/bin:/bin"},
+                                   network="host"))
         assert o.status is Status.success and not o.warm, explain(o)
+    o = await warm.run(RunSpec(argv=["/no/such/program"], env={"PATH": "/usr/bin:/bin"}))
+    assert o.status is Status.sandbox_error and not o.warm, explain(o)
