@@ -158,7 +158,8 @@ class ProcessBackend(Backend):
                 ns_flags |= linux.CLONE_NEWNET
         tmp_opt = (f"size={limits.tmp_mb}m,mode=1777" if limits.tmp_mb else "mode=1777").encode()
         hide = [h.encode() for h in self.hide]
-        jobs_root = str(self.workdir_root).encode()
+        # Every worker's work dirs are masked, not only ours (they share this root).
+        jobs_root = str(workdir.shared_root(self.workdir_root)).encode()
         wd_b = str(wd).encode()
         uid, gid = self.uid, self.gid
         do_mounts = self.namespaces
@@ -181,7 +182,7 @@ class ProcessBackend(Backend):
                                 b"size=4k,mode=755")
                 # Mask every job dir, then bring back only ours at the same path.
                 linux.mount(b"tmpfs", jobs_root, b"tmpfs", nosuid_nodev, b"size=64k,mode=711")
-                os.mkdir(wd_b, 0o700)
+                os.makedirs(wd_b, 0o700)
                 linux.mount(b"/proc/self/fd/%d" % here, wd_b, None, linux.MS_BIND)
                 linux.mount(None, b"/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
                 os.chdir(wd_b)

@@ -99,6 +99,13 @@ def owner_root(root: Path) -> Path:
     return root / f"w-{_pid_ns()}-{os.getpid()}-{_start_time(os.getpid())}"
 
 
+def shared_root(root: Path) -> Path:
+    """The root every worker's work dirs share: ``root``'s parent when ``root`` is a
+    worker's own (``owner_root``), else ``root`` itself."""
+    parts = root.name.split("-")
+    return root.parent if len(parts) == 4 and parts[0] == "w" else root
+
+
 def _pid_ns() -> str:
     try:
         return os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]") or "0"

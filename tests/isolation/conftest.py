@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from isolation import workdir
 from isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, Probe
 from isolation.registry import BACKENDS, backend_class
 from isolation.spec import Outcome, RunSpec
@@ -105,7 +106,8 @@ def backend(backend_name: str):
         yield cls()
         return
     warm = backend_name != name
-    b = cls(warm=warm)
+    # Work dirs under a root of this process's own, as a worker keeps them.
+    b = cls(warm=warm, workdir_root=str(workdir.owner_root(workdir.default_root())))
     yield MustRunWarm(b, backend_name.endswith("+exec")) if warm else b
     b.close()
 

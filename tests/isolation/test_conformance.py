@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from isolation import Backend, Limits, Outcome, RunSpec, Status
+from isolation import Backend, Limits, Outcome, RunSpec, Status, workdir
 
 PY = "/usr/bin/python3"  # the system python: the worker's own lives under /root
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -197,13 +198,23 @@ async def test_no_outside_files(backend: Backend, tmp_path: Path) -> None:
     secret = secrets.token_hex(16)
     root_file = Path(f"/root/sandmill-secret-{secret[:8]}")
     tmp_file = tmp_path / "secret.txt"
+    # Another worker's job file, owned by the uid every job runs as.
+    inner = getattr(backend, "inner", backend)
+    root = getattr(inner, "workdir_root", None) or tmp_path
+    other = workdir.shared_root(Path(root)) / f"w-0-1-{secret[:6]}" / "job-other"
+    other_file = other / "secret.txt"
     try:
         root_file.write_text(secret)
         root_file.chmod(0o600)
         tmp_file.write_text(secret)
+        other.mkdir(parents=True)
+        other_file.write_text(secret)
+        if os.geteuid() == 0:
+            for x in (other_file, other, other.parent):
+                os.chown(x, 65534, 65534)
         code = (
             "import sys\n"
-            f"for p in {[str(root_file), str(tmp_file)]!r}:\n"
+            f"for p in {[str(root_file), str(tmp_file), str(other_file)]!r}:\n"
             "    try:\n"
             "        print('READ', open(p).read())\n"
             "    except OSError as e:\n"
@@ -212,8 +223,9 @@ async def test_no_outside_files(backend: Backend, tmp_path: Path) -> None:
         o = await backend.run(spec(code))
     finally:
         root_file.unlink(missing_ok=True)
+        shutil.rmtree(other.parent, ignore_errors=True)
     assert o.status is Status.success, explain(o)
-    assert secret.encode() not in o.stdout and o.stdout.count(b"denied") == 2, explain(o)
+    assert secret.encode() not in o.stdout and o.stdout.count(b"denied") == 3, explain(o)
 
 
 async def test_no_network(backend: Backend) -> None:
