@@ -308,9 +308,11 @@ _COMPLETE = "WITH " + _complete_ctes(1) + "\nSELECT id, status FROM done"
 # queue as it was when the statement began, so a keyed job whose slot this very batch
 # gives back is not seen as free: its completion NOTIFY wakes a puller for it.
 _COMPLETE_AND_CLAIM = "WITH " + _CLAIM + "," + _complete_ctes(6) + """
-SELECT d.done_ids, d.done_status, c.*
+SELECT CASE WHEN coalesce(c.done_rn, 1) = 1 THEN d.done_ids END AS done_ids,
+       CASE WHEN coalesce(c.done_rn, 1) = 1 THEN d.done_status END AS done_status, c.*
   FROM (SELECT array_agg(id) AS done_ids, array_agg(status) AS done_status FROM done) d
-  LEFT JOIN claimed c ON true
+  -- the completions ride on the first row only (not n claims x n completions to decode)
+  LEFT JOIN (SELECT *, row_number() OVER () AS done_rn FROM claimed) c ON true
 """
 _COMPLETE_AND_CLAIM_ONE_TAG = _one_tag(_COMPLETE_AND_CLAIM)
 
@@ -348,13 +350,14 @@ async def complete_and_pull(db: Executor, done: list[Completion], worker: str, t
     bases, plain, pairs = split_tags(tags)
     sql = _COMPLETE_AND_CLAIM_ONE_TAG if len(bases) == 1 else _COMPLETE_AND_CLAIM
     rows = await db.fetch(sql, bases, worker, plain, pairs, want, *_completion_arrays(done))
-    first = rows[0]  # the aggregate row is always there
-    statuses = dict(zip(first["done_ids"] or [], first["done_status"] or []))
+    # one row carries the completions (none has them when nothing was completed)
+    first = next((r for r in rows if r["done_ids"] is not None), None)
+    statuses = dict(zip(first["done_ids"], first["done_status"])) if first else {}
     jobs = []
     for r in rows:
         if r["id"] is not None:
             job = dict(r)
-            del job["done_ids"], job["done_status"]
+            del job["done_ids"], job["done_status"], job["done_rn"]
             jobs.append(job)
     return statuses, _best_first(jobs)
 
