@@ -40,6 +40,9 @@ class Backend(abc.ABC):
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` and return its Outcome. Never raises for a job's own failure."""
 
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing
+        """Release what the backend keeps between runs (warm interpreters, clients)."""
+
 
 # The conformance suite's cases (tests/isolation/test_conformance.py, one test each,
 # named test_<case>). A probe's ``gaps`` uses these keys.

@@ -292,6 +292,8 @@ class Worker:
             if self.pool:
                 await workers.unregister(self.pool, self.name)
         finally:
+            if self.backend is not None:
+                self.backend.close()  # warm interpreters stop now, not at process exit
             if self.listener:
                 await self.listener.close()
             if self.pool:
