@@ -40,7 +40,7 @@ class Backend(abc.ABC):
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` and return its Outcome. Never raises for a job's own failure."""
 
-    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing
+    def close(self) -> None:  # optional: most backends hold nothing
         """Release what the backend keeps between runs (warm interpreters, clients)."""
 
 

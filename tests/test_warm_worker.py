@@ -5,7 +5,6 @@ or a SIGKILL of the worker."""
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 
 import psutil
