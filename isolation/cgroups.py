@@ -312,23 +312,24 @@ class JobCgroup:
 
 
 
-def sweep_stale(older_than_s: float = 60.0, recheck_s: float = 5.0,
-                parent: str = "sandmill") -> list[Path]:
+
+def sweep_stale(recheck_s: float = 5.0, parent: str = "sandmill") -> list[Path]:
     """Remove job cgroups (``job-*``, ``warm-*`` under ``parent``) that a dead worker left:
-    those with no process and no child cgroup, created more than ``older_than_s`` ago, and
-    still so ``recheck_s`` later (a live job's cgroup is empty only for moments: before its
-    first process joins, and after the job ends until its worker reads and removes it).
-    rmdir itself refuses a cgroup that holds a process. Returns what it removed."""
+    those with no process and no child cgroup at two looks ``recheck_s`` apart. A live
+    job's cgroup is empty only for moments (before its first process joins; after the job
+    ends, until its worker reads and removes it), and rmdir itself refuses a cgroup that
+    holds a process. (No age test: cgroupfs gives a directory the time its inode was last
+    instantiated, not its creation time.) Returns what it removed."""
     try:
         host = detect()
     except CgroupUnavailable:
         return []
-    first = _stale_cgroups(host, parent, older_than_s)
+    first = _idle_cgroups(host, parent)
     if not first:
         return []
     time.sleep(recheck_s)
     removed = []
-    for d in sorted(first & _stale_cgroups(host, parent, older_than_s)):
+    for d in sorted(first & _idle_cgroups(host, parent)):
         try:
             d.rmdir()
             removed.append(d)
@@ -337,13 +338,12 @@ def sweep_stale(older_than_s: float = 60.0, recheck_s: float = 5.0,
     return removed
 
 
-def _stale_cgroups(host: CgroupHost, parent: str, older_than_s: float) -> set[Path]:
+def _idle_cgroups(host: CgroupHost, parent: str) -> set[Path]:
     if host.version == 2:
         assert host.v2_root is not None
         parents = {host.v2_root / parent, _own_v2_cgroup() / parent}
     else:
         parents = {host.mounts[c] / parent for c in V1_CONTROLLERS if c in host.mounts}
-    now = time.time()
     found: set[Path] = set()
     for p in parents:
         try:
@@ -354,9 +354,8 @@ def _stale_cgroups(host: CgroupHost, parent: str, older_than_s: float) -> set[Pa
             try:
                 idle = not (d / "cgroup.procs").read_text().split()
                 leaf = not any(c.is_dir() for c in d.iterdir())
-                old = now - d.stat().st_mtime >= older_than_s
             except OSError:
                 continue
-            if idle and leaf and old:
+            if idle and leaf:
                 found.add(d)
     return found

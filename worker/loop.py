@@ -49,8 +49,8 @@ class WorkerSettings:
     poll_s: float = field(default_factory=lambda: _env_float("SANDMILL_POLL_S", 30.0))
     # on SIGTERM, how long the job in hand may still run before it is killed and re-queued
     grace_s: float = field(default_factory=lambda: _env_float("SANDMILL_GRACE_S", 30.0))
-    # leftovers of dead workers (work dirs, job cgroups): swept at start and this often,
-    # once untouched this long
+    # leftovers of dead workers (work dirs, job cgroups): swept at start and this often;
+    # a dead worker's work dirs once untouched this long
     sweep_every_s: float = field(default_factory=lambda: _env_float("SANDMILL_SWEEP_EVERY_S", 600.0))
     sweep_grace_s: float = field(default_factory=lambda: _env_float("SANDMILL_SWEEP_GRACE_S", 60.0))
     # start a requires_gpu group on a host where no GPU is found
@@ -371,8 +371,7 @@ class Worker:
         while True:
             try:
                 dirs = await asyncio.to_thread(workdir.sweep_stale, root, self.settings.sweep_grace_s)
-                cgs = await asyncio.to_thread(cgroups.sweep_stale, self.settings.sweep_grace_s,
-                                              parent=parent)
+                cgs = await asyncio.to_thread(cgroups.sweep_stale, parent=parent)
                 if dirs or cgs:
                     log.info("removed %d work dir root(s) and %d cgroup(s) of dead workers",
                              len(dirs), len(cgs))
