@@ -111,37 +111,32 @@ def notes_for(res: dict) -> dict[str, str]:
         gap_ms = 100 / sc["efficiency"]["median"] - 100
         out["scaling at 100 subworkers"] = (
             f"{sc['jps']['median']:.0f} jobs/s of {sc['ideal']:.0f}: each 100 ms job costs about {gap_ms:.0f} ms"
-            " more between its end and the next start on the same subworker. Up to 50 subworkers it holds"
-            " about 92%; at 100 the 4 worker processes, PostgreSQL and the bench share 2 cores, and the run-to-run"
-            " spread on this shared machine is wide (the same 100-subworker drain gave 42% to 82% within"
-            " minutes while other test suites ran). py-spy on one of the 4 worker processes (25 subworkers)"
-            " during the drain: 25% of samples in socket send (one statement = one write syscall), 12% in"
-            " asyncpg's pool release running `Connection.reset()` (a second round trip, `RESET ALL; UNLISTEN *;"
-            " ...`, after every pooled statement), pull 11%, complete 13%, idle in epoll 17%.\n\n"
-            "Fixes that went in, measured by this report: (1) `queue.pull()` uses `_PULL_ONE_TAG`"
-            " (`q.tag = ($1::text[])[1]`, not `= ANY($1)`) for a one-tag worker, so PostgreSQL reads"
-            " `queue_pull_idx` in order and stops at the first free row (0.4 ms instead of 1.9 ms per pull with"
-            " 2,000 waiting); (2) `db.create_pool()` has a no-op `reset` (no `RESET ALL; UNLISTEN *` round trip"
-            " after every pooled statement) and a worker's pool has a connection per subworker; (3) batching in"
-            " `worker/loop.py`: idle slots that ask at once share one claim (`queue.pull_many`), completions"
-            " group-commit (`queue.complete_many`), and the heartbeat and log flusher tasks start only when a"
-            " job runs past its first ping or prints. What is left per job is one claim and one completion"
-            " round trip on a subworker that asks alone, plus the scheduling of 100 slots in 4 processes on"
-            " 2 cores shared with PostgreSQL. Next: claim the next job in the completion statement (one round"
-            " trip per job instead of two), and a partial index on `(priority DESC, scheduled_for, seq) WHERE"
-            " NOT running` so that multi-tag workers (the native group has 3 tags) read in order too.")
+            " more between its end and the next start on the same subworker; 99% needs at most 1 ms. In"
+            " place: a busy slot completes its job and claims the next in one statement"
+            " (`queue.complete_and_pull`), completions group-commit with up to 2 statements in flight, claims"
+            " read the pull index in order (`queue.CLAIM_SETTINGS`, the partial index of migration 0003: 0.35 ms"
+            " instead of 3.8 ms to claim 8 of 2,000 waiting for a 3-tag worker), a completion NOTIFYs only when"
+            " someone waits for the result, idle slots share one `next_due` read. What is left is not CPU: the"
+            " 100-subworker drain uses 20-25% of the 2 cores. It is the round trip after an idle gap: the"
+            " completion-and-claim statement takes 1.5-1.8 ms back to back but 3.1 ms after a 100 ms pause"
+            " (the job's length: idle virtual CPUs wake slowly, caches are cold), and 3.5-10 ms for a batch of"
+            " 10-25 inside a worker that shares the cores with PostgreSQL. 1, 2, 4 or 8 completion statements"
+            " in flight, or no completion NOTIFY at all, made no difference measurable above the run-to-run"
+            " spread. The one lever left is to claim a slot's next job before its current one ends, which"
+            " would hide the round trip but make `started_at` wrong, hold jobs back from idle workers and"
+            " break the concurrency-key rules; it is not built.")
     if met.get("queue throughput vs pgqueuer") is False:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (
             f"sandmill {q['sandmill']['median']:.0f} vs pgqueuer {q['pgqueuer']['median']:.0f} jobs/s"
-            f" ({q['ratio']['median']:.2f}x). pgqueuer dequeues 10 jobs per statement and logs their"
-            " completion in buffered batches. sandmill now batches too (claims shared by the slots that ask at"
-            " once, group-committed completions), but its batches are only as large as the number of slots"
-            " waiting at that moment (at most 8 here), and each completion does more than pgqueuer's: it moves"
-            " the row to completed_job with its result and outcome, gives back a concurrency slot, and sends a"
-            " NOTIFY for result waiters. `synchronous_commit = off` did not change the ratio in an earlier A/B"
-            " (WAL flushes are not what separates the two); statements per job are. Next: claim the next job"
-            " in the completion statement, and NOTIFY completions only for jobs that have a waiter.")
+            f" ({q['ratio']['median']:.2f}x, {q['ratio']['min']:.2f}-{q['ratio']['max']:.2f} across the runs). The"
+            " spread is the machine's: runs of this same code on this machine gave 0.76x and 1.18x within the"
+            " hour; the old and new code run in alternation (`bench.drain`, 5,000 no-op jobs, 8 subworkers)"
+            " put the one-statement complete-and-claim 27% ahead of the code of the reference report before"
+            " it. A sandmill completion still does more than pgqueuer's: it writes the completed_job row with"
+            " its result and outcome and gives back a concurrency slot; pgqueuer dequeues 10 jobs per"
+            " statement and logs completions in buffered batches. With 20,000 jobs waiting the drain now holds"
+            " about 3,000 jobs/s (it fell to 640-950 before the claim settings).")
     if met.get("idle cluster load") is False:
         out["idle cluster load"] = "Idle load over target: see the per-window chart; the pings of workers and monitor dominate."
     return out

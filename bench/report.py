@@ -85,7 +85,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
     ov = res.get("overhead", {}).get("rows", [])
     if ov:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        labels = [f"{r['backend']}\n{r['language']}" for r in ov]
+        labels = [f"{r['backend'].replace('-', chr(10))}\n{r['language']}" for r in ov]
         xs = range(len(ov))
         ax = axes[0]
         med = [r["latency"]["median"] for r in ov]
