@@ -80,12 +80,15 @@ def _kill_group(pgid: int) -> None:
 class Launched:
     """A started job: ``wait`` resolves to its returncode (-N for signal N); ``pgid`` is
     its process group to kill, when it has one of its own; ``kill``, when given, is how
-    to kill the job before it ended instead of the cgroup (a warm job: its cgroup may
-    still hold the warm interpreter for a moment); the sweep after the end is the same."""
+    to kill the job before it ended instead of the cgroup; ``sweep`` False when the
+    job's end already is the end of all its processes, so its cgroup is not swept here
+    (a warm job: pid 1 of its pid namespace, whose cgroup may still hold the warm
+    interpreter and the job's parent for a moment; they clean up after)."""
 
     wait: Awaitable[int]
     pgid: int | None
     kill: Callable[[], None] | None = None
+    sweep: bool = True
 
 
 # Starts the job with (stdin fd or None for /dev/null, stdout write end, stderr write
@@ -175,13 +178,14 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
         res.returncode = waiter.result()
         res.wall_ms = int((time.monotonic() - t0) * 1000)
         # Sweep: whatever the job left behind dies now, so the pipes reach EOF.
-        if cgroup is not None and not cgroup.kill_all(timeout=0.0):
+        sweep = cgroup is not None and job.sweep
+        if sweep and not cgroup.kill_all(timeout=0.0):
             await asyncio.to_thread(cgroup.kill_all)  # stragglers (fork bomb): off-loop
         if job.pgid is not None:
             _kill_group(job.pgid)
         await drain(streams, grace=0.2 if cgroup is not None else 0.05)
         if cgroup is not None:
-            res.survivors = len(cgroup.pids())
+            res.survivors = len(cgroup.pids()) if sweep else 0
             res.oom_kills = cgroup.oom_kills()
             res.peak_memory_kb = cgroup.peak_memory_bytes() // 1024
             ns = cgroup.cpu_ns()

@@ -118,6 +118,7 @@ class Zygote:
         self.job_pidfd: int | None = None  # the running job process (pid 1 of its namespaces)
         self._reading: asyncio.AbstractEventLoop | None = None  # a reader is registered there
         self._reaped = False  # the zygote reported its last child gone (Z)
+        self.pending: asyncio.Future[None] | None = None  # after-job work still running
         self.broken = False
 
     async def _recv(self) -> tuple[bytes, int | None]:
@@ -267,7 +268,6 @@ class Zygote:
             raise
         finally:
             self._close_pidfd()
-        await self.settle()  # the caller sweeps the job's cgroup next: be out of it
         if setup_error:
             raise WarmSetupError(f"warm job setup failed: {setup_error}")
         assert status is not None
@@ -330,6 +330,9 @@ class WarmPool:
         idle = self.idle.setdefault(key, [])
         while idle:
             z = idle.pop()
+            if z.pending is not None:
+                await z.pending  # its last job's clean-up and the next job process's fork
+                z.pending = None
             if not z.broken and z.proc.returncode is None:
                 return z
             z.close()
@@ -407,7 +410,7 @@ def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup):
         finally:
             if null is not None:
                 os.close(null)
-        return Launched(wait=z.wait_job(), pgid=None, kill=z.kill_job)
+        return Launched(wait=z.wait_job(), pgid=None, kill=z.kill_job, sweep=False)
 
     return launch
 
@@ -474,20 +477,26 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         files = workdir.collect(wd, spec.collect, limits.output_bytes)
         out = classify(sup, limits, files)
         out.warm = True
-        # Every process is dead (supervise swept the cgroup): removing the cgroup and
-        # the work dir can happen in a thread while the caller records the result.
-        asyncio.get_running_loop().run_in_executor(None, _remove, cgroup, wd)
-        cgroup = wd = None
         return out
     finally:
-        if not z.broken:
-            await z.job_done()
+        if not z.broken and cgroup is not None and wd is not None:
+            # After the result: the zygote reaps its child, leaves the job's cgroup and
+            # forks the next job process; then the cgroup and work dir go (the next
+            # acquire of this zygote waits for all that).
+            z.pending = asyncio.ensure_future(_after_job(z, cgroup, wd))
+            cgroup = wd = None
         if cgroup is not None:
+            await z.settle()  # never sweep the zygote along with the job
             cgroup.kill_all()
             cgroup.remove()
         if wd is not None:
             workdir.remove(wd)
         pool.release(z)
+
+
+async def _after_job(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:
+    await z.job_done()
+    await asyncio.to_thread(_remove, cgroup, wd)
 
 
 def _remove(cgroup: JobCgroup, wd: Path) -> None:
