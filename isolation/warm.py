@@ -447,10 +447,11 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             return Outcome(Status.sandbox_error, detail=f"work dir: {e}")
         try:
             cgroup = await z.take_cgroup()
-            # +1: the job process's parent (as nsjail is for a cold job). The zygote is
-            # in the cgroup too, until it moves on: for those few ms the job has one less.
+            # The zygote is in the cgroup too until it moves on, and on a machine without
+            # a raw clone the job process has a parent there: a job may then have one
+            # process less than its limit, never more.
             cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                              limits.pids + 1 if limits.pids else None)
+                              limits.pids)
         except (WarmError, OSError) as e:
             z.broken = True
             return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")

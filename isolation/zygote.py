@@ -10,16 +10,16 @@
 #   job    -> worker  W                  forked and waiting for its job (with its pid)
 #   worker -> job     J{json} + 3 fds    the job: dir, limits, env, argv; stdin/out/err
 #   job    -> worker  E<text>            setup failed (nothing of the job ran)
-#   child  -> worker  X<wait status>     the job process ended
-#   zygote -> worker  Z<wait status>     the child is gone: the zygote takes the next F
+#   zygote -> worker  X<wait status>     the job process ended
+#   zygote -> worker  Z<wait status>     its child is gone: the zygote takes the next F
 #
 # The job process is forked ahead of its job (on F) and does everything that does not
 # depend on the job while it waits for J: a job then costs one message, a bind mount
 # and the script itself. The zygote never reads a job's message, args or files: every
 # job process is forked from the same clean state, so nothing of one job can reach the
-# next through inherited memory. The zygote's child puts itself in fresh user, mount,
-# pid, net, ipc and uts namespaces and forks the job process, which is pid 1 there: it
-# mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
+# next through inherited memory. The job process is cloned straight into fresh user,
+# mount, pid, net, ipc and uts namespaces (where clone(2) cannot be called raw, a child
+# unshares them and forks it), pid 1 there: it mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
 # the others), mounts a size-capped /tmp, sets the rlimits, drops every capability and
 # runs the script in-process, or execs the job's program (J with "exec").
 import ctypes
@@ -39,6 +39,11 @@ SIGKILL = 9
 SETUP_FAILED = 121
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_pylibc = ctypes.PyDLL(None, use_errno=True)
+_pylibc.syscall.restype = ctypes.c_long
+_pylibc.syscall.argtypes = [ctypes.c_long] * 6
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+SIGCHLD = 17
 
 
 def _check(rc, what):
@@ -104,10 +109,49 @@ def main():
             os._exit(0)
         if msg != b"F":
             continue
-        pid = os.fork()
-        if pid == 0:
-            _child(sock)  # never returns
-        sock.send(b"Z" + struct.pack("i", _wait(pid, sock)))
+        try:
+            pid = _clone_job(sock)
+        except OSError:  # no raw clone here: the portable way, one more fork
+            pid = os.fork()
+            if pid == 0:
+                _child(sock)  # never returns
+            sock.send(b"Z" + struct.pack("i", _wait(pid, sock)))
+            continue
+        status = _wait(pid, sock)
+        sock.send(b"X" + struct.pack("i", status))
+        sock.send(b"Z" + struct.pack("i", status))
+
+
+def _clone_job(sock):
+    """Fork the job process straight into its new namespaces: clone(2) with the
+    namespace flags, so it is pid 1 of its pid namespace without an intermediate
+    process. Returns its pid (in the parent only)."""
+    nr = _SYS_CLONE.get(os.uname().machine)
+    if nr is None:
+        raise OSError("no clone syscall number for this machine")
+    uid, gid = os.getuid(), os.getgid()
+    flags = (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
+             | CLONE_NEWUTS | SIGCHLD)
+    # Through PyDLL the GIL stays held: the child continues as this very thread.
+    pid = _pylibc.syscall(nr, flags, 0, 0, 0, 0)
+    if pid < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"clone: {os.strerror(e)}")
+    if pid > 0:
+        return pid
+    try:  # the job process, pid 1 of its namespaces; os.fork's after-fork hooks did not run
+        random = sys.modules.get("random")
+        if random is not None:
+            random.seed()
+        _prctl(PR_SET_PDEATHSIG, SIGKILL)
+        _prctl(PR_SET_DUMPABLE, 1)  # see _child
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    except BaseException as e:  # noqa: BLE001
+        _report(sock, e)
+        os._exit(SETUP_FAILED)
+    _job(sock)  # never returns
 
 
 def _wait(pid, sock):
