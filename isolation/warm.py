@@ -62,9 +62,9 @@ Starter = Callable[[list[str], Path, int, JobCgroup | None], Awaitable[asyncio.s
 
 
 def warm_script(spec: RunSpec) -> str | None:
-    """The script a warm run would execute, or None when ``spec`` must run cold: it
-    must be ``[python, (-u|-B)*, spec.warm, args...]`` with no network."""
-    if not spec.warm or spec.network != "none" or not spec.argv:
+    """The runtime script a warm interpreter may run in-process: ``spec.warm`` when argv
+    is ``[python, (-u|-B)*, spec.warm, args...]``; else None (the program is exec'd)."""
+    if not spec.warm:
         return None
     rest = spec.argv[1:]
     while rest and rest[0] in PYTHON_FLAGS:

@@ -66,6 +66,32 @@ async def push(
     return job_id
 
 
+# The waiting jobs a claim may take, best first: of the worker's tags ($1 base tags, $3
+# plain tags, $4 'tag(ws)' pairs), due, and with room in their concurrency key. Shared by
+# _PULL and _CLAIM.
+_DUE_FOR_US = """
+      FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key
+     WHERE NOT q.running AND q.tag = ANY($1::text[]) AND q.scheduled_for <= now()
+       AND (q.tag = ANY($3::text[]) OR q.tag || '(' || q.workspace || ')' = ANY($4::text[]))
+       AND (q.concurrency_key IS NULL OR ck.key IS NULL
+            OR sandmill_has_slot(ck.running, ck.starts, q.concurrent_limit,
+                                 coalesce(q.concurrency_time_window_s, 0)))
+     ORDER BY q.priority DESC, q.scheduled_for, q.seq
+"""
+
+
+def _one_tag(sql: str) -> str:
+    """The same claim for a worker with one base tag: ``tag = ANY(array)`` keeps
+    PostgreSQL (16) from reading queue_pull_idx in its (tag, priority DESC, scheduled_for,
+    seq) order, so it reads and sorts every waiting row of the tag (about 2 ms per pull
+    with 2,000 waiting); with plain equality it reads the index in order and stops at the
+    first free row (0.4 ms)."""
+    one = sql.replace("q.tag = ANY($1::text[]) AND q.scheduled_for",
+                      "q.tag = ($1::text[])[1] AND q.scheduled_for")
+    assert one != sql
+    return one
+
+
 # One statement: pick the best waiting job of our tags that is due and whose concurrency
 # key has room, skip rows another worker holds, take a slot of its key, and mark it ours.
 # The slot is taken by INSERT .. ON CONFLICT DO UPDATE .. WHERE, which PostgreSQL re-checks
@@ -75,15 +101,7 @@ async def push(
 _PULL = """
 WITH cand AS (
     SELECT q.id, q.concurrency_key AS key, q.concurrent_limit AS lim,
-           coalesce(q.concurrency_time_window_s, 0) AS win
-      FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key
-     WHERE NOT q.running AND q.tag = ANY($1::text[]) AND q.scheduled_for <= now()
-       AND (q.tag = ANY($3::text[]) OR q.tag || '(' || q.workspace || ')' = ANY($4::text[]))
-       AND (q.concurrency_key IS NULL OR ck.key IS NULL
-            OR sandmill_has_slot(ck.running, ck.starts, q.concurrent_limit,
-                                 coalesce(q.concurrency_time_window_s, 0)))
-     ORDER BY q.priority DESC, q.scheduled_for, q.seq
-     LIMIT 1
+           coalesce(q.concurrency_time_window_s, 0) AS win""" + _DUE_FOR_US + """     LIMIT 1
      FOR UPDATE OF q SKIP LOCKED
 ), slot AS (
     INSERT INTO concurrency_key AS ck (key, running, starts)
@@ -114,13 +132,7 @@ SELECT c.id AS cand_id, cl.* FROM cand c LEFT JOIN claimed cl ON true
 """
 
 
-# The same pull for a worker with one base tag: ``tag = ANY(array)`` keeps PostgreSQL (16)
-# from reading queue_pull_idx in its (tag, priority DESC, scheduled_for, seq) order, so it
-# reads and sorts every waiting row of the tag (about 2 ms per pull with 2,000 waiting);
-# with plain equality it reads the index in order and stops at the first free row (0.4 ms).
-_PULL_ONE_TAG = _PULL.replace("q.tag = ANY($1::text[]) AND q.scheduled_for",
-                              "q.tag = ($1::text[])[1] AND q.scheduled_for")
-assert _PULL_ONE_TAG != _PULL
+_PULL_ONE_TAG = _one_tag(_PULL)
 
 
 async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | None:
@@ -147,15 +159,7 @@ async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | N
 # behind a keyed job must not pass it (a busy worker claims through this alone).
 _CLAIM = """
 cand AS (
-    SELECT q.id, q.concurrency_key IS NOT NULL AS keyed, q.priority, q.scheduled_for, q.seq
-      FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key
-     WHERE NOT q.running AND q.tag = ANY($1::text[]) AND q.scheduled_for <= now()
-       AND (q.tag = ANY($3::text[]) OR q.tag || '(' || q.workspace || ')' = ANY($4::text[]))
-       AND (q.concurrency_key IS NULL OR ck.key IS NULL
-            OR sandmill_has_slot(ck.running, ck.starts, q.concurrent_limit,
-                                 coalesce(q.concurrency_time_window_s, 0)))
-     ORDER BY q.priority DESC, q.scheduled_for, q.seq
-     LIMIT $5
+    SELECT q.id, q.concurrency_key IS NOT NULL AS keyed, q.priority, q.scheduled_for, q.seq""" + _DUE_FOR_US + """     LIMIT $5
      FOR UPDATE OF q SKIP LOCKED
 ), pick AS (
     SELECT id FROM (SELECT id, bool_or(keyed) OVER (ORDER BY priority DESC, scheduled_for, seq)
@@ -179,14 +183,6 @@ cand AS (
 # in memory: at the default random_page_cost (4, for spinning disks) a completion scans
 # the whole queue (0.5 ms with 2,000 waiting) rather than look its rows up by key.
 CLAIM_SETTINGS = {"enable_sort": "off", "random_page_cost": "1.1"}
-
-
-def _one_tag(sql: str) -> str:
-    """The one-base-tag form of a claim (see _PULL_ONE_TAG)."""
-    one = sql.replace("q.tag = ANY($1::text[]) AND q.scheduled_for",
-                      "q.tag = ($1::text[])[1] AND q.scheduled_for")
-    assert one != sql
-    return one
 
 
 _PULL_MANY = "WITH " + _CLAIM + "\nSELECT * FROM claimed"
