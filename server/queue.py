@@ -92,6 +92,14 @@ def _one_tag(sql: str) -> str:
     return one
 
 
+# What a claim hands the worker: what it runs and reports, not the whole row (a worker
+# decodes every column of every job it claims: the whole row costs it about twice as
+# much per job, on the hot path of a busy worker).
+_JOB_COLUMNS = """q.id, q.seq, q.workspace, q.kind, q.script_path, q.script_hash, q.language,
+              q.content, q.args, q.tag, q.priority, q.timeout_s, q.scheduled_for, q.started_at,
+              q.running, q.worker, q.restarts, q.concurrency_key, q.notify_done"""
+
+
 # One statement: pick the best waiting job of our tags that is due and whose concurrency
 # key has room, skip rows another worker holds, take a slot of its key, and mark it ours.
 # The slot is taken by INSERT .. ON CONFLICT DO UPDATE .. WHERE, which PostgreSQL re-checks
@@ -126,7 +134,7 @@ WITH cand AS (
            started_at = coalesce((SELECT to_timestamp(started) FROM slot), clock_timestamp())
       FROM cand c
      WHERE q.id = c.id AND (c.key IS NULL OR EXISTS (SELECT 1 FROM slot))
-    RETURNING q.*
+    RETURNING """ + _JOB_COLUMNS + """
 )
 SELECT c.id AS cand_id, cl.* FROM cand c LEFT JOIN claimed cl ON true
 """
@@ -156,20 +164,22 @@ async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | N
 # $4 'tag(ws)' pairs, $5 how many. It takes the best due jobs up to the first one with a
 # concurrency key, and stops there: a key's slot is taken one job at a time by _PULL (the
 # caller falls back to pull() when it gets fewer jobs than it asked for), and the jobs
-# behind a keyed job must not pass it (a busy worker claims through this alone).
+# behind a keyed job must not pass it (a busy worker claims through this alone). Each
+# claimed row carries its rank (1 = best), for the caller to order them by.
 _CLAIM = """
 cand AS (
     SELECT q.id, q.concurrency_key IS NOT NULL AS keyed, q.priority, q.scheduled_for, q.seq""" + _DUE_FOR_US + """     LIMIT $5
      FOR UPDATE OF q SKIP LOCKED
 ), pick AS (
-    SELECT id FROM (SELECT id, bool_or(keyed) OVER (ORDER BY priority DESC, scheduled_for, seq)
-                               AS from_key FROM cand) c
+    SELECT id, rank FROM (
+        SELECT id, bool_or(keyed) OVER w AS from_key, row_number() OVER w AS rank FROM cand
+        WINDOW w AS (ORDER BY priority DESC, scheduled_for, seq)) c
      WHERE NOT from_key
 ), claimed AS (
     UPDATE queue q
        SET running = true, worker = $2, started_at = clock_timestamp(), last_ping = now()
       FROM pick WHERE q.id = pick.id
-    RETURNING q.*
+    RETURNING """ + _JOB_COLUMNS + """, pick.rank
 )"""
 
 
@@ -194,11 +204,16 @@ async def pull_many(db: Executor, worker: str, tags: list[str], limit: int) -> l
     key (which pull() takes)."""
     bases, plain, pairs = split_tags(tags)
     sql = _PULL_MANY_ONE_TAG if len(bases) == 1 else _PULL_MANY
-    return _best_first([dict(r) for r in await db.fetch(sql, bases, worker, plain, pairs, limit)])
+    return _best_first(await db.fetch(sql, bases, worker, plain, pairs, limit))
 
 
-def _best_first(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    jobs.sort(key=lambda r: (-r["priority"], r["scheduled_for"], r["seq"]))
+def _best_first(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    """Claimed rows as jobs, best first (by the rank the claim gave them)."""
+    jobs = []
+    for r in sorted(rows, key=lambda r: r["rank"]):
+        job = dict(r)
+        del job["rank"]
+        jobs.append(job)
     return jobs
 
 
@@ -265,10 +280,12 @@ i AS (
         AS t(id, worker, status, result, error, duration_ms, cpu_ms, mem_peak, outcome)
 ), gone AS (
     -- id = ANY: looked up by primary key (joined to i alone, with no statistics of the
-    -- batch, PostgreSQL may hash-join a scan of the whole queue)
+    -- batch, PostgreSQL may hash-join a scan of the whole queue). No `running` test: a
+    -- job has a worker exactly while it runs (claims set both, requeues clear both), and
+    -- with it PostgreSQL may AND the key lookup with a scan of all of queue_running_idx,
+    -- dead entries of every job run since the last vacuum included.
     DELETE FROM queue USING i
      WHERE queue.id = ANY({a[0]}::uuid[]) AND queue.id = i.id AND queue.worker = i.worker
-       AND queue.running
     RETURNING queue.*,
               CASE WHEN queue.notify_done THEN pg_notify('{CH_DONE}', queue.id::text) END AS notified
 ), released AS (
@@ -304,11 +321,12 @@ _COMPLETE = "WITH " + _complete_ctes(1) + "\nSELECT id, status FROM done"
 # queue as it was when the statement began, so a keyed job whose slot this very batch
 # gives back is not seen as free: its completion NOTIFY wakes a puller for it.
 _COMPLETE_AND_CLAIM = "WITH " + _CLAIM + "," + _complete_ctes(6) + """
-SELECT CASE WHEN coalesce(c.done_rn, 1) = 1 THEN d.done_ids END AS done_ids,
-       CASE WHEN coalesce(c.done_rn, 1) = 1 THEN d.done_status END AS done_status, c.*
+SELECT CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_ids END AS done_ids,
+       CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_status END AS done_status, c.*
   FROM (SELECT array_agg(id) AS done_ids, array_agg(status) AS done_status FROM done) d
-  -- the completions ride on the first row only (not n claims x n completions to decode)
-  LEFT JOIN (SELECT *, row_number() OVER () AS done_rn FROM claimed) c ON true
+  -- the completions ride on the best claim's row only (not n claims x n completions to
+  -- decode); with no claim, on the one row of NULLs
+  LEFT JOIN claimed c ON true
 """
 _COMPLETE_AND_CLAIM_ONE_TAG = _one_tag(_COMPLETE_AND_CLAIM)
 
@@ -350,12 +368,11 @@ async def complete_and_pull(db: Executor, done: list[Completion], worker: str, t
     first = next((r for r in rows if r["done_ids"] is not None), None)
     statuses = dict(zip(first["done_ids"], first["done_status"])) if first else {}
     jobs = []
-    for r in rows:
-        if r["id"] is not None:
-            job = dict(r)
-            del job["done_ids"], job["done_status"], job["done_rn"]
-            jobs.append(job)
-    return statuses, _best_first(jobs)
+    for r in sorted((r for r in rows if r["id"] is not None), key=lambda r: r["rank"]):
+        job = dict(r)
+        del job["done_ids"], job["done_status"], job["rank"]
+        jobs.append(job)
+    return statuses, jobs
 
 
 def _completion_arrays(done: list[Completion]) -> list[list[Any]]:

@@ -109,6 +109,47 @@ async def test_claims_read_the_queue_in_order_without_statistics(pg_server):
     await pool.close()
 
 
+def _literal(v) -> str:
+    if isinstance(v, list):
+        return "ARRAY[" + ",".join(_literal(x) for x in v) + "]" if v else "'{}'"
+    if v is None:
+        return "NULL"
+    if isinstance(v, int):
+        return str(v)
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+async def test_completion_looks_jobs_up_by_key_after_analyze(pg_server):
+    """Mid-drain, after (auto)ANALYZE has seen few running rows, the completion must still
+    find its jobs by primary key: not scan queue_running_idx, which holds an entry for
+    every job run since the last vacuum (a plan the generic plan of a busy worker's
+    prepared statement kept for the rest of the drain)."""
+    url = await _fresh_db(pg_server)
+    pool = await dbmod.create_pool(url, max_size=1, settings=queue.CLAIM_SETTINGS)
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO queue (id, workspace, kind, language, content, tag)"
+            " SELECT gen_random_uuid(), 'w', 'preview', 'noop', '', 't' FROM generate_series(1, 4000)")
+        for _ in range(100):  # a drain in progress
+            jobs = await queue.pull_many(conn, "w", ["t"], 8)
+            await queue.complete_many(conn, [_done(j["id"], "w") for j in jobs])
+        running = await queue.pull_many(conn, "w", ["t"], 8)
+        await conn.execute("ANALYZE queue")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute("PREPARE done_p(uuid[], text[], text[], text[], text[], int[], int[], int[],"
+                           " text[]) AS " + queue._COMPLETE)
+        args = queue._completion_arrays([_done(j["id"], "w") for j in running])
+        types = ["uuid[]", "text[]", "text[]", "text[]", "text[]", "int[]", "int[]", "int[]", "text[]"]
+        rows = await conn.fetch("EXPLAIN EXECUTE done_p("
+                                + ", ".join(f"{_literal(a)}::{t}" for a, t in zip(args, types)) + ")")
+        plan = "\n".join(r[0] for r in rows)
+        gone = plan[plan.index("CTE gone"):plan.index("CTE released")]
+        assert "queue_pkey" in gone and "queue_running_idx" not in gone, gone
+        statuses = await queue.complete_many(conn, [_done(j["id"], "w") for j in running])
+        assert len(statuses) == 8
+    await pool.close()
+
+
 async def test_idle_slots_share_one_next_due_read(monkeypatch):
     w = Worker(profile_from_dict({"name": "nd", "tags": ["nd"], "native": True}), "postgresql://unused")
     calls = []
