@@ -23,7 +23,7 @@ class LogSink:
         self._pending_bytes = 0
         self._stored = 0
         self._dropped = 0
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None  # with the flusher: most jobs print nothing
         self._task: asyncio.Task | None = None
 
     def on_output(self, stream: str, chunk: bytes) -> None:
@@ -48,17 +48,18 @@ class LogSink:
         self._pending.append(text)
         self._pending_bytes += len(text)
         if self._task is None:  # the flusher starts with the first line: most jobs print none
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
         if self._pending_bytes >= FLUSH_BYTES:
             self._wake.set()
 
-    async def _run(self) -> None:
+    async def _run(self, wake: asyncio.Event) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S)
+                await asyncio.wait_for(wake.wait(), FLUSH_EVERY_S)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
+            wake.clear()
             await self.flush()
 
     async def flush(self) -> None:
@@ -68,6 +69,8 @@ class LogSink:
 
     async def close(self) -> None:
         """Stop the flusher and write whatever is left, partial lines included."""
+        if self._task is None and not (self._pending or self._dropped or any(self._partial.values())):
+            return  # nothing was logged (a native job's usual case): nothing to do
         if self._task:
             self._task.cancel()
             try:

@@ -28,12 +28,16 @@ async def run_native(job: dict[str, Any], timeout_s: float) -> JobResult:
     """Run one native job. Never raises for the job's own failure."""
     lang, args = job["language"], job["args"] or {}
     try:
-        result = await asyncio.wait_for(_RUNNERS[lang](job["content"], args), timeout_s)
-        size = len(json.dumps(result, default=str))
-        if size > MAX_RESULT_BYTES:
-            raise NativeError("ResultTooLarge", f"result is {size} bytes; the limit is {MAX_RESULT_BYTES}")
+        # asyncio.timeout, not wait_for: the job runs in the caller's task (3.11's wait_for
+        # wraps it in a task of its own, one more task and two more loop turns per job)
+        async with asyncio.timeout(timeout_s):
+            result = await _RUNNERS[lang](job["content"], args)
+        if result is not None:  # null needs no size check
+            size = len(json.dumps(result, default=str))
+            if size > MAX_RESULT_BYTES:
+                raise NativeError("ResultTooLarge", f"result is {size} bytes; the limit is {MAX_RESULT_BYTES}")
         return JobResult("success", result, None)
-    except asyncio.TimeoutError:
+    except TimeoutError:  # before OSError, of which it is a subclass
         return _fail("Timeout", f"timed out: wall-clock limit of {timeout_s:g} s reached")
     except NativeError as e:
         return _fail(e.name, str(e))
