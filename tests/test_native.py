@@ -63,3 +63,65 @@ async def test_log_sink_writes_a_partial_line_at_close(monkeypatch):
     sink.on_output("stdout", b"no newline")
     await sink.close()
     assert written == ["no newline\n"]
+
+
+# ---- the worker running native jobs in its slots' tasks -------------------------------------
+
+async def _wait(cond, timeout: float = 10):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_worker_heartbeats_cancels_and_gives_up_native_jobs_and_its_slot_goes_on(pg_url):
+    """One slot, jobs run in its own task: a long job gets its heartbeat (after about
+    job_ping_s), a cancel kills it, a job taken away is dropped; after each the same slot
+    runs the next job."""
+    from server import db as dbmod
+    from server import queue
+    from server.profiles import profile_from_dict
+    from worker.loop import Worker, WorkerSettings
+
+    tag = "nat-" + uuid.uuid4().hex[:6]
+    w = Worker(profile_from_dict({"name": "nat", "tags": [tag], "native": True, "subworkers": 1}), pg_url,
+               settings=WorkerSettings(job_ping_s=0.1, poll_s=1.0))
+    run = asyncio.create_task(w.run())
+    pool = await dbmod.create_pool(pg_url)
+
+    async def push(language: str, args: dict) -> uuid.UUID:
+        return await queue.push(pool, workspace="w", language=language, content="", args=args, tag=tag)
+
+    async def completed(jid) -> dict | None:
+        return await pool.fetchrow("SELECT status, error FROM completed_job WHERE id = $1", jid)
+
+    try:
+        long = await push("sleep", {"seconds": 30})
+        await _wait(lambda: pool.fetchval("SELECT running FROM queue WHERE id = $1", long))
+        first = await pool.fetchval("SELECT last_ping FROM queue WHERE id = $1", long)
+        await _wait(lambda: pool.fetchval("SELECT last_ping > $2 FROM queue WHERE id = $1", long, first))
+        assert await queue.cancel(pool, "w", long, "me", "enough") == "canceling"
+        await _wait(lambda: completed(long))
+        assert (await completed(long))["status"] == "canceled"
+
+        after = await push("noop", {"value": 1})
+        await _wait(lambda: completed(after))
+        assert (await completed(after))["status"] == "success"
+
+        taken = await push("sleep", {"seconds": 30})
+        await _wait(lambda: pool.fetchval("SELECT running FROM queue WHERE id = $1", taken))
+        await pool.execute("UPDATE queue SET worker = 'someone-else' WHERE id = $1", taken)
+        await _wait(lambda: _not_running_here(w, taken))
+        assert await completed(taken) is None  # not completed by the worker it was taken from
+
+        last = await push("noop", {})
+        await _wait(lambda: completed(last))
+        assert (await completed(last))["status"] == "success"
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+
+
+async def _not_running_here(w, job_id) -> bool:
+    return job_id not in w.running
