@@ -231,7 +231,10 @@ def markdown(res: dict, machine: dict, pngs: list[str], cmd: str, notes: dict[st
               f"{q['jobs']} no-op jobs queued, then drained; sandmill: native `noop` jobs, one native worker with"
               f" {q['subworkers']} subworkers; pgqueuer {res.get('pgqueuer_version', '')}: the drain strategy of its own"
               " benchmark (5 QueueManager consumers, dequeue batch 10), same PostgreSQL, same run;"
-              f" {q['repeats']} run(s) each.", "",
+              f" {q['repeats']} run(s) each. Timed: sandmill from the commit of the queued jobs (its workers"
+              " wait, idle, beforehand) to the poll (every 10 ms: a probe of the waiting jobs, then a count of"
+              " the completed ones) that finds them all completed; pgqueuer from its consumers' start, after"
+              " the jobs are queued, to their exit in drain mode on an empty queue.", "",
               "| queue | jobs/s median (min-max) |", "|---|---|",
               f"| sandmill | {q['sandmill']['median']:.0f} ({q['sandmill']['min']:.0f}-{q['sandmill']['max']:.0f}) |",
               f"| pgqueuer | {q['pgqueuer']['median']:.0f} ({q['pgqueuer']['min']:.0f}-{q['pgqueuer']['max']:.0f}) |",
