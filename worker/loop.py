@@ -161,6 +161,32 @@ class _Batcher:
                     fut.set_result(answer)
 
 
+class _HotConns:
+    """Pool connections kept out of the pool for the claims and completions: a busy worker
+    makes one such statement per batch of jobs, and asyncpg's acquire and release around
+    each (its release runs in a task of its own, under asyncio.shield) cost this process
+    about as much as a small statement does. Up to ``keep`` are kept between statements;
+    one that saw an error goes back to the pool, which resets or replaces it."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.pool: asyncpg.Pool | None = None
+        self._free: list[asyncpg.Connection] = []
+
+    async def acquire(self) -> asyncpg.Connection:
+        return self._free.pop() if self._free else await self.pool.acquire()
+
+    async def release(self, conn: asyncpg.Connection, ok: bool) -> None:
+        if ok and len(self._free) < self.keep:
+            self._free.append(conn)
+        else:
+            await self.pool.release(conn)
+
+    async def close(self) -> None:
+        while self._free:
+            await self.pool.release(self._free.pop())
+
+
 @dataclass
 class Stats:
     jobs_done: int = 0
@@ -182,13 +208,18 @@ class _Feed:
     async def _claim(self, asks: list[None]) -> list[dict[str, Any] | None]:
         w, n = self.w, len(asks)
         jobs: list[dict[str, Any]] = []
-        if n > 1:
-            jobs = await queue.pull_many(w.pool, w.name, w.tags, n)
-        while len(jobs) < n:  # one at a time: jobs with a concurrency key, or a lone slot
-            job = await queue.pull(w.pool, w.name, w.tags)
-            if job is None:
-                break
-            jobs.append(job)
+        conn, ok = await w.hot.acquire(), False
+        try:
+            if n > 1:
+                jobs = await queue.pull_many(conn, w.name, w.tags, n)
+            while len(jobs) < n:  # one at a time: jobs with a concurrency key, or a lone slot
+                job = await queue.pull(conn, w.name, w.tags)
+                if job is None:
+                    break
+                jobs.append(job)
+            ok = True
+        finally:
+            await w.hot.release(conn, ok)
         return jobs + [None] * (n - len(jobs))
 
 
@@ -214,6 +245,7 @@ class Worker:
         self._bg: set[asyncio.Task] = set()
         self._feed = _Feed(self)
         self._completer = _Batcher(self._complete_batch, in_flight=2)
+        self.hot = _HotConns(keep=2)  # the claims' and completions' connections
         # the wake event and next_due's read under it, shared by the idle slots (_next_due)
         self._due: tuple[asyncio.Event, asyncio.Future] | None = None
         # jobs started since _watch_until - job_ping_s / 20: their heartbeats start together
@@ -231,10 +263,11 @@ class Worker:
                 f"group {self.profile.name} requires a GPU (requires_gpu: true) and none was found"
                 " on this host (no nvidia-smi GPU, no /dev/nvidia<N>); start it with --allow-no-gpu"
                 " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
-        # A connection per subworker plus one for pings: no slot waits for a connection.
-        self.pool = await dbmod.create_pool(self.database_url, min_size=1,
-                                            max_size=self.profile.subworkers + 1,
-                                            settings=queue.CLAIM_SETTINGS)
+        # A connection per subworker plus one for pings, and those that claims and
+        # completions keep between statements: no slot waits for a connection.
+        self.pool = self.hot.pool = await dbmod.create_pool(
+            self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
+            settings=queue.CLAIM_SETTINGS)
         await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
         p = self.profile
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
@@ -300,6 +333,7 @@ class Worker:
             if self.listener:
                 await self.listener.close()
             if self.pool:
+                await self.hot.close()  # the pool's close waits for every connection it lent
                 await self.pool.close()
 
     # ---- notifications -------------------------------------------------------------------
@@ -525,10 +559,15 @@ class Worker:
         that wants one: a busy slot makes one round trip per job."""
         done = [c for c, _ in reqs]
         want = sum(1 for _, w in reqs if w)
-        if want:
-            statuses, jobs = await queue.complete_and_pull(self.pool, done, self.name, self.tags, want)
-        else:
-            statuses, jobs = await queue.complete_many(self.pool, done), []
+        conn, ok = await self.hot.acquire(), False
+        try:
+            if want:
+                statuses, jobs = await queue.complete_and_pull(conn, done, self.name, self.tags, want)
+            else:
+                statuses, jobs = await queue.complete_many(conn, done), []
+            ok = True
+        finally:
+            await self.hot.release(conn, ok)
         feed = iter(jobs)
         return [(statuses.get(c.job_id), next(feed, None) if w else None) for c, w in reqs]
 
