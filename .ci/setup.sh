@@ -15,6 +15,8 @@
 #   DOCKERD_TIMEOUT=60                seconds to wait for a backgrounded dockerd
 #   DOCKERD_ARGS=""                   extra dockerd flags when we start it ourselves
 #   SKIP_IMAGE=1                      do not build the job image
+#   SETUP_STOP_AFTER=python           stop after steps 1-2 (packages, Python env): used to
+#                                     pre-provision a VM's disk in a chroot (tests/vm/)
 # Output: the interpreter that has sandmill installed is written to /etc/sandmill/python
 # (callers run "$(cat /etc/sandmill/python)" -m pytest ...).
 set -euo pipefail
@@ -89,6 +91,10 @@ else
     echo "$want" >"$stamp"
 fi
 echo "$PY" >"$STATE_DIR/python"
+if [ "${SETUP_STOP_AFTER:-}" = python ]; then
+    step "stopping after the Python step (SETUP_STOP_AFTER=python)"
+    exit 0
+fi
 
 # --- 3. dockerd ------------------------------------------------------------------------
 # cgroup v2 inside a container without systemd: we sit in the root of our cgroup

@@ -23,8 +23,10 @@ def test_vagrantfile_structure() -> None:
         assert re.search(rf'"{name}"\s*=>\s*"({"|".join(map(re.escape, boxes))})"', text), \
             f"VM {name} with box {boxes} not defined"
     assert "config.vm.define" in text
-    assert "bash /vagrant/.ci/setup.sh" in text, "VMs must provision with .ci/setup.sh"
-    assert "pytest tests/isolation" in text
+    assert "bash /vagrant/tests/vm/provision.sh" in text, "VMs must run tests/vm/provision.sh"
+    provision = (REPO / "tests" / "vm" / "provision.sh").read_text()
+    assert "bash .ci/setup.sh" in provision, "VMs must provision with .ci/setup.sh"
+    assert "tests/isolation" in provision
     assert re.search(r'synced_folder\s+"\."\s*,\s*"/vagrant"', text)
     assert (REPO / ".ci" / "setup.sh").is_file()
 

@@ -5,8 +5,16 @@
 # Idempotent: does nothing when the image already exists (FORCE=1 rebuilds).
 # Needs root, debootstrap, and a Debian apt mirror (MIRROR, default deb.debian.org).
 # Usage: isolation/images/build.sh [image-tag]
+#        isolation/images/build.sh --rootfs-only FILE.tar   # the rootfs alone, no dockerd
+# ROOTFS_TAR=FILE.tar: import that tarball (from --rootfs-only) instead of running
+# debootstrap; the test VM (tests/vm/) makes it at native speed outside the VM.
 set -euo pipefail
 
+ROOTFS_ONLY=""
+if [ "${1:-}" = --rootfs-only ]; then
+    ROOTFS_ONLY="${2:?--rootfs-only needs a file name}"
+    set --
+fi
 IMAGE="${1:-${SANDMILL_JOB_IMAGE:-sandmill/job:bookworm}}"
 SUITE="${SUITE:-bookworm}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
@@ -17,12 +25,31 @@ JOB_UID=65534
 
 log() { echo "[build.sh] $*" >&2; }
 
-if ! docker info >/dev/null 2>&1; then
-    log "error: dockerd is not reachable (docker info failed)"; exit 1
-fi
-if [ "${FORCE:-0}" != "1" ] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
-    log "image $IMAGE already exists, nothing to do (FORCE=1 to rebuild)"
-    exit 0
+docker_import() {  # a rootfs tarball on stdin -> the image
+    docker import \
+        --change "USER $JOB_UID:$JOB_UID" \
+        --change "WORKDIR /work" \
+        --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        --change "ENV LANG=C.UTF-8" \
+        --change 'CMD ["/bin/bash"]' \
+        --change "LABEL org.sandmill.image=job org.sandmill.suite=$SUITE" \
+        - "$IMAGE" >/dev/null
+    log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE") bytes)"
+}
+
+if [ -z "$ROOTFS_ONLY" ]; then
+    if ! docker info >/dev/null 2>&1; then
+        log "error: dockerd is not reachable (docker info failed)"; exit 1
+    fi
+    if [ "${FORCE:-0}" != "1" ] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
+        log "image $IMAGE already exists, nothing to do (FORCE=1 to rebuild)"
+        exit 0
+    fi
+    if [ -n "${ROOTFS_TAR:-}" ] && [ -s "$ROOTFS_TAR" ]; then
+        log "importing $ROOTFS_TAR into docker as $IMAGE"
+        docker_import <"$ROOTFS_TAR"
+        exit 0
+    fi
 fi
 if [ "$(id -u)" != 0 ]; then
     log "error: debootstrap needs root"; exit 1
@@ -56,13 +83,10 @@ chown "$JOB_UID:$JOB_UID" "$ROOTFS/work"
 # Docker writes these at start; empty files keep the image deterministic.
 : >"$ROOTFS/etc/hostname"; : >"$ROOTFS/etc/resolv.conf"
 
+if [ -n "$ROOTFS_ONLY" ]; then
+    tar --numeric-owner -C "$ROOTFS" -cf "$ROOTFS_ONLY.tmp" . && mv "$ROOTFS_ONLY.tmp" "$ROOTFS_ONLY"
+    log "wrote $ROOTFS_ONLY"
+    exit 0
+fi
 log "importing into docker as $IMAGE"
-tar --numeric-owner -C "$ROOTFS" -c . | docker import \
-    --change "USER $JOB_UID:$JOB_UID" \
-    --change "WORKDIR /work" \
-    --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    --change "ENV LANG=C.UTF-8" \
-    --change 'CMD ["/bin/bash"]' \
-    --change "LABEL org.sandmill.image=job org.sandmill.suite=$SUITE" \
-    - "$IMAGE" >/dev/null
-log "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE") bytes)"
+tar --numeric-owner -C "$ROOTFS" -c . | docker_import
