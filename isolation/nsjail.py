@@ -126,7 +126,11 @@ class NsjailBackend(Backend):
         lim = spec.limits
         a = [self.binary or "nsjail", *self._static, "--log", log_path,
              "-B", f"{wd}:{JOB_DIR}", "-D", JOB_DIR,
-             "--time_limit", str(max(1, math.ceil(lim.wall_s))),
+             # A backstop only: nsjail counts whole seconds of time(2), so --time_limit N
+             # kills anywhere in (N-1, N] s after the start (a 1 s job at 0.6 s was seen in
+             # the debian12 VM). The worker's own deadline kills on time; one second more
+             # here keeps nsjail from ever firing first.
+             "--time_limit", str(math.ceil(lim.wall_s) + 1),
              # "max" = the current hard limit: "inf" fails inside the user namespace.
              # RLIMIT_AS stays at max (memory is the cgroup's job; AS breaks runtimes);
              # RLIMIT_NPROC stays nsjail's default (per uid, shared by all jobs).
