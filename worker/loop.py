@@ -119,7 +119,7 @@ def resolve_backend(profile: Profile, own_root: Path | None = None) -> tuple[Bac
 @dataclass
 class _Running:
     job: dict[str, Any]
-    task: asyncio.Task  # the slot's task, which runs the job: cancel() kills the job
+    task: asyncio.Task
     why: str = ""  # set when we kill it: "canceled" | "lost" | "shutdown"
     heartbeat: asyncio.Task | None = None
 
@@ -248,9 +248,6 @@ class Worker:
         self.hot = _HotConns(keep=2)  # the claims' and completions' connections
         # the wake event and next_due's read under it, shared by the idle slots (_next_due)
         self._due: tuple[asyncio.Event, asyncio.Future] | None = None
-        # jobs started since _watch_until - job_ping_s / 20: their heartbeats start together
-        self._watch_batch: list[_Running] = []
-        self._watch_until = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -505,24 +502,22 @@ class Worker:
             coro = _const(JobResult("failure", {"error": {"name": "UnsupportedLanguage",
                           "message": f"worker group {self.profile.name} cannot run {lang} jobs"}},
                           f"UnsupportedLanguage: worker group {self.profile.name} cannot run {lang} jobs"))
-        # The job runs in this slot's task, not in a task of its own (one task and two loop
-        # turns less per job). r.task.cancel() kills it, and can only while it runs: it
-        # leaves self.running, and its heartbeat stops, in the very step in which it ends.
-        r = self.running[job_id] = _Running(job, asyncio.current_task())
-        self._watch(r)
+        task = asyncio.create_task(coro)
+        r = self.running[job_id] = _Running(job, task)
+        # Most jobs end before their first ping is due: start the heartbeat task only then.
+        hb = asyncio.get_running_loop().call_later(self.settings.job_ping_s, self._start_heartbeat, r)
         t0 = time.monotonic()
         try:
-            res = await coro
+            res = await task
         except asyncio.CancelledError:
             if not r.why:  # our own task was cancelled from outside: treat as shutdown
                 r.why = "shutdown"
             res = None
         finally:
+            hb.cancel()
             if r.heartbeat is not None:
                 r.heartbeat.cancel()
             self.running.pop(job_id, None)
-            if r.why and r.task.cancelling():
-                r.task.uncancel()  # that cancel was for the job, which is over: the slot goes on
         wall_ms = int((time.monotonic() - t0) * 1000)
         if isinstance(res, Outcome):
             outcome = res
@@ -571,22 +566,9 @@ class Worker:
         feed = iter(jobs)
         return [(statuses.get(c.job_id), next(feed, None) if w else None) for c, w in reqs]
 
-    def _watch(self, r: _Running) -> None:
-        """Start the job's heartbeat once it has run about job_ping_s: most jobs end
-        before. Jobs that start within the same twentieth of that share one timer (a
-        busy native worker starts thousands of jobs a second: a timer each is a heap
-        entry each, left behind when the job ends)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now >= self._watch_until:
-            self._watch_batch, self._watch_until = [], now + self.settings.job_ping_s / 20
-            loop.call_later(self.settings.job_ping_s, self._start_heartbeats, self._watch_batch)
-        self._watch_batch.append(r)
-
-    def _start_heartbeats(self, batch: list[_Running]) -> None:
-        for r in batch:
-            if self.running.get(r.job["id"]) is r and r.heartbeat is None:
-                r.heartbeat = asyncio.create_task(self._job_heartbeat(r))
+    def _start_heartbeat(self, r: _Running) -> None:
+        if not r.task.done():
+            r.heartbeat = asyncio.create_task(self._job_heartbeat(r))
 
     async def _job_heartbeat(self, r: _Running) -> None:
         while True:
