@@ -157,8 +157,8 @@ mkfs.ext4 -q -F -L root -d "$ROOT" "$RUN/disk.img"
 rm -rf "$ROOT"
 
 # --- 5. boot ---------------------------------------------------------------------------
-kernel="$(ls "$BASE"/boot/vmlinuz-* | sort -V | tail -n1)"
-initrd="$(ls "$BASE"/boot/initrd.img-* | sort -V | tail -n1)"
+kernel="$(ls "$PROV"/boot/vmlinuz-* | sort -V | tail -n1)"  # the disk's own kernel
+initrd="$(ls "$PROV"/boot/initrd.img-* | sort -V | tail -n1)"
 step "booting: ${accel[*]}, ${VM_CPUS:-2} cpus, ${VM_MEM:-4096} MiB, timeout ${VM_TIMEOUT:-3600}s"
 rc=0
 timeout "${VM_TIMEOUT:-3600}" qemu-system-x86_64 "${accel[@]}" \
@@ -167,7 +167,10 @@ timeout "${VM_TIMEOUT:-3600}" qemu-system-x86_64 "${accel[@]}" \
     -append "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=false net.ifnames=0 panic=-1" \
     -drive "file=$RUN/disk.img,format=raw,if=virtio,cache=unsafe" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0 </dev/null || rc=$?
-[ "$rc" = 124 ] && die "the VM did not finish within ${VM_TIMEOUT:-3600}s"
+if [ "$rc" = 124 ]; then
+    echo "!!! [vm-host] the VM did not finish within ${VM_TIMEOUT:-3600}s" >&2
+    exit 124  # as the header promises; die would say 1
+fi
 
 # --- 6. the result ------------------------------------------------------------------------
 vm_rc="$(debugfs -R "cat /vm-rc" "$RUN/disk.img" 2>/dev/null | tr -dc 0-9)"
