@@ -60,6 +60,9 @@ class Profile(BaseModel):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     subworkers: int = Field(1, ge=1, le=256)
     native: bool = False  # run native jobs (postgresql, http) in-process
+    # a busy subworker claims its next job while the current one runs, from a backlog only
+    # (see WorkerSettings.claim_ahead_*): the claim's round trip is off the job's path
+    claim_ahead: bool = True
     limits: Limits = Field(default_factory=Limits)
     python: str = "/usr/bin/python3"
     bash: str = "/bin/bash"

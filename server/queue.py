@@ -68,7 +68,7 @@ async def push(
 
 # The waiting jobs a claim may take, best first: of the worker's tags ($1 base tags, $3
 # plain tags, $4 'tag(ws)' pairs), due, and with room in their concurrency key. Shared by
-# _PULL and _CLAIM.
+# _PULL and _claim_ctes.
 _DUE_FOR_US = """
       FROM queue q LEFT JOIN concurrency_key ck ON ck.key = q.concurrency_key
      WHERE NOT q.running AND q.tag = ANY($1::text[]) AND q.scheduled_for <= now()
@@ -166,18 +166,32 @@ async def pull(db: Executor, worker: str, tags: list[str]) -> dict[str, Any] | N
 # caller falls back to pull() when it gets fewer jobs than it asked for), and the jobs
 # behind a keyed job must not pass it (a busy worker claims through this alone). Each
 # claimed row carries its rank (1 = best), for the caller to order them by.
-_CLAIM = """
+#
+# With ``ahead`` = p, the claim also takes up to $p more jobs to hold ahead (a busy slot's
+# next job, claimed while its current one runs, so that the round trip of its completion
+# is off the slot's path), but only jobs that have waited $(p+1) seconds since they were
+# due: a backlog that no idle slot took, not a fresh job an idle worker is about to claim.
+# A job held ahead is running and ours but has not started (started_at NULL) until the
+# worker says so (_complete_ctes' start stamps).
+def _claim_ctes(ahead: int | None = None) -> str:
+    if ahead is None:
+        limit, keep, started = "$5", "", "clock_timestamp()"
+    else:
+        limit = f"$5::int + ${ahead}::int"
+        keep = f"\n       AND (rank <= $5 OR scheduled_for <= now() - make_interval(secs => ${ahead + 1}::float8))"
+        started = "CASE WHEN pick.rank <= $5 THEN clock_timestamp() END"
+    return """
 cand AS (
-    SELECT q.id, q.concurrency_key IS NOT NULL AS keyed, q.priority, q.scheduled_for, q.seq""" + _DUE_FOR_US + """     LIMIT $5
+    SELECT q.id, q.concurrency_key IS NOT NULL AS keyed, q.priority, q.scheduled_for, q.seq""" + _DUE_FOR_US + f"""     LIMIT {limit}
      FOR UPDATE OF q SKIP LOCKED
 ), pick AS (
     SELECT id, rank FROM (
-        SELECT id, bool_or(keyed) OVER w AS from_key, row_number() OVER w AS rank FROM cand
-        WINDOW w AS (ORDER BY priority DESC, scheduled_for, seq)) c
-     WHERE NOT from_key
+        SELECT id, scheduled_for, bool_or(keyed) OVER w AS from_key, row_number() OVER w AS rank
+          FROM cand WINDOW w AS (ORDER BY priority DESC, scheduled_for, seq)) c
+     WHERE NOT from_key{keep}
 ), claimed AS (
     UPDATE queue q
-       SET running = true, worker = $2, started_at = clock_timestamp(), last_ping = now()
+       SET running = true, worker = $2, started_at = {started}, last_ping = now()
       FROM pick WHERE q.id = pick.id
     RETURNING """ + _JOB_COLUMNS + """, pick.rank
 )"""
@@ -195,7 +209,7 @@ cand AS (
 CLAIM_SETTINGS = {"enable_sort": "off", "random_page_cost": "1.1"}
 
 
-_PULL_MANY = "WITH " + _CLAIM + "\nSELECT * FROM claimed"
+_PULL_MANY = "WITH " + _claim_ctes() + "\nSELECT * FROM claimed"
 _PULL_MANY_ONE_TAG = _one_tag(_PULL_MANY)
 
 
@@ -248,12 +262,12 @@ async def next_due(db: Executor, tags: list[str]) -> dt.datetime | None:
     )
 
 
-# Put a running job back in the queue ($3: count it as a restart), give its concurrency
-# slot back, and wake the workers of its tag.
+# Put a running job back in the queue ($3: count it as a restart, unless it never started:
+# a job held ahead), give its concurrency slot back, and wake the workers of its tag.
 _REQUEUE = f"""
 WITH q AS (
     UPDATE queue SET running = false, worker = NULL, started_at = NULL, last_ping = NULL,
-                     restarts = restarts + $3::int
+                     restarts = restarts + CASE WHEN started_at IS NULL THEN 0 ELSE $3::int END
      WHERE id = $1 AND worker = $2 AND running
     RETURNING id, tag, concurrency_key
 ), released AS (
@@ -303,7 +317,10 @@ i AS (
         canceled_reason, concurrency_key)
     SELECT q.id, q.workspace, q.kind, q.script_path, q.script_hash, q.language,
            CASE WHEN q.kind = 'script' THEN NULL ELSE q.content END,
-           q.args, q.tag, q.priority, q.created_by, q.created_at, q.scheduled_for, q.started_at,
+           q.args, q.tag, q.priority, q.created_by, q.created_at, q.scheduled_for,
+           -- a job held ahead that ended before its start stamp came in (one statement in
+           -- flight stamps it, another completes it): its start, from its length
+           coalesce(q.started_at, now() - make_interval(secs => i.duration_ms / 1000.0)),
            q.worker, CASE WHEN q.canceled THEN 'canceled' ELSE i.status END, i.result,
            CASE WHEN q.canceled THEN coalesce('canceled: ' || q.canceled_reason, 'canceled')
                 ELSE i.error END,
@@ -317,10 +334,17 @@ i AS (
 _COMPLETE = "WITH " + _complete_ctes(1) + "\nSELECT id, status FROM done"
 
 # Completion and the next claims in one statement (so one round trip and one commit per
-# batch): a busy slot hands in its job and gets its next one back. The claim reads the
-# queue as it was when the statement began, so a keyed job whose slot this very batch
-# gives back is not seen as free: its completion NOTIFY wakes a puller for it.
-_COMPLETE_AND_CLAIM = "WITH " + _CLAIM + "," + _complete_ctes(6) + """
+# batch): a busy slot hands in its job and gets its next one back, or (claim ahead) hands
+# in its job, says that the job it held ahead starts now ($17, start stamps) and gets the
+# one to hold next. The claim reads the queue as it was when the statement began, so a
+# keyed job whose slot this very batch gives back is not seen as free: its completion
+# NOTIFYs wakes a puller for it.
+_COMPLETE_AND_CLAIM = "WITH " + _claim_ctes(ahead=15) + "," + _complete_ctes(6) + """,
+started AS (
+    -- the caller never stamps a job this statement completes (one row, one change)
+    UPDATE queue SET started_at = clock_timestamp(), last_ping = now()
+     WHERE id = ANY($17::uuid[]) AND worker = $2 AND started_at IS NULL
+)
 SELECT CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_ids END AS done_ids,
        CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_status END AS done_status, c.*
   FROM (SELECT array_agg(id) AS done_ids, array_agg(status) AS done_status FROM done) d
@@ -357,13 +381,19 @@ async def complete_many(db: Executor, done: list[Completion]) -> dict[uuid.UUID,
 
 
 async def complete_and_pull(db: Executor, done: list[Completion], worker: str, tags: list[str],
-                            want: int) -> tuple[dict[uuid.UUID, str], list[dict[str, Any]]]:
+                            want: int, *, ahead: int = 0, ahead_after_s: float = 0.0,
+                            starting: list[uuid.UUID] | None = None,
+                            ) -> tuple[dict[uuid.UUID, str], list[dict[str, Any]]]:
     """complete_many, and in the same statement claim up to ``want`` jobs for ``worker``
-    as pull_many does (none with a concurrency key: the caller pulls those with pull()).
-    Returns (final status by completed job id, the claimed jobs best first)."""
+    as pull_many does (none with a concurrency key: the caller pulls those with pull()),
+    plus up to ``ahead`` jobs to hold ahead among those that have waited ``ahead_after_s``
+    since they were due (their ``started_at`` is None), and stamp the start of the held
+    jobs in ``starting`` (none of them may be in ``done``). Returns (final status by
+    completed job id, the claimed jobs best first: the first ``want`` to run now)."""
     bases, plain, pairs = split_tags(tags)
     sql = _COMPLETE_AND_CLAIM_ONE_TAG if len(bases) == 1 else _COMPLETE_AND_CLAIM
-    rows = await db.fetch(sql, bases, worker, plain, pairs, want, *_completion_arrays(done))
+    rows = await db.fetch(sql, bases, worker, plain, pairs, want, *_completion_arrays(done),
+                          ahead, float(ahead_after_s), starting or [])
     # one row carries the completions (none has them when nothing was completed)
     first = next((r for r in rows if r["done_ids"] is not None), None)
     statuses = dict(zip(first["done_ids"], first["done_status"])) if first else {}
@@ -458,7 +488,8 @@ async def cancel(db: Executor, workspace: str, job_id: uuid.UUID, by: str, reaso
 
 
 async def requeue(db: Executor, job_id: uuid.UUID, worker: str) -> bool:
-    """Give a running job back to the queue (its worker is shutting down)."""
+    """Give a running job back to the queue (its worker is shutting down), or a job held
+    ahead that its worker will not start."""
     return await db.fetchrow(_REQUEUE, job_id, worker, 0) is not None
 
 
@@ -468,13 +499,16 @@ async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) 
     Returns what it did, one dict per job."""
     async with _tx(db) as conn:
         stale = await conn.fetch(
-            "SELECT id, worker, restarts FROM queue WHERE running"
+            "SELECT id, worker, restarts, started_at IS NOT NULL AS started FROM queue WHERE running"
             " AND last_ping < now() - make_interval(secs => $1) FOR UPDATE SKIP LOCKED",
             float(ping_timeout_s),
         )
         done = []
         for r in stale:
-            if r["restarts"] >= max_restarts:
+            if not r["started"]:  # held ahead by a worker that died before starting it
+                await conn.fetchrow(_REQUEUE, r["id"], r["worker"], 0)
+                done.append({"id": r["id"], "action": "requeued", "worker": r["worker"]})
+            elif r["restarts"] >= max_restarts:
                 msg = (f"worker {r['worker']} died while running this job"
                        f" ({r['restarts'] + 1} times; restart limit {max_restarts} reached)")
                 await conn.execute(
@@ -544,7 +578,7 @@ async def job_state(db: Executor, workspace: str, job_id: uuid.UUID) -> dict[str
         "SELECT true AS completed, true AS started, status = 'success' AS success, result"
         "  FROM completed_job WHERE id = $1 AND workspace = $2"
         " UNION ALL "
-        "SELECT false, running, NULL, NULL FROM queue WHERE id = $1 AND workspace = $2",
+        "SELECT false, started_at IS NOT NULL, NULL, NULL FROM queue WHERE id = $1 AND workspace = $2",
         job_id, workspace,
     )
     return dict(row) if row else None

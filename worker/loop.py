@@ -53,6 +53,11 @@ class WorkerSettings:
     # a dead worker's work dirs once untouched this long
     sweep_every_s: float = field(default_factory=lambda: _env_float("SANDMILL_SWEEP_EVERY_S", 600.0))
     sweep_grace_s: float = field(default_factory=lambda: _env_float("SANDMILL_SWEEP_GRACE_S", 60.0))
+    # claim ahead (profile claim_ahead): a busy slot claims its next job while its current
+    # one runs, only from a backlog (jobs due this long ago that no idle slot took), and
+    # gives it back if the current job is still running after claim_ahead_hold_s
+    claim_ahead_after_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_AFTER_S", 0.02))
+    claim_ahead_hold_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_HOLD_S", 0.5))
     # start a requires_gpu group on a host where no GPU is found
     allow_no_gpu: bool = field(default_factory=lambda: os.environ.get("SANDMILL_ALLOW_NO_GPU", "") not in ("", "0"))
 
@@ -138,13 +143,22 @@ class _Batcher:
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, request: Any) -> Any:
+        return await self.enqueue(request)
+
+    async def wait_idle(self) -> None:
+        """Return once no statement is in flight and no request waits."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def enqueue(self, request: Any) -> asyncio.Future:
+        """Queue ``request``; the future resolves to its answer."""
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((request, fut))
         if len(self._tasks) < self._in_flight:
             t = asyncio.create_task(self._drain())
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
-        return await fut
+        return fut
 
     async def _drain(self) -> None:
         while self._pending:
@@ -185,6 +199,31 @@ class _HotConns:
     async def close(self) -> None:
         while self._free:
             await self.pool.release(self._free.pop())
+
+
+@dataclass
+class _Done:
+    """A slot's job has ended: its completion, and what the slot wants back in the same
+    statement: a job to run now (it holds none), a job to hold ahead, and the start stamp
+    of the held job it starts as this one ends."""
+
+    completion: queue.Completion
+    now: bool
+    ahead: bool
+    starting: uuid.UUID | None = None
+
+
+@dataclass
+class _Answer:
+    status: str | None
+    now: dict[str, Any] | None
+    ahead: dict[str, Any] | None
+
+
+@dataclass
+class _SlotState:
+    # the answer of the slot's last completion while it may hold the slot's next job
+    held: asyncio.Future | None = None
 
 
 @dataclass
@@ -239,6 +278,8 @@ class Worker:
         self.pool: asyncpg.Pool | None = None
         self.listener: asyncpg.Connection | None = None
         self.running: dict[uuid.UUID, _Running] = {}
+        self.held: set[uuid.UUID] = set()  # jobs claimed ahead, not started yet
+        self._canceled_held: set[uuid.UUID] = set()  # of those, the ones canceled meanwhile
         self.stats = Stats()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -314,6 +355,7 @@ class Worker:
                 r.task.cancel()
             await asyncio.wait(pending)
         pinger.cancel()
+        await self._completer.wait_idle()  # no completion is left behind in the batcher
         await self.close()
 
     def stop(self) -> None:
@@ -390,10 +432,13 @@ class Worker:
         ev.set()
 
     def _on_cancel(self, _conn, _pid, _channel, payload: str) -> None:
-        r = self.running.get(uuid.UUID(payload))
+        job_id = uuid.UUID(payload)
+        r = self.running.get(job_id)
         if r and not r.why:
             r.why = "canceled"
             r.task.cancel()
+        elif job_id in self.held:
+            self._canceled_held.add(job_id)  # it completes as canceled without running
 
     # ---- leftovers of dead workers -------------------------------------------------------
 
@@ -416,9 +461,16 @@ class Worker:
     # ---- the pull loop -------------------------------------------------------------------
 
     async def _slot(self, index: int) -> None:
-        job: dict[str, Any] | None = None  # a job claimed with the last completion
+        """One subworker: run a job, complete it, and run the next. A busy slot's completion
+        claims its next job in the same statement; with claim ahead it claims the job after
+        that, so that the next one is in hand (and starts) the moment this one ends."""
+        st = _SlotState()
+        job: dict[str, Any] | None = None  # the job to run next
+        hold_s = self.settings.claim_ahead_hold_s
         while not self._stopping.is_set():
             wake = self._wake
+            if job is None and st.held is not None:
+                job = await self._take_held(st)
             if job is None:
                 try:
                     job = await self._feed.next_job()
@@ -431,14 +483,89 @@ class Worker:
                     continue
             t0 = time.monotonic()
             current, job = job, None
+            # a job held ahead is given back if this one runs long
+            hold = (asyncio.get_running_loop().call_later(hold_s, self._release_held, st)
+                    if st.held is not None else None)
             try:
-                job = await self._execute(current)
+                done = await self._execute(current)
             except Exception:  # noqa: BLE001 - one bad job must not kill the worker
                 log.exception("job %s: internal error", current["id"])
-            self.stats.busy_s += time.monotonic() - t0
+                done = None
+            finally:
+                if hold is not None:
+                    hold.cancel()
+            ran_s = time.monotonic() - t0
+            self.stats.busy_s += ran_s
             self.stats.jobs_done += 1
+            if done is None:  # lost, or put back at shutdown: nothing to complete
+                continue
+            if st.held is not None:  # its claim has had this job's run to come back
+                job = await self._take_held(st)
+            stopping = self._stopping.is_set()
+            if job is not None and stopping:
+                await self._give_back(job)
+                job = None
+            # no claim ahead after a long job: the next is likely long too, and its
+            # held job would only go back
+            ahead = self.profile.claim_ahead and not stopping and ran_s < hold_s
+            fut = self._completer.enqueue(_Done(done, now=job is None and not stopping, ahead=ahead,
+                                                starting=job["id"] if job is not None else None))
+            if ahead:
+                st.held = fut
+            if job is None:  # wait for the next job, or (stopping) for the job's completion
+                try:
+                    job = (await fut).now
+                except Exception as e:  # noqa: BLE001 - the statement failed for every caller
+                    log.warning("completion failed (%s); the monitor puts the job back", e)
+                    st.held = None
+            elif not ahead:
+                fut.add_done_callback(_log_failed_completion)
         if job is not None:  # claimed while the worker began to stop: not started, give it back
+            await self._give_back(job)
+        if st.held is not None:
+            held = await self._take_held(st)
+            if held is not None:
+                await self._give_back(held)
+
+    async def _take_held(self, st: _SlotState) -> dict[str, Any] | None:
+        """The job the slot's last completion claimed ahead, once that statement is back
+        (None if it claimed none or failed)."""
+        fut, st.held = st.held, None
+        try:
+            job = (await fut).ahead
+        except Exception as e:  # noqa: BLE001 - the statement failed for every caller
+            log.warning("completion failed (%s); the monitor puts the job back", e)
+            return None
+        if job is not None:
+            self.held.discard(job["id"])
+        return job
+
+    def _release_held(self, st: _SlotState) -> None:
+        """The slot's current job runs long: give its held job back to the queue, for an
+        idle slot to take, as soon as the claim is back."""
+        fut, st.held = st.held, None
+        if fut is not None:
+            fut.add_done_callback(self._release_answer)
+
+    def _release_answer(self, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            _log_failed_completion(fut)
+            return
+        job = fut.result().ahead
+        if job is not None:
+            self.held.discard(job["id"])
+            t = asyncio.get_running_loop().create_task(self._give_back(job))
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
+
+    async def _give_back(self, job: dict[str, Any]) -> None:
+        """Put a job this worker claimed and will not start back in the queue."""
+        self.held.discard(job["id"])
+        self._canceled_held.discard(job["id"])
+        try:
             await queue.requeue(self.pool, job["id"], self.name)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("could not give job %s back (%s); the monitor will", job["id"], e)
 
     async def _idle(self, wake: asyncio.Event) -> None:
         timeout = self.settings.poll_s
@@ -481,9 +608,9 @@ class Worker:
 
     # ---- one job -------------------------------------------------------------------------
 
-    async def _execute(self, job: dict[str, Any]) -> dict[str, Any] | None:
-        """Run one job and complete it; returns the next job when the completion claimed
-        one for this slot."""
+    async def _execute(self, job: dict[str, Any]) -> queue.Completion | None:
+        """Run one job; returns its completion for the slot to hand in (None when the job
+        is not this worker's to complete any more, or went back to the queue)."""
         job_id: uuid.UUID = job["id"]
         sink = LogSink(self.pool, job_id)
         if job["restarts"]:
@@ -493,7 +620,11 @@ class Worker:
         if job.get("timeout_s"):
             limits = limits.merged({"wall_s": float(job["timeout_s"])})
         outcome: Outcome | None = None
-        if lang in NATIVE_LANGUAGES and self.profile.native:
+        if job_id in self._canceled_held:  # canceled while held ahead: not run at all
+            self._canceled_held.discard(job_id)
+            coro = _const(JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}},
+                                    "canceled before it started"))
+        elif lang in NATIVE_LANGUAGES and self.profile.native:
             coro = run_native(job, limits.wall_s)
         elif lang in ("python3", "bash") and self.backend is not None:
             spec = build_spec(job, self.profile, self.env)
@@ -539,32 +670,42 @@ class Worker:
             sink.note("job canceled; killed")
             result = JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, "canceled")
         await sink.close()
-        _status, next_job = await self._completer.submit((queue.Completion(
+        return queue.Completion(
             job_id, self.name, status=result.status, result=result.result, error=result.error,
             duration_ms=outcome.wall_ms if outcome else wall_ms,
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
             outcome=outcome.to_json() if outcome else None,
-        ), not self._stopping.is_set()))
-        return next_job
+        )
 
-    async def _complete_batch(self, reqs: list[tuple[queue.Completion, bool]]
-                              ) -> list[tuple[str | None, dict[str, Any] | None]]:
+    async def _complete_batch(self, reqs: list[_Done]) -> list[_Answer]:
         """Complete a batch and, in the same statement, claim the next job of each slot
-        that wants one: a busy slot makes one round trip per job."""
-        done = [c for c, _ in reqs]
-        want = sum(1 for _, w in reqs if w)
+        that wants one, claim the jobs to hold ahead, and stamp the start of the held jobs
+        that start now: a busy slot makes one round trip per job."""
+        done = [r.completion for r in reqs]
+        want = sum(r.now for r in reqs)
+        ahead = sum(r.ahead for r in reqs)
+        starting = [r.starting for r in reqs if r.starting is not None]
         conn, ok = await self.hot.acquire(), False
         try:
-            if want:
-                statuses, jobs = await queue.complete_and_pull(conn, done, self.name, self.tags, want)
+            if want or ahead or starting:
+                statuses, jobs = await queue.complete_and_pull(
+                    conn, done, self.name, self.tags, want, ahead=ahead,
+                    ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
             else:
                 statuses, jobs = await queue.complete_many(conn, done), []
             ok = True
         finally:
             await self.hot.release(conn, ok)
-        feed = iter(jobs)
-        return [(statuses.get(c.job_id), next(feed, None) if w else None) for c, w in reqs]
+        now, held = iter(jobs[:want]), iter(jobs[want:])  # the first `want` run now
+        out = []
+        for r in reqs:
+            a = _Answer(statuses.get(r.completion.job_id), next(now, None) if r.now else None,
+                        next(held, None) if r.ahead else None)
+            if a.ahead is not None:
+                self.held.add(a.ahead["id"])
+            out.append(a)
+        return out
 
     def _start_heartbeat(self, r: _Running) -> None:
         if not r.task.done():
@@ -643,6 +784,11 @@ class Worker:
 
 async def _const(v: Any) -> Any:
     return v
+
+
+def _log_failed_completion(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("completion failed (%s); the monitor puts the job back", fut.exception())
 
 
 def _fast_child_watcher() -> None:

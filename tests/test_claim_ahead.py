@@ -1,0 +1,187 @@
+"""Claim ahead: a busy slot claims its next job while the current one runs, from a
+backlog only; the held job is running and ours but not started until it starts, goes
+back to the queue if the current job runs long or the worker dies, and completes as
+canceled without running if canceled while held."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from server import db as dbmod
+from server import queue
+from server.profiles import profile_from_dict
+from worker.loop import Worker, WorkerSettings
+
+
+def _push(pool, tag: str, language: str = "noop", args: dict | None = None):
+    return queue.push(pool, workspace="w", language=language, content="", args=args or {}, tag=tag)
+
+
+def _done(job_id: uuid.UUID, worker: str = "w1", duration_ms: int = 0) -> queue.Completion:
+    return queue.Completion(job_id, worker, "success", None, None, duration_ms=duration_ms)
+
+
+async def _row(pool, job_id):
+    return await pool.fetchrow("SELECT running, worker, started_at, restarts FROM queue WHERE id = $1", job_id)
+
+
+async def test_only_a_backlog_is_claimed_ahead_and_it_is_not_started(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "ca-" + uuid.uuid4().hex[:6]
+    a, b = await _push(pool, tag), await _push(pool, tag)
+    await asyncio.sleep(0.2)
+    fresh = await _push(pool, tag)
+    (first,) = await queue.pull_many(pool, "w1", [tag], 1)
+    assert first["id"] == a and first["started_at"] is not None
+    # two asked ahead: b has waited 0.2 s, the fresh job has not (an idle slot takes it)
+    statuses, jobs = await queue.complete_and_pull(pool, [_done(a)], "w1", [tag], 0, ahead=2, ahead_after_s=0.1)
+    assert statuses == {a: "success"}
+    assert [j["id"] for j in jobs] == [b] and jobs[0]["started_at"] is None
+    r = await _row(pool, b)
+    assert r["running"] and r["worker"] == "w1" and r["started_at"] is None
+    assert not (await _row(pool, fresh))["running"]
+    # now-claims are not held back by age; the held job's start is stamped with them
+    _, jobs = await queue.complete_and_pull(pool, [], "w1", [tag], 1, starting=[b])
+    assert [j["id"] for j in jobs] == [fresh] and jobs[0]["started_at"] is not None
+    assert (await _row(pool, b))["started_at"] is not None
+    await queue.complete_many(pool, [_done(b), _done(fresh)])
+    await pool.close()
+
+
+async def test_a_held_job_goes_back_without_counting_a_restart(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "cab-" + uuid.uuid4().hex[:6]
+    a, b = await _push(pool, tag), await _push(pool, tag)
+    await queue.pull_many(pool, "w1", [tag], 1)
+    _, jobs = await queue.complete_and_pull(pool, [_done(a)], "w1", [tag], 0, ahead=1)
+    assert [j["id"] for j in jobs] == [b]
+    assert await queue.requeue(pool, b, "w1")  # the worker gives it back
+    r = await _row(pool, b)
+    assert (r["running"], r["worker"], r["restarts"]) == (False, None, 0)
+    # held by a worker that dies: the monitor puts it back, no restart (it never ran),
+    # even with no restarts allowed at all
+    await queue.complete_and_pull(pool, [], "w1", [tag], 0, ahead=1)
+    await pool.execute("UPDATE queue SET last_ping = now() - interval '1 hour' WHERE id = $1", b)
+    done = await queue.requeue_stale(pool, ping_timeout_s=6, max_restarts=0)
+    assert [(d["id"], d["action"]) for d in done] == [(b, "requeued")]
+    r = await _row(pool, b)
+    assert (r["running"], r["restarts"]) == (False, 0)
+    await pool.close()
+
+
+async def test_a_held_job_that_ends_before_its_start_stamp_gets_a_start(pg_url):
+    pool = await dbmod.create_pool(pg_url)
+    tag = "cac-" + uuid.uuid4().hex[:6]
+    a, b = await _push(pool, tag), await _push(pool, tag)
+    await queue.pull_many(pool, "w1", [tag], 1)
+    await queue.complete_and_pull(pool, [_done(a)], "w1", [tag], 0, ahead=1)
+    await queue.complete_many(pool, [_done(b, duration_ms=250)])
+    span = await pool.fetchval(
+        "SELECT extract(epoch FROM completed_at - started_at) FROM completed_job WHERE id = $1", b)
+    assert 0.2 <= float(span) <= 5
+    await pool.close()
+
+
+async def _wait(cond, timeout: float = 10):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _worker(pg_url: str, tag: str, **settings) -> Worker:
+    return Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "subworkers": 1}),
+                  pg_url, settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, **settings))
+
+
+async def test_a_busy_slot_holds_its_next_job_and_records_its_true_start(pg_url):
+    """One slot, a backlog of 0.4 s jobs: while one runs the next is held (running, ours,
+    not started); each job's started_at is when it started, not when it was claimed."""
+    tag = "cad-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    ids = [await _push(pool, tag, "sleep", {"seconds": 0.4}) for _ in range(3)]
+    w = _worker(pg_url, tag, claim_ahead_hold_s=5.0)
+    run = asyncio.create_task(w.run())
+    try:
+        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[1]))
+        await asyncio.sleep(0.1)
+        r = await _row(pool, ids[2])  # held while ids[1] runs
+        assert r["running"] and r["worker"] == w.name and r["started_at"] is None
+        assert ids[2] in w.held
+        await _wait(lambda: pool.fetchval("SELECT count(*) = 3 FROM completed_job WHERE id = ANY($1)", ids))
+        rows = {r["id"]: r for r in await pool.fetch(
+            "SELECT id, started_at, completed_at FROM completed_job WHERE id = ANY($1)", ids)}
+        for before, after in zip(ids, ids[1:]):
+            gap = (rows[after]["started_at"] - rows[before]["completed_at"]).total_seconds()
+            assert -0.1 < gap < 0.1, gap  # started as the one before ended, not at its claim
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+
+
+async def test_a_held_job_goes_back_when_the_current_one_runs_long(pg_url):
+    tag = "cae-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    short = await _push(pool, tag, "sleep", {"seconds": 0.05})
+    long = await _push(pool, tag, "sleep", {"seconds": 3})
+    nxt = await _push(pool, tag)
+    w = _worker(pg_url, tag, claim_ahead_hold_s=0.3)
+    run = asyncio.create_task(w.run())
+    try:
+        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", long))
+        # held while the long job starts, given back once it has run 0.3 s
+        await _wait(lambda: pool.fetchval("SELECT NOT running FROM queue WHERE id = $1", nxt), timeout=2)
+        assert (await _row(pool, nxt))["restarts"] == 0
+        assert await pool.fetchval("SELECT running FROM queue WHERE id = $1", long)
+        await _wait(lambda: pool.fetchval("SELECT count(*) = 3 FROM completed_job WHERE id = ANY($1)",
+                                          [short, long, nxt]))
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+
+
+async def test_a_job_canceled_while_held_completes_canceled_without_running(pg_url):
+    tag = "caf-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    first = await _push(pool, tag, "sleep", {"seconds": 0.05})
+    current = await _push(pool, tag, "sleep", {"seconds": 1})
+    held = await _push(pool, tag, "sleep", {"seconds": 10})
+    # heartbeats far apart: only the worker's own note of the cancel can stop it in time
+    w = _worker(pg_url, tag, claim_ahead_hold_s=5.0, job_ping_s=30.0)
+    run = asyncio.create_task(w.run())
+    try:
+        await _wait(lambda: _is_held(w, held))
+        assert await queue.cancel(pool, "w", held, "me", "not needed") == "canceling"
+        await _wait(lambda: pool.fetchval("SELECT count(*) = 1 FROM completed_job WHERE id = $1", held),
+                    timeout=4)
+        r = await pool.fetchrow("SELECT status, started_at, completed_at, duration_ms FROM completed_job"
+                                " WHERE id = $1", held)
+        assert r["status"] == "canceled" and r["duration_ms"] < 1000
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+
+
+async def _is_held(w: Worker, job_id) -> bool:
+    return job_id in w.held
+
+
+async def test_claim_ahead_off_in_the_profile_holds_nothing(pg_url):
+    tag = "cag-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    ids = [await _push(pool, tag, "sleep", {"seconds": 0.3}) for _ in range(3)]
+    w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "claim_ahead": False}),
+               pg_url, settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0))
+    run = asyncio.create_task(w.run())
+    try:
+        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[1]))
+        assert not (await _row(pool, ids[2]))["running"]
+        await _wait(lambda: pool.fetchval("SELECT count(*) = 3 FROM completed_job WHERE id = ANY($1)", ids))
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
