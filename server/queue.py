@@ -211,12 +211,19 @@ CLAIM_SETTINGS = {"enable_sort": "off", "random_page_cost": "1.1"}
 
 _PULL_MANY = "WITH " + _claim_ctes() + "\nSELECT * FROM claimed"
 _PULL_MANY_ONE_TAG = _one_tag(_PULL_MANY)
+_PULL_MANY_AHEAD = "WITH " + _claim_ctes(ahead=6) + "\nSELECT * FROM claimed"
+_PULL_MANY_AHEAD_ONE_TAG = _one_tag(_PULL_MANY_AHEAD)
 
 
-async def pull_many(db: Executor, worker: str, tags: list[str], limit: int) -> list[dict[str, Any]]:
+async def pull_many(db: Executor, worker: str, tags: list[str], limit: int, *, ahead: int = 0,
+                    ahead_after_s: float = 0.0) -> list[dict[str, Any]]:
     """Claim up to ``limit`` due jobs, best first, up to the first one with a concurrency
-    key (which pull() takes)."""
+    key (which pull() takes); and up to ``ahead`` more to hold ahead, of those due
+    ``ahead_after_s`` ago (their ``started_at`` is None; see complete_and_pull)."""
     bases, plain, pairs = split_tags(tags)
+    if ahead:
+        sql = _PULL_MANY_AHEAD_ONE_TAG if len(bases) == 1 else _PULL_MANY_AHEAD
+        return _best_first(await db.fetch(sql, bases, worker, plain, pairs, limit, ahead, float(ahead_after_s)))
     sql = _PULL_MANY_ONE_TAG if len(bases) == 1 else _PULL_MANY
     return _best_first(await db.fetch(sql, bases, worker, plain, pairs, limit))
 

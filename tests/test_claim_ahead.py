@@ -11,7 +11,7 @@ import uuid
 from server import db as dbmod
 from server import queue
 from server.profiles import profile_from_dict
-from worker.loop import Worker, WorkerSettings
+from worker.loop import Worker, WorkerSettings, _Batcher
 
 
 def _push(pool, tag: str, language: str = "noop", args: dict | None = None):
@@ -104,6 +104,10 @@ async def test_a_busy_slot_holds_its_next_job_and_records_its_true_start(pg_url)
     w = _worker(pg_url, tag, claim_ahead_hold_s=5.0)
     run = asyncio.create_task(w.run())
     try:
+        # the idle slot's first claim takes one to run and one to hold
+        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[0]))
+        r = await _row(pool, ids[1])
+        assert r["running"] and r["worker"] == w.name and r["started_at"] is None
         await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[1]))
         await asyncio.sleep(0.1)
         r = await _row(pool, ids[2])  # held while ids[1] runs
@@ -185,3 +189,23 @@ async def test_claim_ahead_off_in_the_profile_holds_nothing(pg_url):
         w.stop()
         await asyncio.wait_for(run, 20)
         await pool.close()
+
+
+async def test_lazy_requests_wait_for_company_unless_flushed():
+    batches: list[list[int]] = []
+
+    async def run(reqs):
+        batches.append(list(reqs))
+        return reqs
+
+    b = _Batcher(run, in_flight=2, lazy_s=0.05)
+    futs = [b.enqueue(i, lazy=True) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert batches == []  # still waiting for company
+    assert await asyncio.gather(*futs) == [0, 1, 2]
+    assert batches == [[0, 1, 2]]  # one statement for the three
+    lazy = b.enqueue(3, lazy=True)
+    b.flush()  # its answer is wanted now
+    assert await asyncio.wait_for(lazy, 0.02) == 3
+    assert await asyncio.wait_for(b.enqueue(4), 0.02) == 4  # not lazy: at once
+    assert batches[1:] == [[3], [4]]

@@ -58,6 +58,9 @@ class WorkerSettings:
     # gives it back if the current job is still running after claim_ahead_hold_s
     claim_ahead_after_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_AFTER_S", 0.02))
     claim_ahead_hold_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_HOLD_S", 0.5))
+    # how long the completion of a job whose slot already runs its next one may wait to
+    # share a statement with others (their answers come back well before they are needed)
+    completion_lazy_s: float = field(default_factory=lambda: _env_float("SANDMILL_COMPLETION_LAZY_S", 0.005))
     # start a requires_gpu group on a host where no GPU is found
     allow_no_gpu: bool = field(default_factory=lambda: os.environ.get("SANDMILL_ALLOW_NO_GPU", "") not in ("", "0"))
 
@@ -134,12 +137,18 @@ class _Batcher:
     flight are served together by the next one. A lone caller pays no added wait. Up to
     ``in_flight`` statements run at once, so that the database works on one batch while
     this process handles the answer to another (one at a time leaves both sides idle half
-    of the time when jobs are short)."""
+    of the time when jobs are short).
 
-    def __init__(self, run_batch, in_flight: int = 1):
+    A lazy request (nobody waits for its answer yet) waits up to ``lazy_s`` for company:
+    slots whose jobs end together then share one statement, instead of one each, at the
+    moment their next jobs start. ``flush()`` sends it at once when its answer is wanted."""
+
+    def __init__(self, run_batch, in_flight: int = 1, lazy_s: float = 0.0):
         self._run_batch = run_batch  # async (list of requests) -> list of answers, same order
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._in_flight = in_flight
+        self._lazy_s = lazy_s
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, request: Any) -> Any:
@@ -147,21 +156,35 @@ class _Batcher:
 
     async def wait_idle(self) -> None:
         """Return once no statement is in flight and no request waits."""
-        while self._tasks:
+        while self._tasks or self._pending:
+            self.flush()
             await asyncio.wait(list(self._tasks))
 
-    def enqueue(self, request: Any) -> asyncio.Future:
+    def enqueue(self, request: Any, lazy: bool = False) -> asyncio.Future:
         """Queue ``request``; the future resolves to its answer."""
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((request, fut))
-        if len(self._tasks) < self._in_flight:
+        if not lazy or self._lazy_s <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._lazy_s, self.flush)
+        return fut
+
+    def flush(self) -> None:
+        """Send what waits now (as soon as fewer than ``in_flight`` statements run)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending and len(self._tasks) < self._in_flight:
             t = asyncio.create_task(self._drain())
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
-        return fut
 
     async def _drain(self) -> None:
         while self._pending:
+            if self._timer is not None:  # what waited lazily goes with this batch
+                self._timer.cancel()
+                self._timer = None
             batch, self._pending = self._pending, []
             try:
                 answers = await self._run_batch([req for req, _ in batch])
@@ -235,22 +258,29 @@ class Stats:
 
 class _Feed:
     """Jobs for the idle slots of one worker: slots that ask at the same time are served
-    by one claim of several jobs (queue.pull_many), keyed jobs by the one-job pull."""
+    by one claim of several jobs (queue.pull_many), keyed jobs by the one-job pull. With
+    claim ahead, each also gets a job to hold ahead when there is a backlog (a burst of
+    jobs wakes idle slots: their first completions then need no claim either)."""
 
     def __init__(self, worker: "Worker"):
         self.w = worker
         self._batcher = _Batcher(self._claim)
 
-    async def next_job(self) -> dict[str, Any] | None:
+    async def next_job(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(a job to run now, a job to hold ahead)"""
         return await self._batcher.submit(None)
 
-    async def _claim(self, asks: list[None]) -> list[dict[str, Any] | None]:
+    async def _claim(self, asks: list[None]) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
         w, n = self.w, len(asks)
+        ahead = n if w.profile.claim_ahead else 0
         jobs: list[dict[str, Any]] = []
         conn, ok = await w.hot.acquire(), False
         try:
-            if n > 1:
-                jobs = await queue.pull_many(conn, w.name, w.tags, n)
+            if n > 1 or ahead:
+                jobs = await queue.pull_many(conn, w.name, w.tags, n, ahead=ahead,
+                                             ahead_after_s=w.settings.claim_ahead_after_s)
+            held = jobs[n:]  # the first n run now
+            jobs = jobs[:n]
             while len(jobs) < n:  # one at a time: jobs with a concurrency key, or a lone slot
                 job = await queue.pull(conn, w.name, w.tags)
                 if job is None:
@@ -259,7 +289,9 @@ class _Feed:
             ok = True
         finally:
             await w.hot.release(conn, ok)
-        return jobs + [None] * (n - len(jobs))
+        for job in held:
+            w.held.add(job["id"])
+        return list(zip(jobs + [None] * (n - len(jobs)), held + [None] * (n - len(held))))
 
 
 class Worker:
@@ -285,7 +317,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
         self._feed = _Feed(self)
-        self._completer = _Batcher(self._complete_batch, in_flight=2)
+        self._completer = _Batcher(self._complete_batch, in_flight=2,
+                                   lazy_s=self.settings.completion_lazy_s)
         self.hot = _HotConns(keep=2)  # the claims' and completions' connections
         # the wake event and next_due's read under it, shared by the idle slots (_next_due)
         self._due: tuple[asyncio.Event, asyncio.Future] | None = None
@@ -473,7 +506,7 @@ class Worker:
                 job = await self._take_held(st)
             if job is None:
                 try:
-                    job = await self._feed.next_job()
+                    job, ahead_job = await self._feed.next_job()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                     log.warning("pull failed (%s); retrying", e)
                     await self._sleep_or_stop(1.0)
@@ -481,6 +514,9 @@ class Worker:
                 if job is None:
                     await self._idle(wake)
                     continue
+                if ahead_job is not None:
+                    st.held = asyncio.get_running_loop().create_future()
+                    st.held.set_result(_Answer(None, None, ahead_job))
             t0 = time.monotonic()
             current, job = job, None
             # a job held ahead is given back if this one runs long
@@ -508,8 +544,13 @@ class Worker:
             # no claim ahead after a long job: the next is likely long too, and its
             # held job would only go back
             ahead = self.profile.claim_ahead and not stopping and ran_s < hold_s
+            # with the next job in hand, its completion is not urgent: unless jobs are short
+            # (their next answer is wanted at once), it may wait for the completions of the
+            # slots whose jobs end about now (lazy)
+            lazy = job is not None and ran_s >= 4 * self.settings.completion_lazy_s
             fut = self._completer.enqueue(_Done(done, now=job is None and not stopping, ahead=ahead,
-                                                starting=job["id"] if job is not None else None))
+                                                starting=job["id"] if job is not None else None),
+                                          lazy=lazy)
             if ahead:
                 st.held = fut
             if job is None:  # wait for the next job, or (stopping) for the job's completion
@@ -531,6 +572,8 @@ class Worker:
         """The job the slot's last completion claimed ahead, once that statement is back
         (None if it claimed none or failed)."""
         fut, st.held = st.held, None
+        if not fut.done():
+            self._completer.flush()  # it may still wait for company: its answer is wanted now
         try:
             job = (await fut).ahead
         except Exception as e:  # noqa: BLE001 - the statement failed for every caller
