@@ -60,7 +60,7 @@ class WorkerSettings:
     claim_ahead_hold_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_HOLD_S", 0.5))
     # how long the completion of a job whose slot already runs its next one may wait to
     # share a statement with others (their answers come back well before they are needed)
-    completion_lazy_s: float = field(default_factory=lambda: _env_float("SANDMILL_COMPLETION_LAZY_S", 0.005))
+    completion_lazy_s: float = field(default_factory=lambda: _env_float("SANDMILL_COMPLETION_LAZY_S", 0.02))
     # start a requires_gpu group on a host where no GPU is found
     allow_no_gpu: bool = field(default_factory=lambda: os.environ.get("SANDMILL_ALLOW_NO_GPU", "") not in ("", "0"))
 
@@ -547,7 +547,7 @@ class Worker:
             # with the next job in hand, its completion is not urgent: unless jobs are short
             # (their next answer is wanted at once), it may wait for the completions of the
             # slots whose jobs end about now (lazy)
-            lazy = job is not None and ran_s >= 4 * self.settings.completion_lazy_s
+            lazy = job is not None and ran_s >= 2 * self.settings.completion_lazy_s
             fut = self._completer.enqueue(_Done(done, now=job is None and not stopping, ahead=ahead,
                                                 starting=job["id"] if job is not None else None),
                                           lazy=lazy)
