@@ -110,27 +110,25 @@ def notes_for(res: dict) -> dict[str, str]:
         sc = res["scaling"]["rows"][-1]
         gap_ms = 100 / sc["efficiency"]["median"] - 100
         out["scaling at 100 subworkers"] = (
-            f"{sc['jps']['median']:.0f} jobs/s of {sc['ideal']:.0f}: each 100 ms job costs about {gap_ms:.0f} ms"
-            " more between its end and the next start on the same subworker; 99% needs at most 1 ms. In"
-            " place: a busy slot completes its job and claims the next in one statement"
-            " (`queue.complete_and_pull`), completions group-commit with up to 2 statements in flight, claims"
-            " read the pull index in order (`queue.CLAIM_SETTINGS`, the partial index of migration 0003: 0.35 ms"
-            " instead of 3.8 ms to claim 8 of 2,000 waiting for a 3-tag worker), a completion NOTIFYs only when"
-            " someone waits for the result, idle slots share one `next_due` read. What is left is not CPU: the"
-            " 100-subworker drain uses 20-25% of the 2 cores. It is the round trip after an idle gap: the"
-            " completion-and-claim statement takes 1.5-1.8 ms back to back but 3.1 ms after a 100 ms pause"
-            " (the job's length: idle virtual CPUs wake slowly, caches are cold), and 3.5-10 ms for a batch of"
-            " 10-25 inside a worker that shares the cores with PostgreSQL. 1, 2, 4 or 8 completion statements"
-            " in flight, or no completion NOTIFY at all, made no difference measurable above the run-to-run"
-            " spread. Where the cycle goes (`completed_job` timestamps of a 10-subworker drain of 1,000 jobs,"
-            " 105.1 ms a cycle): the job itself measures 100.9 ms, since asyncio's timer wakes on epoll's"
-            " millisecond tick and the loop's next turn, so a 100 ms sleep ends 0.9 ms late with no queue at"
-            " all (1.9 ms with 25 slots to a process); 2.9 ms from the claim statement's start to the"
-            " completion statement's start beyond the job (the statement's own execution and return, the"
-            " slot's dispatch, the completion batch); 1.2 ms for the start and the tail of the drain."
-            " The one lever left is to claim a slot's next job before its current one ends, which"
-            " would hide the round trip but make `started_at` wrong, hold jobs back from idle workers and"
-            " break the concurrency-key rules; it is not built.")
+            f"{sc['jps']['median']:.0f} jobs/s of {sc['ideal']:.0f}: each 100 ms job costs about {gap_ms:.1f} ms"
+            " more between its end and the next start on the same subworker; 99% needs at most 1 ms."
+            " In place: **claim ahead** (`docs/worker-groups.md`): a busy subworker's completion claims the"
+            " job after its next one, from a backlog only, so the next job is in hand the moment the current"
+            " one ends; idle slots woken by a burst claim one job to run and one to hold; and a completion"
+            " whose slot already runs its next job waits up to 20 ms to share one statement with the other"
+            " slots' (8-25 jobs a statement instead of 1.5-2.4). Claim ahead took this drain from 85-89% to"
+            " 96-97% of the ideal on this machine (10 subworkers: 95% to 98%). Also in place: completion and"
+            " claim in one statement, claims that read the pull index in order (`queue.CLAIM_SETTINGS`),"
+            " idle slots that share one `next_due` read. What is left is the event loop's own time on 2"
+            " shared cores. Measured in one instrumented 25-slot worker process: the 100 ms sleep ends 0.9-1.0"
+            " ms late (asyncio's timers wake on epoll's millisecond tick, then wait for the loop's turn) and"
+            " the held job starts 1.2-1.5 ms (median) after the one before it ends. In this drain every"
+            " slot's job ends within a millisecond or two of the others', and each process serves 25 ends"
+            " and starts one after the other while 3 more processes and PostgreSQL want the same 2 cores"
+            " (about 200 us of worker CPU and 120-220 us of PostgreSQL CPU a job: 100 jobs end together"
+            " every 100 ms). Not built: precise sleeps (a timerfd per sleep job instead of asyncio's"
+            " millisecond timer) and serving every slot's next start before any slot's completion"
+            " bookkeeping; each would take back a fraction of the last millisecond.")
     if met.get("queue throughput vs pgqueuer") is False:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (

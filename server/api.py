@@ -469,7 +469,8 @@ def _job_json(j: dict[str, Any], logs: str) -> dict[str, Any]:
         "language": j["language"], "args": j["args"], "tag": j["tag"], "priority": j["priority"],
         "created_by": j["created_by"], "created_at": _iso(j["created_at"]),
         "scheduled_for": _iso(j["scheduled_for"]), "started_at": _iso(j["started_at"]),
-        "worker": j["worker"], "running": (not completed) and j["running"],
+        # a job held ahead by a worker is not running until it starts
+        "worker": j["worker"], "running": (not completed) and j["running"] and j["started_at"] is not None,
         "canceled": j["status"] == "canceled" if completed else j["canceled"],
         "canceled_by": j["canceled_by"], "canceled_reason": j["canceled_reason"],
         "restarts": j["restarts"], "logs": logs, "raw_code": j.get("content"),

@@ -348,8 +348,10 @@ _COMPLETE = "WITH " + _complete_ctes(1) + "\nSELECT id, status FROM done"
 # NOTIFYs wakes a puller for it.
 _COMPLETE_AND_CLAIM = "WITH " + _claim_ctes(ahead=15) + "," + _complete_ctes(6) + """,
 started AS (
-    -- the caller never stamps a job this statement completes (one row, one change)
-    UPDATE queue SET started_at = clock_timestamp(), last_ping = now()
+    -- the caller never stamps a job this statement completes (one row, one change). No
+    -- indexed column changes (not last_ping: the claim set it, the heartbeat takes over),
+    -- so the new row version can stay on its page without new index entries (HOT)
+    UPDATE queue SET started_at = clock_timestamp()
      WHERE id = ANY($17::uuid[]) AND worker = $2 AND started_at IS NULL
 )
 SELECT CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_ids END AS done_ids,

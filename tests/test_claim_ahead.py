@@ -209,3 +209,19 @@ async def test_lazy_requests_wait_for_company_unless_flushed():
     assert await asyncio.wait_for(lazy, 0.02) == 3
     assert await asyncio.wait_for(b.enqueue(4), 0.02) == 4  # not lazy: at once
     assert batches[1:] == [[3], [4]]
+
+
+def test_the_api_shows_a_held_job_as_not_running():
+    import datetime as dt
+
+    from server.api import _job_json
+
+    row = {"type": "QueuedJob", "id": uuid.uuid4(), "workspace": "w", "kind": "script", "script_path": "f/x",
+           "script_hash": "h", "language": "noop", "args": {}, "tag": "t", "priority": 0,
+           "created_by": "admin", "created_at": dt.datetime.now(dt.timezone.utc),
+           "scheduled_for": dt.datetime.now(dt.timezone.utc), "started_at": None, "worker": "w1",
+           "running": True, "canceled": False, "canceled_by": None, "canceled_reason": None, "restarts": 0,
+           "content": "", "status": None, "last_ping": None}
+    assert _job_json(row, "")["running"] is False  # held ahead: the worker's, not started
+    row["started_at"] = dt.datetime.now(dt.timezone.utc)
+    assert _job_json(row, "")["running"] is True
