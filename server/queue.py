@@ -228,12 +228,14 @@ async def pull_many(db: Executor, worker: str, tags: list[str], limit: int, *, a
     return _best_first(await db.fetch(sql, bases, worker, plain, pairs, limit))
 
 
-def _best_first(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    """Claimed rows as jobs, best first (by the rank the claim gave them)."""
+def _best_first(rows, drop: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Claimed rows as jobs, best first (by the rank the claim gave them), without the
+    rank and the ``drop`` columns."""
     jobs = []
     for r in sorted(rows, key=lambda r: r["rank"]):
         job = dict(r)
-        del job["rank"]
+        for k in ("rank", *drop):
+            del job[k]
         jobs.append(job)
     return jobs
 
@@ -406,12 +408,7 @@ async def complete_and_pull(db: Executor, done: list[Completion], worker: str, t
     # one row carries the completions (none has them when nothing was completed)
     first = next((r for r in rows if r["done_ids"] is not None), None)
     statuses = dict(zip(first["done_ids"], first["done_status"])) if first else {}
-    jobs = []
-    for r in sorted((r for r in rows if r["id"] is not None), key=lambda r: r["rank"]):
-        job = dict(r)
-        del job["done_ids"], job["done_status"], job["rank"]
-        jobs.append(job)
-    return statuses, jobs
+    return statuses, _best_first((r for r in rows if r["id"] is not None), drop=("done_ids", "done_status"))
 
 
 def _completion_arrays(done: list[Completion]) -> list[list[Any]]:

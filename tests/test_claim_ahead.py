@@ -6,6 +6,7 @@ canceled without running if canceled while held."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 from server import db as dbmod
@@ -90,9 +91,25 @@ async def _wait(cond, timeout: float = 10):
         await asyncio.sleep(0.01)
 
 
-def _worker(pg_url: str, tag: str, **settings) -> Worker:
-    return Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "subworkers": 1}),
-                  pg_url, settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, **settings))
+@contextlib.asynccontextmanager
+async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, **settings):
+    """A one-slot native worker serving ``tag``, claiming ahead at once (no minimum wait)."""
+    w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "claim_ahead": claim_ahead}),
+               pg_url, settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, **settings))
+    run = asyncio.create_task(w.run())
+    try:
+        yield w
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+
+
+def _started(pool, job_id):
+    return lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", job_id)
+
+
+def _all_done(pool, ids):
+    return lambda: pool.fetchval("SELECT count(*) = $2 FROM completed_job WHERE id = ANY($1)", ids, len(ids))
 
 
 async def test_a_busy_slot_holds_its_next_job_and_records_its_true_start(pg_url):
@@ -101,28 +118,23 @@ async def test_a_busy_slot_holds_its_next_job_and_records_its_true_start(pg_url)
     tag = "cad-" + uuid.uuid4().hex[:6]
     pool = await dbmod.create_pool(pg_url)
     ids = [await _push(pool, tag, "sleep", {"seconds": 0.4}) for _ in range(3)]
-    w = _worker(pg_url, tag, claim_ahead_hold_s=5.0)
-    run = asyncio.create_task(w.run())
-    try:
+    async with _serving(pg_url, tag, claim_ahead_hold_s=5.0) as w:
         # the idle slot's first claim takes one to run and one to hold
-        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[0]))
+        await _wait(_started(pool, ids[0]))
         r = await _row(pool, ids[1])
         assert r["running"] and r["worker"] == w.name and r["started_at"] is None
-        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[1]))
+        await _wait(_started(pool, ids[1]))
         await asyncio.sleep(0.1)
         r = await _row(pool, ids[2])  # held while ids[1] runs
         assert r["running"] and r["worker"] == w.name and r["started_at"] is None
         assert ids[2] in w.held
-        await _wait(lambda: pool.fetchval("SELECT count(*) = 3 FROM completed_job WHERE id = ANY($1)", ids))
-        rows = {r["id"]: r for r in await pool.fetch(
-            "SELECT id, started_at, completed_at FROM completed_job WHERE id = ANY($1)", ids)}
-        for before, after in zip(ids, ids[1:]):
-            gap = (rows[after]["started_at"] - rows[before]["completed_at"]).total_seconds()
-            assert -0.1 < gap < 0.1, gap  # started as the one before ended, not at its claim
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 20)
-        await pool.close()
+        await _wait(_all_done(pool, ids))
+    rows = {r["id"]: r for r in await pool.fetch(
+        "SELECT id, started_at, completed_at FROM completed_job WHERE id = ANY($1)", ids)}
+    for before, after in zip(ids, ids[1:]):
+        gap = (rows[after]["started_at"] - rows[before]["completed_at"]).total_seconds()
+        assert -0.1 < gap < 0.1, gap  # started as the one before ended, not at its claim
+    await pool.close()
 
 
 async def test_a_held_job_goes_back_when_the_current_one_runs_long(pg_url):
@@ -131,43 +143,30 @@ async def test_a_held_job_goes_back_when_the_current_one_runs_long(pg_url):
     short = await _push(pool, tag, "sleep", {"seconds": 0.05})
     long = await _push(pool, tag, "sleep", {"seconds": 3})
     nxt = await _push(pool, tag)
-    w = _worker(pg_url, tag, claim_ahead_hold_s=0.3)
-    run = asyncio.create_task(w.run())
-    try:
-        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", long))
+    async with _serving(pg_url, tag, claim_ahead_hold_s=0.3):
+        await _wait(_started(pool, long))
         # held while the long job starts, given back once it has run 0.3 s
         await _wait(lambda: pool.fetchval("SELECT NOT running FROM queue WHERE id = $1", nxt), timeout=2)
         assert (await _row(pool, nxt))["restarts"] == 0
         assert await pool.fetchval("SELECT running FROM queue WHERE id = $1", long)
-        await _wait(lambda: pool.fetchval("SELECT count(*) = 3 FROM completed_job WHERE id = ANY($1)",
-                                          [short, long, nxt]))
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 20)
-        await pool.close()
+        await _wait(_all_done(pool, [short, long, nxt]))
+    await pool.close()
 
 
 async def test_a_job_canceled_while_held_completes_canceled_without_running(pg_url):
     tag = "caf-" + uuid.uuid4().hex[:6]
     pool = await dbmod.create_pool(pg_url)
-    first = await _push(pool, tag, "sleep", {"seconds": 0.05})
-    current = await _push(pool, tag, "sleep", {"seconds": 1})
+    await _push(pool, tag, "sleep", {"seconds": 0.05})
+    await _push(pool, tag, "sleep", {"seconds": 1})
     held = await _push(pool, tag, "sleep", {"seconds": 10})
     # heartbeats far apart: only the worker's own note of the cancel can stop it in time
-    w = _worker(pg_url, tag, claim_ahead_hold_s=5.0, job_ping_s=30.0)
-    run = asyncio.create_task(w.run())
-    try:
+    async with _serving(pg_url, tag, claim_ahead_hold_s=5.0, job_ping_s=30.0) as w:
         await _wait(lambda: _is_held(w, held))
         assert await queue.cancel(pool, "w", held, "me", "not needed") == "canceling"
-        await _wait(lambda: pool.fetchval("SELECT count(*) = 1 FROM completed_job WHERE id = $1", held),
-                    timeout=4)
-        r = await pool.fetchrow("SELECT status, started_at, completed_at, duration_ms FROM completed_job"
-                                " WHERE id = $1", held)
-        assert r["status"] == "canceled" and r["duration_ms"] < 1000
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 20)
-        await pool.close()
+        await _wait(_all_done(pool, [held]), timeout=4)
+    r = await pool.fetchrow("SELECT status, duration_ms FROM completed_job WHERE id = $1", held)
+    assert r["status"] == "canceled" and r["duration_ms"] < 1000
+    await pool.close()
 
 
 async def _is_held(w: Worker, job_id) -> bool:
@@ -178,17 +177,11 @@ async def test_claim_ahead_off_in_the_profile_holds_nothing(pg_url):
     tag = "cag-" + uuid.uuid4().hex[:6]
     pool = await dbmod.create_pool(pg_url)
     ids = [await _push(pool, tag, "sleep", {"seconds": 0.3}) for _ in range(3)]
-    w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "claim_ahead": False}),
-               pg_url, settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0))
-    run = asyncio.create_task(w.run())
-    try:
-        await _wait(lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", ids[1]))
+    async with _serving(pg_url, tag, claim_ahead=False):
+        await _wait(_started(pool, ids[1]))
         assert not (await _row(pool, ids[2]))["running"]
-        await _wait(lambda: pool.fetchval("SELECT count(*) = 3 FROM completed_job WHERE id = ANY($1)", ids))
-    finally:
-        w.stop()
-        await asyncio.wait_for(run, 20)
-        await pool.close()
+        await _wait(_all_done(pool, ids))
+    await pool.close()
 
 
 async def test_lazy_requests_wait_for_company_unless_flushed():
@@ -225,3 +218,29 @@ def test_the_api_shows_a_held_job_as_not_running():
     assert _job_json(row, "")["running"] is False  # held ahead: the worker's, not started
     row["started_at"] = dt.datetime.now(dt.timezone.utc)
     assert _job_json(row, "")["running"] is True
+
+
+async def test_completions_of_slots_that_run_their_next_job_share_a_statement(pg_url):
+    """Four slots whose jobs end 10 ms apart: each slot already holds its next job, so its
+    completion waits (lazy, 40 ms here) and the four go in one statement, not one each."""
+    tag = "cah-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    ids = [await _push(pool, tag, "sleep", {"seconds": 0.1 + 0.01 * (i % 4)}) for i in range(12)]
+    w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "subworkers": 4}), pg_url,
+               settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_lazy_s=0.04))
+    sizes: list[int] = []
+    complete_batch = w._complete_batch
+
+    async def counted(reqs):
+        sizes.append(len(reqs))
+        return await complete_batch(reqs)
+
+    w._completer._run_batch = counted
+    run = asyncio.create_task(w.run())
+    try:
+        await _wait(_all_done(pool, ids))
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+    assert max(sizes) >= 3, sizes

@@ -172,19 +172,20 @@ class _Batcher:
 
     def flush(self) -> None:
         """Send what waits now (as soon as fewer than ``in_flight`` statements run)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._drop_timer()
         if self._pending and len(self._tasks) < self._in_flight:
             t = asyncio.create_task(self._drain())
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
+    def _drop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def _drain(self) -> None:
         while self._pending:
-            if self._timer is not None:  # what waited lazily goes with this batch
-                self._timer.cancel()
-                self._timer = None
+            self._drop_timer()  # what waited lazily goes with this batch
             batch, self._pending = self._pending, []
             try:
                 answers = await self._run_batch([req for req, _ in batch])
@@ -238,7 +239,8 @@ class _Done:
 
 @dataclass
 class _Answer:
-    status: str | None
+    """What a slot gets back with its completion: a job to run now, a job to hold."""
+
     now: dict[str, Any] | None
     ahead: dict[str, Any] | None
 
@@ -347,9 +349,7 @@ class Worker:
             if warning:
                 log.warning("%s: %s", self.profile.name, warning)
             if self.backend.name in _OWN_ROOT_BACKENDS:
-                t = asyncio.get_running_loop().create_task(self._sweep_loop())
-                self._bg.add(t)
-                t.add_done_callback(self._bg.discard)
+                self._spawn(self._sweep_loop())
         self.listener = await dbmod.connect(self.database_url)
         await self.listener.add_listener(queue.CH_QUEUE, self._on_queue)
         await self.listener.add_listener(queue.CH_CANCEL, self._on_cancel)
@@ -390,6 +390,12 @@ class Worker:
         pinger.cancel()
         await self._completer.wait_idle()  # no completion is left behind in the batcher
         await self.close()
+
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` in the background, keeping a reference until it is done."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -442,9 +448,7 @@ class Worker:
 
     def _on_config(self, _conn, _pid, _channel, payload: str) -> None:
         if payload == self.file_profile.name:
-            t = asyncio.get_running_loop().create_task(self._reload_config())
-            self._bg.add(t)  # keep a reference until it is done
-            t.add_done_callback(self._bg.discard)
+            self._spawn(self._reload_config())
 
     async def _reload_config(self) -> None:
         try:
@@ -516,7 +520,7 @@ class Worker:
                     continue
                 if ahead_job is not None:
                     st.held = asyncio.get_running_loop().create_future()
-                    st.held.set_result(_Answer(None, None, ahead_job))
+                    st.held.set_result(_Answer(None, ahead_job))
             t0 = time.monotonic()
             current, job = job, None
             # a job held ahead is given back if this one runs long
@@ -596,10 +600,7 @@ class Worker:
             return
         job = fut.result().ahead
         if job is not None:
-            self.held.discard(job["id"])
-            t = asyncio.get_running_loop().create_task(self._give_back(job))
-            self._bg.add(t)
-            t.add_done_callback(self._bg.discard)
+            self._spawn(self._give_back(job))
 
     async def _give_back(self, job: dict[str, Any]) -> None:
         """Put a job this worker claimed and will not start back in the queue."""
@@ -665,8 +666,7 @@ class Worker:
         outcome: Outcome | None = None
         if job_id in self._canceled_held:  # canceled while held ahead: not run at all
             self._canceled_held.discard(job_id)
-            coro = _const(JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}},
-                                    "canceled before it started"))
+            coro = _const(_canceled("canceled before it started"))
         elif lang in NATIVE_LANGUAGES and self.profile.native:
             coro = run_native(job, limits.wall_s)
         elif lang in ("python3", "bash") and self.backend is not None:
@@ -711,7 +711,7 @@ class Worker:
             return None
         if r.why == "canceled":
             sink.note("job canceled; killed")
-            result = JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, "canceled")
+            result = _canceled("canceled")
         await sink.close()
         return queue.Completion(
             job_id, self.name, status=result.status, result=result.result, error=result.error,
@@ -732,19 +732,19 @@ class Worker:
         conn, ok = await self.hot.acquire(), False
         try:
             if want or ahead or starting:
-                statuses, jobs = await queue.complete_and_pull(
+                _, jobs = await queue.complete_and_pull(
                     conn, done, self.name, self.tags, want, ahead=ahead,
                     ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
             else:
-                statuses, jobs = await queue.complete_many(conn, done), []
+                await queue.complete_many(conn, done)
+                jobs = []
             ok = True
         finally:
             await self.hot.release(conn, ok)
         now, held = iter(jobs[:want]), iter(jobs[want:])  # the first `want` run now
         out = []
         for r in reqs:
-            a = _Answer(statuses.get(r.completion.job_id), next(now, None) if r.now else None,
-                        next(held, None) if r.ahead else None)
+            a = _Answer(next(now, None) if r.now else None, next(held, None) if r.ahead else None)
             if a.ahead is not None:
                 self.held.add(a.ahead["id"])
             out.append(a)
@@ -827,6 +827,10 @@ class Worker:
 
 async def _const(v: Any) -> Any:
     return v
+
+
+def _canceled(error: str) -> JobResult:
+    return JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, error)
 
 
 def _log_failed_completion(fut: asyncio.Future) -> None:
