@@ -31,3 +31,19 @@ def test_bench_quick_writes_report_and_charts(tmp_path):
     assert res["queue"]["sandmill"]["median"] > 0 and res["queue"]["pgqueuer"]["median"] > 0
     assert res["recovery"]["seconds"] and res["idle"]["windows"]
     assert "targets" in p.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_drain_is_timed_between_commits():
+    """From the enqueue's commit to the last completion's commit, as PostgreSQL stamped
+    them: never later than the harness's polled end, and never shorter than the work."""
+    from bench.common import BenchPG
+    from bench.drain import drain_once
+
+    bp = BenchPG()
+    try:
+        r = drain_once(bp, subworkers=2, jobs=20, language="sleep", args={"seconds": 0.05})
+    finally:
+        bp.close()
+    assert 10 * 0.05 <= r["drain_s"] <= r["polled_drain_s"] + 0.002, r
+    assert r["jobs_per_s"] == 20 / r["drain_s"]

@@ -244,3 +244,30 @@ async def test_completions_of_slots_that_run_their_next_job_share_a_statement(pg
         await asyncio.wait_for(run, 20)
         await pool.close()
     assert max(sizes) >= 3, sizes
+
+
+async def test_the_claim_and_completion_connections_are_ready_at_start(pg_url):
+    """The connections a worker keeps for its claims and completions ran those statements
+    at start: their first use in a burst looks up no types (asyncpg's introspection of
+    uuid[] and int[], 20 ms a connection, would otherwise land on the first and the last
+    jobs' path)."""
+    tag = "cap-" + uuid.uuid4().hex[:6]
+    async with _serving(pg_url, tag) as w:
+        async def all_kept():
+            return len(w.hot._free) == w.hot.keep
+        await _wait(all_kept)
+        conns = [await w.hot.acquire() for _ in range(w.hot.keep)]
+        try:
+            for conn in conns:
+                ran: list[str] = []
+
+                def log(record, ran=ran):
+                    ran.append(record.query)
+                conn.add_query_logger(log)
+                await queue.complete_and_pull(conn, [], w.name, w.tags, 0)
+                await queue.pull_many(conn, w.name, w.tags, 0)
+                conn.remove_query_logger(log)
+                assert ran and not [q for q in ran if "typeinfo" in q], ran
+        finally:
+            for conn in conns:
+                await w.hot.release(conn, True)

@@ -22,6 +22,7 @@ from isolation import Backend, Outcome, cgroups, get_backend, workdir
 from server import db as dbmod
 from server import queue, workers
 
+from . import eventloop
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
 from server.profiles import Profile, ProfileError, profile_from_dict
@@ -220,6 +221,15 @@ class _HotConns:
         else:
             await self.pool.release(conn)
 
+    async def prepare(self, statements) -> None:
+        """Open the ``keep`` connections now and run ``statements(conn)`` on each."""
+        conns = [await self.pool.acquire() for _ in range(self.keep - len(self._free))]
+        try:
+            for conn in conns:
+                await statements(conn)
+        finally:
+            self._free.extend(conns)
+
     async def close(self) -> None:
         while self._free:
             await self.pool.release(self._free.pop())
@@ -321,7 +331,9 @@ class Worker:
         self._feed = _Feed(self)
         self._completer = _Batcher(self._complete_batch, in_flight=2,
                                    lazy_s=self.settings.completion_lazy_s)
-        self.hot = _HotConns(keep=2)  # the claims' and completions' connections
+        # the claims' and completions' connections: one for each statement that may be
+        # in flight at once (the feed's claim, the completer's two)
+        self.hot = _HotConns(keep=1 + 2)
         # the wake event and next_due's read under it, shared by the idle slots (_next_due)
         self._due: tuple[asyncio.Event, asyncio.Future] | None = None
 
@@ -342,6 +354,7 @@ class Worker:
             self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
             settings=queue.CLAIM_SETTINGS)
         await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
+        await self.hot.prepare(lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags))
         p = self.profile
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
                 or p.init_script or p.periodic_script):
@@ -871,4 +884,5 @@ def run_worker(profile: Profile, database_url: str, settings: WorkerSettings | N
             return 3
         return 0
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:
+        return runner.run(main())

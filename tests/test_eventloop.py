@@ -1,0 +1,85 @@
+"""The worker's event loop: its timers end their waits on time (a timerfd in the epoll
+set), a fired timer never leaves the loop spinning, and it falls back to asyncio's own
+loop where timerfd is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import time
+
+import pytest
+
+from worker import eventloop
+
+pytestmark = pytest.mark.skipif(eventloop._timerfd() is None, reason="needs Linux timerfd")
+
+
+def _lateness_ms(selector, wait_s: float, tries: int = 15) -> float:
+    late = []
+    for _ in range(tries):
+        t0 = time.monotonic()
+        selector.select(wait_s)
+        late.append((time.monotonic() - t0 - wait_s) * 1000)
+    return statistics.median(late)
+
+
+def test_a_wait_ends_at_its_timeout_not_at_the_next_millisecond():
+    """10.05 ms: epoll alone waits 11 ms (rounded up) plus its slack, about 1 ms late."""
+    sel = eventloop.PreciseEpollSelector()
+    try:
+        late = _lateness_ms(sel, 0.01005)
+    finally:
+        sel.close()
+    assert 0 <= late < 0.6, f"median {late:.2f} ms late"
+
+
+def test_a_fired_timer_does_not_keep_the_loop_busy():
+    """After a wait that ended on the timer, a wait without timeout blocks until an fd is
+    ready (the timerfd is disarmed), and select(0) polls."""
+    sel = eventloop.PreciseEpollSelector()
+    a, b = socket.socketpair()
+    try:
+        sel.register(a, eventloop.selectors.EVENT_READ)
+        assert sel.select(0.002) == []
+        t0 = time.monotonic()
+        assert sel.select(0) == []
+        assert time.monotonic() - t0 < 0.05
+        b.send(b"x")
+        ready = sel.select(None)  # returns at once, for the socket only
+        assert [key.fileobj for key, _ in ready] == [a]
+        a.recv(1)
+        # nothing ready and no timer: a bounded wait must really wait (no timerfd event)
+        t0 = time.monotonic()
+        assert sel.select(0.05) == []
+        assert time.monotonic() - t0 >= 0.05
+    finally:
+        sel.close()
+        a.close()
+        b.close()
+
+
+def test_the_loop_runs_timers_sockets_and_subprocesses():
+    async def main() -> tuple[float, bytes]:
+        t0 = time.monotonic()
+        await asyncio.sleep(0.0205)
+        slept = time.monotonic() - t0
+        proc = await asyncio.create_subprocess_exec("echo", "hi", stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        return slept, out
+
+    with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:
+        assert isinstance(runner.get_loop()._selector, eventloop.PreciseEpollSelector)
+        slept, out = runner.run(main())
+    assert slept >= 0.0205 and out == b"hi\n"
+
+
+def test_without_timerfd_it_is_asyncios_own_loop(monkeypatch):
+    monkeypatch.setattr(eventloop, "_timerfd", lambda: None)
+    loop = eventloop.new_event_loop()
+    try:
+        assert not isinstance(loop._selector, eventloop.PreciseEpollSelector)
+        assert loop.run_until_complete(asyncio.sleep(0.001, "ok")) == "ok"
+    finally:
+        loop.close()
