@@ -127,10 +127,22 @@ def resolve_backend(profile: Profile, own_root: Path | None = None) -> tuple[Bac
 
 @dataclass
 class _Running:
+    """A job that runs, inline in its slot's task (a task of its own would cost two more
+    loop turns between one job's end and the next one's start)."""
+
     job: dict[str, Any]
-    task: asyncio.Task
+    task: asyncio.Task  # the slot's task
     why: str = ""  # set when we kill it: "canceled" | "lost" | "shutdown"
     heartbeat: asyncio.Task | None = None
+    killed: bool = False
+
+    def kill(self, why: str) -> None:
+        """Stop the job: the slot's task is inside it (a job is running exactly while the
+        slot awaits it), so the CancelledError lands in the job; _execute takes it back."""
+        self.why = why
+        if not self.killed:
+            self.killed = True
+            self.task.cancel()
 
 
 class _Batcher:
@@ -396,9 +408,8 @@ class Worker:
         log.info("worker %s stopping: finishing %d job(s) in hand", self.name, len(self.running))
         done, pending = await asyncio.wait(slots, timeout=self.settings.grace_s)
         if pending:
-            for r in self.running.values():
-                r.why = "shutdown"
-                r.task.cancel()
+            for r in list(self.running.values()):
+                r.kill("shutdown")
             await asyncio.wait(pending)
         pinger.cancel()
         await self._completer.wait_idle()  # no completion is left behind in the batcher
@@ -485,8 +496,7 @@ class Worker:
         job_id = uuid.UUID(payload)
         r = self.running.get(job_id)
         if r and not r.why:
-            r.why = "canceled"
-            r.task.cancel()
+            r.kill("canceled")
         elif job_id in self.held:
             self._canceled_held.add(job_id)  # it completes as canceled without running
 
@@ -689,18 +699,20 @@ class Worker:
             coro = _const(JobResult("failure", {"error": {"name": "UnsupportedLanguage",
                           "message": f"worker group {self.profile.name} cannot run {lang} jobs"}},
                           f"UnsupportedLanguage: worker group {self.profile.name} cannot run {lang} jobs"))
-        task = asyncio.create_task(coro)
-        r = self.running[job_id] = _Running(job, task)
+        me = asyncio.current_task()
+        r = self.running[job_id] = _Running(job, me)
         # Most jobs end before their first ping is due: start the heartbeat task only then.
         hb = asyncio.get_running_loop().call_later(self.settings.job_ping_s, self._start_heartbeat, r)
         t0 = time.monotonic()
         try:
-            res = await task
+            res = await coro
         except asyncio.CancelledError:
-            if not r.why:  # our own task was cancelled from outside: treat as shutdown
+            if not r.why:  # the slot's task was cancelled from outside: treat as shutdown
                 r.why = "shutdown"
             res = None
         finally:
+            if r.killed:  # our own cancel (delivered or swallowed) is not the slot's
+                me.uncancel()
             hb.cancel()
             if r.heartbeat is not None:
                 r.heartbeat.cancel()
@@ -764,7 +776,7 @@ class Worker:
         return out
 
     def _start_heartbeat(self, r: _Running) -> None:
-        if not r.task.done():
+        if self.running.get(r.job["id"]) is r:
             r.heartbeat = asyncio.create_task(self._job_heartbeat(r))
 
     async def _job_heartbeat(self, r: _Running) -> None:
@@ -775,8 +787,7 @@ class Worker:
                 log.warning("job ping failed: %s", e)
                 continue
             if state != "ok" and not r.why:
-                r.why = state
-                r.task.cancel()
+                r.kill(state)
                 return
             await asyncio.sleep(self.settings.job_ping_s)
 
