@@ -50,7 +50,7 @@ class BenchPG:
     def _configure(self, n: int) -> None:
         """pgserver starts PostgreSQL with max_connections 100; 100 subworkers over a few
         worker processes, the server and the drivers need more. And a drain is timed by
-        commit timestamps (``commit_time``). Both are restart settings: write them with
+        commit timestamps (``last_completion_time``). Both are restart settings: write them with
         ALTER SYSTEM and restart through pg_ctl."""
         if (int(self.pg.psql("SHOW max_connections;").split()[2]) >= n
                 and self.pg.psql("SHOW track_commit_timestamp;").split()[2] == "on"):
@@ -106,10 +106,9 @@ def start_native_workers(cluster: LocalCluster, group: str, tag: str, processes:
 
 
 async def enqueue(url: str, n: int, *, tag: str, language: str, args: dict,
-                  workspace: str = "bench") -> int:
+                  workspace: str = "bench") -> None:
     """Queue ``n`` jobs in one transaction through server.queue.push, so that they all
-    become visible at the commit (and the per-row NOTIFYs of one tag fold into one).
-    Returns the transaction's id, for ``commit_time``."""
+    become visible at the commit (and the per-row NOTIFYs of one tag fold into one)."""
     from server import queue
 
     conn = await dbmod.connect(url)
@@ -117,22 +116,15 @@ async def enqueue(url: str, n: int, *, tag: str, language: str, args: dict,
         async with conn.transaction():
             for _ in range(n):
                 await queue.push(conn, workspace=workspace, language=language, content="", args=args, tag=tag)
-            xid = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
     finally:
         await conn.close()
-    return xid
-
-
-async def commit_time(conn, xid: int) -> float | None:
-    """The epoch at which transaction ``xid`` committed, from PostgreSQL's commit
-    timestamps (None where track_commit_timestamp is off)."""
-    return await conn.fetchval(
-        "SELECT extract(epoch FROM pg_xact_commit_timestamp($1::text::xid))::float8", str(xid))
 
 
 async def last_completion_time(conn, tag: str) -> float | None:
-    """The epoch of the commit that completed the last job of ``tag`` (completed rows are
-    written once, by the statement that completes them: their xmin is that commit)."""
+    """The epoch (PostgreSQL's commit timestamp, the host's clock) of the commit that
+    completed the last job of ``tag``: completed rows are written once, by the statement
+    that completes them, so their xmin is that commit. None where track_commit_timestamp
+    is off."""
     return await conn.fetchval(
         "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8"
         "  FROM completed_job WHERE tag = $1", tag)

@@ -15,8 +15,8 @@ import uuid
 
 from server import db as dbmod
 
-from .common import (BenchPG, commit_time, enqueue, last_completion_time, start_native_workers,
-                     wait_drained, wait_registered)
+from .common import (BenchPG, enqueue, last_completion_time, start_native_workers, wait_drained,
+                     wait_registered)
 
 
 def split_processes(subworkers: int, per_process: int = 25) -> tuple[int, int]:
@@ -31,11 +31,12 @@ def split_processes(subworkers: int, per_process: int = 25) -> tuple[int, int]:
 def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: dict,
                per_process: int = 25, timeout: float = 600, env: dict | None = None) -> dict:
     """Start native workers with ``subworkers`` slots in all on a fresh database, wait until
-    they are idle, queue ``jobs`` jobs in one transaction, and time from its commit to the
-    commit of the last completion, both as PostgreSQL timestamped them: the harness polls
-    for the end every 10 ms, and that would add up to a poll (0-14 ms, 0.7% of a 2 s
-    drain) that is not the queue's. Returns jobs/s, the polled figure beside it, and the
-    span from the first start to the last completion."""
+    they are idle, queue ``jobs`` jobs in one transaction, and time from its commit (when
+    it returned, so the jobs were visible) to the commit of the last completion, as
+    PostgreSQL timestamped it (the host's clock): the harness polls for the end every
+    10 ms, which would add up to a poll (0-14 ms, 0.7% of a 2 s drain) that is not the
+    queue's. Returns jobs/s, the polled figure beside it, and the span from the first start
+    to the last completion."""
     url = bp.database("drain")
     procs, each = split_processes(subworkers, per_process)
     tag = f"bench{uuid.uuid4().hex[:6]}"
@@ -50,17 +51,17 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
             conn = await dbmod.connect(url)
             try:
                 t0 = time.monotonic()
-                xid = await enqueue(url, jobs, tag=tag, language=language, args=args)
-                t_commit = time.monotonic()
+                await enqueue(url, jobs, tag=tag, language=language, args=args)
+                t_commit, wall_commit = time.monotonic(), time.time()
                 t_end = await wait_drained(conn, jobs, tag, timeout)
                 row = await conn.fetchrow(
                     "SELECT extract(epoch FROM max(completed_at) - min(started_at)) AS span"
                     "  FROM completed_job WHERE tag = $1", tag)
-                first, last = await commit_time(conn, xid), await last_completion_time(conn, tag)
+                last = await last_completion_time(conn, tag)
             finally:
                 await conn.close()
             polled_s = t_end - t_commit
-            drain_s = last - first if first is not None and last is not None else polled_s
+            drain_s = last - wall_commit if last is not None else polled_s
             return {"jobs": jobs, "subworkers": subworkers, "processes": procs,
                     "enqueue_s": t_commit - t0, "drain_s": drain_s, "polled_drain_s": polled_s,
                     "db_span_s": float(row["span"]),

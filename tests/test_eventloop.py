@@ -83,3 +83,26 @@ def test_without_timerfd_it_is_asyncios_own_loop(monkeypatch):
         assert loop.run_until_complete(asyncio.sleep(0.001, "ok")) == "ok"
     finally:
         loop.close()
+
+
+def test_the_timer_is_armed_once_for_the_same_deadline():
+    """A busy loop waits again and again for the same next timer: the pending timerfd is
+    kept, not re-armed each turn."""
+    sel = eventloop.PreciseEpollSelector()
+    a, b = socket.socketpair()
+    arms = []
+    arm = sel._arm
+    sel._arm = lambda ns: (arms.append(ns), arm(ns))
+    try:
+        sel.register(a, eventloop.selectors.EVENT_READ)
+        b.send(b"x")  # always ready: each select returns at once
+        deadline = time.monotonic() + 5
+        for _ in range(100):
+            assert len(sel.select(deadline - time.monotonic())) == 1
+        assert len(arms) == 1
+        sel.select(1.0)  # a later timer: armed anew
+        assert len(arms) == 2
+    finally:
+        sel.close()
+        a.close()
+        b.close()

@@ -19,9 +19,11 @@ import ctypes
 import ctypes.util
 import os
 import selectors
+import time
 from typing import Callable
 
 _CLOCK_MONOTONIC = 1  # the clock of time.monotonic() and so of loop.time()
+_SAME_S = 20e-6  # a deadline this close to the armed one is taken as the same timer
 _TFD_NONBLOCK = os.O_NONBLOCK
 _TFD_CLOEXEC = os.O_CLOEXEC
 
@@ -75,12 +77,19 @@ class PreciseEpollSelector(getattr(selectors, "EpollSelector", selectors.Default
             raise OSError("timerfd is not available")
         self._tfd, self._arm = made
         self._armed = False
+        self._deadline = 0.0
         self._selector.register(self._tfd, selectors.EVENT_READ)
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout > 0:
-            self._arm(max(1, int(timeout * 1e9)))
-            self._armed = True
+            now = time.monotonic()
+            deadline = now + timeout
+            # the same next timer as the last wait (each turn recomputes it from a slightly
+            # later clock): the timer armed for it is still pending, keep it (a syscall less
+            # on most turns of a busy loop)
+            if not (self._armed and now < self._deadline and abs(deadline - self._deadline) < _SAME_S):
+                self._arm(max(1, int(timeout * 1e9)))
+                self._armed, self._deadline = True, deadline
             # the timerfd ends the wait; epoll's own (rounded up, a little later) is a
             # backstop only
             return super().select(timeout + 0.002)
