@@ -111,24 +111,21 @@ def notes_for(res: dict) -> dict[str, str]:
         gap_ms = 100 / sc["efficiency"]["median"] - 100
         out["scaling at 100 subworkers"] = (
             f"{sc['jps']['median']:.0f} jobs/s of {sc['ideal']:.0f}: each 100 ms job costs about {gap_ms:.1f} ms"
-            " more between its end and the next start on the same subworker; 99% needs at most 1 ms."
-            " In place: **claim ahead** (`docs/worker-groups.md`): a busy subworker's completion claims the"
-            " job after its next one, from a backlog only, so the next job is in hand the moment the current"
-            " one ends; idle slots woken by a burst claim one job to run and one to hold; and a completion"
-            " whose slot already runs its next job waits up to 20 ms to share one statement with the other"
-            " slots' (8-25 jobs a statement instead of 1.5-2.4). Claim ahead took this drain from 85-89% to"
-            " 96-97% of the ideal on this machine (10 subworkers: 95% to 98%). Also in place: completion and"
-            " claim in one statement, claims that read the pull index in order (`queue.CLAIM_SETTINGS`),"
-            " idle slots that share one `next_due` read. What is left is the event loop's own time on 2"
-            " shared cores. Measured in one instrumented 25-slot worker process: the 100 ms sleep ends 0.9-1.0"
-            " ms late (asyncio's timers wake on epoll's millisecond tick, then wait for the loop's turn) and"
-            " the held job starts 1.2-1.5 ms (median) after the one before it ends. In this drain every"
-            " slot's job ends within a millisecond or two of the others', and each process serves 25 ends"
-            " and starts one after the other while 3 more processes and PostgreSQL want the same 2 cores"
-            " (about 200 us of worker CPU and 120-220 us of PostgreSQL CPU a job: 100 jobs end together"
-            " every 100 ms). Not built: precise sleeps (a timerfd per sleep job instead of asyncio's"
-            " millisecond timer) and serving every slot's next start before any slot's completion"
-            " bookkeeping; each would take back a fraction of the last millisecond.")
+            " more, end to end, than its 100 ms; 99% needs at most 1 ms, the start and the end of the drain"
+            " included. In place: **claim ahead** (`docs/worker-groups.md`: a busy subworker's next job is in"
+            " hand when the current one ends; completions of slots whose next job runs share one statement);"
+            " **a job runs inline in its slot's task** (from one job's end to the next one's start is one loop"
+            " step: 0.04-0.05 ms, was 0.6-1.5 ms with a task per job); **timers that end on time**"
+            " (`worker/eventloop.py`: a timerfd in the epoll set; asyncio's own wait is rounded up to the next"
+            " millisecond, and a 100 ms sleep ended 1.2 ms late on average, now 0.4-0.6); the claim and"
+            " completion connections prepared at start. Together these took this drain from 96% to 98% here"
+            " (10 subworkers: 99.3-99.5%). Where the rest goes, measured on the 4 worker processes of one"
+            " drain: the sleeps end 0.37 ms late (median; mean 0.57: the machine's own wake-up latency is"
+            " about 0.2 ms, idle, and 100 jobs end within a few ms of each other on 2 shared cores);"
+            " the 100 first starts spread over 8 ms (4 processes claim 25 jobs to run and 25 to hold each);"
+            " and the last completions, 19-25 a statement, take 5-12 ms at the end, when every process"
+            " completes its last jobs at once. One subworker alone, no contention, loses 0.5-0.7 ms a job"
+            " on this VM (99.3%).")
     if met.get("queue throughput vs pgqueuer") is False:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (
