@@ -77,6 +77,18 @@ class BenchPG:
         asyncio.run(mig())
         return url
 
+    def drop(self, url: str) -> None:
+        """Drop a section's database once its figures are read: left behind, the databases
+        of earlier sections keep autovacuum busy (their queues are all dead rows) on the
+        cores that a later section times."""
+        name = url.split("?")[0].rsplit("/", 1)[1]
+        self.pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE);')
+
+    def checkpoint(self) -> None:
+        """Write out what earlier work left in the WAL now, not during the next timed drain
+        (a timed checkpoint lands every 5 minutes; as pgbench does before a run)."""
+        self.pg.psql("CHECKPOINT;")
+
     def cluster(self, url: str, name: str, env: dict | None = None) -> LocalCluster:
         return LocalCluster(url, self.tmp / f"{name}-{uuid.uuid4().hex[:4]}", env=env)
 

@@ -41,6 +41,7 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
     procs, each = split_processes(subworkers, per_process)
     tag = f"bench{uuid.uuid4().hex[:6]}"
     group = f"g{tag}"
+    bp.checkpoint()
     cluster = bp.cluster(url, "drain", env=env)
     try:
         start_native_workers(cluster, group, tag, procs, each)
@@ -71,6 +72,7 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
         return asyncio.run(go())
     finally:
         cluster.stop()
+        bp.drop(url)
 
 
 def main() -> None:

@@ -111,6 +111,7 @@ def overhead(bp: BenchPG, counts: Counts, log=print) -> dict:
                              "overhead_ms": spread(l_ms)["median"] - spread(bare)["median"]})
         finally:
             c.stop()
+            bp.drop(url)
     return {"rows": rows, "probes": probes}
 
 
@@ -141,7 +142,11 @@ def queue_throughput(bp: BenchPG, counts: Counts, log=print) -> dict:
         r = drain_once(bp, subworkers=counts.queue_subworkers, jobs=counts.queue_jobs, language="noop", args={})
         sm.append(r["jobs_per_s"])
         url = bp.database("pgq")
-        p = asyncio.run(pgqueuer_drain(url, counts.queue_jobs))
+        bp.checkpoint()  # as before sandmill's drain (drain_once)
+        try:
+            p = asyncio.run(pgqueuer_drain(url, counts.queue_jobs))
+        finally:
+            bp.drop(url)
         pq.append(p["jobs_per_s"])
         log(f"  run {i + 1}: sandmill {sm[-1]:.0f} jobs/s, pgqueuer {pq[-1]:.0f} jobs/s")
     ratio = [a / b for a, b in zip(sm, pq)]
