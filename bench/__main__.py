@@ -130,15 +130,18 @@ def notes_for(res: dict) -> dict[str, str]:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (
             f"sandmill {q['sandmill']['median']:.0f} vs pgqueuer {q['pgqueuer']['median']:.0f} jobs/s"
-            f" ({q['ratio']['median']:.2f}x, {q['ratio']['min']:.2f}-{q['ratio']['max']:.2f} across the runs). The"
-            " spread is the machine's: it moves with what else runs on the 2 cores (see the load averages)."
-            " How the drain runs: the 8 slots' jobs end together and go back in one statement that completes"
-            " them and claims the next 8 (one synchronous commit per 8 jobs), so the worker and its"
-            " PostgreSQL backend take turns: about 100-140 us of worker CPU and 130-200 us of PostgreSQL CPU"
-            " a job here. Splitting the batch into two statements of 4 in flight at once, to overlap the"
-            " two, measured 20% slower: each statement has a fixed cost (executor start, commit, the claim's"
-            " index descent) of about 0.5 ms of PostgreSQL CPU against 0.1 ms a job. pgqueuer's drain runs"
-            " 5 consumers with 10 jobs each in flight and logs completions in buffered batches.")
+            f" ({q['ratio']['median']:.2f}x, {q['ratio']['min']:.2f}-{q['ratio']['max']:.2f} across the runs). Both"
+            " move by 20-50% from run to run on this machine (pgqueuer: 2,950-3,250 jobs/s in one run of this"
+            " section alone, 3,800-4,550 in this one; sandmill 3,100-4,400); the ratio has come out between"
+            " 0.9x and 1.4x. How sandmill's drain runs: 8 subworkers (the native profile's), each running one"
+            " job and holding the next (claim ahead), so at most 16 jobs ride on each round trip; a busy"
+            " slot's completion, the start stamp of its held job and the claim of the one after go in one"
+            " statement, 13 jobs a statement on average. The worker spends about 105 us of CPU a job (was"
+            " 140-165 before jobs ran inline in their slot's task) and PostgreSQL about 100 us; the drain is"
+            " bound by the round trip, not by either CPU. pgqueuer's runs 5 consumers with 10 jobs each in"
+            " flight (50) and logs completions in buffered batches. Not built: holding more than one job"
+            " ahead per slot when jobs are this short (a local backlog that the slots share), which would"
+            " put more jobs on each round trip.")
     if met.get("idle cluster load") is False:
         out["idle cluster load"] = "Idle load over target: see the per-window chart; the pings of workers and monitor dominate."
     return out
