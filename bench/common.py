@@ -50,8 +50,8 @@ class BenchPG:
     def _configure(self, n: int) -> None:
         """pgserver starts PostgreSQL with max_connections 100; 100 subworkers over a few
         worker processes, the server and the drivers need more. And a drain is timed by
-        commit timestamps (``last_completion_time``). Both are restart settings: write them with
-        ALTER SYSTEM and restart through pg_ctl."""
+        commit timestamps (``last_completion_time``). Both are restart settings: write
+        them with ALTER SYSTEM and restart through pg_ctl."""
         if (int(self.pg.psql("SHOW max_connections;").split()[2]) >= n
                 and self.pg.psql("SHOW track_commit_timestamp;").split()[2] == "on"):
             return

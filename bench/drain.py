@@ -35,8 +35,7 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
     it returned, so the jobs were visible) to the commit of the last completion, as
     PostgreSQL timestamped it (the host's clock): the harness polls for the end every
     10 ms, which would add up to a poll (0-14 ms, 0.7% of a 2 s drain) that is not the
-    queue's. Returns jobs/s, the polled figure beside it, and the span from the first start
-    to the last completion."""
+    queue's. Returns jobs/s and the polled figure beside it."""
     url = bp.database("drain")
     procs, each = split_processes(subworkers, per_process)
     tag = f"bench{uuid.uuid4().hex[:6]}"
@@ -55,9 +54,6 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
                 await enqueue(url, jobs, tag=tag, language=language, args=args)
                 t_commit, wall_commit = time.monotonic(), time.time()
                 t_end = await wait_drained(conn, jobs, tag, timeout)
-                row = await conn.fetchrow(
-                    "SELECT extract(epoch FROM max(completed_at) - min(started_at)) AS span"
-                    "  FROM completed_job WHERE tag = $1", tag)
                 last = await last_completion_time(conn, tag)
             finally:
                 await conn.close()
@@ -65,9 +61,7 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
             drain_s = last - wall_commit if last is not None else polled_s
             return {"jobs": jobs, "subworkers": subworkers, "processes": procs,
                     "enqueue_s": t_commit - t0, "drain_s": drain_s, "polled_drain_s": polled_s,
-                    "db_span_s": float(row["span"]),
-                    "jobs_per_s": jobs / drain_s, "polled_jobs_per_s": jobs / polled_s,
-                    "db_jobs_per_s": jobs / float(row["span"])}
+                    "jobs_per_s": jobs / drain_s, "polled_jobs_per_s": jobs / polled_s}
 
         return asyncio.run(go())
     finally:

@@ -27,6 +27,17 @@ async def _row(pool, job_id):
     return await pool.fetchrow("SELECT running, worker, started_at, restarts FROM queue WHERE id = $1", job_id)
 
 
+async def _held(pool, prefix: str) -> tuple[str, uuid.UUID]:
+    """Two jobs of a fresh tag: the first runs on w1, whose completion of it claims the
+    second ahead. Returns (the tag, the held job)."""
+    tag = prefix + uuid.uuid4().hex[:6]
+    a, b = await _push(pool, tag), await _push(pool, tag)
+    await queue.pull_many(pool, "w1", [tag], 1)
+    _, jobs = await queue.complete_and_pull(pool, [_done(a)], "w1", [tag], 0, ahead=1)
+    assert [j["id"] for j in jobs] == [b]
+    return tag, b
+
+
 async def test_only_a_backlog_is_claimed_ahead_and_it_is_not_started(pg_url):
     pool = await dbmod.create_pool(pg_url)
     tag = "ca-" + uuid.uuid4().hex[:6]
@@ -52,11 +63,7 @@ async def test_only_a_backlog_is_claimed_ahead_and_it_is_not_started(pg_url):
 
 async def test_a_held_job_goes_back_without_counting_a_restart(pg_url):
     pool = await dbmod.create_pool(pg_url)
-    tag = "cab-" + uuid.uuid4().hex[:6]
-    a, b = await _push(pool, tag), await _push(pool, tag)
-    await queue.pull_many(pool, "w1", [tag], 1)
-    _, jobs = await queue.complete_and_pull(pool, [_done(a)], "w1", [tag], 0, ahead=1)
-    assert [j["id"] for j in jobs] == [b]
+    tag, b = await _held(pool, "cab-")
     assert await queue.requeue(pool, b, "w1")  # the worker gives it back
     r = await _row(pool, b)
     assert (r["running"], r["worker"], r["restarts"]) == (False, None, 0)
@@ -73,10 +80,7 @@ async def test_a_held_job_goes_back_without_counting_a_restart(pg_url):
 
 async def test_a_held_job_that_ends_before_its_start_stamp_gets_a_start(pg_url):
     pool = await dbmod.create_pool(pg_url)
-    tag = "cac-" + uuid.uuid4().hex[:6]
-    a, b = await _push(pool, tag), await _push(pool, tag)
-    await queue.pull_many(pool, "w1", [tag], 1)
-    await queue.complete_and_pull(pool, [_done(a)], "w1", [tag], 0, ahead=1)
+    _, b = await _held(pool, "cac-")
     await queue.complete_many(pool, [_done(b, duration_ms=250)])
     span = await pool.fetchval(
         "SELECT extract(epoch FROM completed_at - started_at) FROM completed_job WHERE id = $1", b)

@@ -584,7 +584,7 @@ class Worker:
                 try:
                     job = (await fut).now
                 except Exception as e:  # noqa: BLE001 - the statement failed for every caller
-                    log.warning("completion failed (%s); the monitor puts the job back", e)
+                    log.warning(_COMPLETION_FAILED, e)
                     st.held = None
             elif not ahead:
                 fut.add_done_callback(_log_failed_completion)
@@ -604,7 +604,7 @@ class Worker:
         try:
             job = (await fut).ahead
         except Exception as e:  # noqa: BLE001 - the statement failed for every caller
-            log.warning("completion failed (%s); the monitor puts the job back", e)
+            log.warning(_COMPLETION_FAILED, e)
             return None
         if job is not None:
             self.held.discard(job["id"])
@@ -857,9 +857,12 @@ def _canceled(error: str) -> JobResult:
     return JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, error)
 
 
+_COMPLETION_FAILED = "completion failed (%s); the monitor puts the job back"
+
+
 def _log_failed_completion(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        log.warning("completion failed (%s); the monitor puts the job back", fut.exception())
+        log.warning(_COMPLETION_FAILED, fut.exception())
 
 
 def _fast_child_watcher() -> None:
