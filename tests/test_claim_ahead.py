@@ -208,6 +208,24 @@ async def test_lazy_requests_wait_for_company_unless_flushed():
     assert batches[1:] == [[3], [4]]
 
 
+async def test_a_request_queued_as_the_last_statement_ends_is_sent():
+    """A request that arrives in the loop turn where the batcher's statement has ended but
+    its task's done callbacks have not run yet is served (it was left waiting forever:
+    every place looked taken, and no statement was started for it)."""
+    b: _Batcher
+    late: list[asyncio.Future] = []
+
+    async def run(reqs):
+        if not late:  # runs before the drain task's done callbacks, in the same turn
+            asyncio.get_running_loop().call_soon(lambda: late.append(b.enqueue("late")))
+        return reqs
+
+    b = _Batcher(run, in_flight=1)
+    assert await b.enqueue("first") == "first"
+    await asyncio.sleep(0)
+    assert late and await asyncio.wait_for(late[0], 1) == "late"
+
+
 def test_the_api_shows_a_held_job_as_not_running():
     import datetime as dt
 

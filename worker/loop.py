@@ -197,19 +197,25 @@ class _Batcher:
             self._timer = None
 
     async def _drain(self) -> None:
-        while self._pending:
-            self._drop_timer()  # what waited lazily goes with this batch
-            batch, self._pending = self._pending, []
-            try:
-                answers = await self._run_batch([req for req, _ in batch])
-            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
-                for _, fut in batch:
+        try:
+            while self._pending:
+                self._drop_timer()  # what waited lazily goes with this batch
+                batch, self._pending = self._pending, []
+                try:
+                    answers = await self._run_batch([req for req, _ in batch])
+                except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, fut), answer in zip(batch, answers):
                     if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), answer in zip(batch, answers):
-                if not fut.done():
-                    fut.set_result(answer)
+                        fut.set_result(answer)
+        finally:
+            # out of the count in the step that saw nothing pending: a request queued
+            # before the done callback ran would otherwise find every place taken, start
+            # no statement, and wait forever
+            self._tasks.discard(asyncio.current_task())
 
 
 class _HotConns:
