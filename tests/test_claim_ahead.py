@@ -293,3 +293,86 @@ async def test_the_claim_and_completion_connections_are_ready_at_start(pg_url):
         finally:
             for conn in conns:
                 await w.hot.release(conn, True)
+
+
+def test_a_slot_holds_one_job_ahead_unless_jobs_are_very_short():
+    w = Worker(profile_from_dict({"name": "depth", "tags": ["d"], "native": True}), "postgresql://unused",
+               settings=WorkerSettings(claim_ahead_cover_s=0.005, claim_ahead_max=8))
+    assert w._ahead_depth() == 1  # nothing run yet
+    for job_s, depth in [(0.1, 1), (0.003, 1), (0.002, 2), (0.001, 5), (0.0001, 8)]:
+        w._job_s = job_s
+        assert w._ahead_depth() == depth, job_s
+
+
+def _count_asks(w: Worker) -> list[tuple[int, int]]:
+    """(completions, jobs asked ahead) of each completion statement the worker sends."""
+    asks: list[tuple[int, int]] = []
+    complete_batch = w._complete_batch
+
+    async def counted(reqs):
+        asks.append((len(reqs), sum(r.ahead for r in reqs)))
+        return await complete_batch(reqs)
+
+    w._completer._run_batch = counted
+    return asks
+
+
+async def test_a_slot_with_very_short_jobs_holds_several_and_statements_carry_several(pg_url):
+    """One slot, a backlog of no-op jobs: it holds several ahead and works through them
+    while its completions are in flight, so one statement completes several jobs (with one
+    held at a time, a lone slot's statements carry one or two). Every job runs once."""
+    tag = "cai-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    async with pool.acquire() as conn, conn.transaction():
+        ids = [await _push(conn, tag) for _ in range(300)]
+    async with _serving(pg_url, tag, claim_ahead_hold_s=5.0) as w:
+        asks = _count_asks(w)
+        await _wait(_all_done(pool, ids))
+    assert max(a for _, a in asks) > 1, asks
+    assert sum(n for n, _ in asks) / len(asks) >= 3, asks
+    rows = await pool.fetch("SELECT status, started_at FROM completed_job WHERE id = ANY($1)", ids)
+    assert len(rows) == 300 and {r["status"] for r in rows} == {"success"}
+    assert all(r["started_at"] is not None for r in rows)
+    assert not await pool.fetchval("SELECT count(*) FROM queue WHERE tag = $1", tag)
+    await pool.close()
+
+
+async def _short_then_long(pool, tag: str, long_s: float) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """40 no-op jobs (the slot learns its jobs are short), a long sleep, 20 no-ops behind
+    it: (the long job, the jobs behind it)."""
+    for _ in range(40):
+        await _push(pool, tag)
+    long = await _push(pool, tag, "sleep", {"seconds": long_s})
+    return long, [await _push(pool, tag) for _ in range(20)]
+
+
+def _held_of(pool, ids):
+    return pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND running AND started_at IS NULL", ids)
+
+
+async def test_the_jobs_held_behind_a_long_one_all_go_back(pg_url):
+    tag = "caj-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    long, behind = await _short_then_long(pool, tag, 2.0)
+    async with _serving(pg_url, tag, claim_ahead_hold_s=0.5):
+        await _wait(_started(pool, long))
+        assert await _held_of(pool, behind) >= 2  # several held while it runs
+        await asyncio.sleep(0.7)  # it has run past the hold time: every held job went back
+        assert await pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND NOT running"
+                                   " AND restarts = 0", behind) == len(behind)
+        await _wait(_all_done(pool, [long, *behind]))
+    await pool.close()
+
+
+async def test_a_stopping_worker_gives_back_every_job_it_holds(pg_url):
+    tag = "cak-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    long, behind = await _short_then_long(pool, tag, 0.6)
+    async with _serving(pg_url, tag, claim_ahead_hold_s=5.0):
+        await _wait(_started(pool, long))
+        assert await _held_of(pool, behind) >= 2
+    # the long job finished in the grace period; nothing is left held, nothing restarted
+    assert await pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND NOT running"
+                               " AND restarts = 0", behind) == len(behind)
+    assert await pool.fetchval("SELECT status FROM completed_job WHERE id = $1", long) == "success"
+    await pool.close()

@@ -12,7 +12,9 @@ import socket
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,10 @@ class WorkerSettings:
     # gives it back if the current job is still running after claim_ahead_hold_s
     claim_ahead_after_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_AFTER_S", 0.02))
     claim_ahead_hold_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_HOLD_S", 0.5))
+    # when the worker's jobs are very short, a slot holds as many as run in this long (up
+    # to claim_ahead_max), not one: it works on through its completion's round trip
+    claim_ahead_cover_s: float = field(default_factory=lambda: _env_float("SANDMILL_CLAIM_AHEAD_COVER_S", 0.005))
+    claim_ahead_max: int = field(default_factory=lambda: int(_env_float("SANDMILL_CLAIM_AHEAD_MAX", 8)))
     # how long the completion of a job whose slot already runs its next one may wait to
     # share a statement with others (their answers come back well before they are needed)
     completion_lazy_s: float = field(default_factory=lambda: _env_float("SANDMILL_COMPLETION_LAZY_S", 0.02))
@@ -256,27 +262,31 @@ class _HotConns:
 @dataclass
 class _Done:
     """A slot's job has ended: its completion, and what the slot wants back in the same
-    statement: a job to run now (it holds none), a job to hold ahead, and the start stamp
-    of the held job it starts as this one ends."""
+    statement: a job to run now (it holds none), how many to hold ahead, and the start
+    stamp of the held job it starts as this one ends."""
 
     completion: queue.Completion
     now: bool
-    ahead: bool
+    ahead: int
     starting: uuid.UUID | None = None
 
 
 @dataclass
 class _Answer:
-    """What a slot gets back with its completion: a job to run now, a job to hold."""
+    """What a slot gets back with its completion: a job to run now, jobs to hold."""
 
     now: dict[str, Any] | None
-    ahead: dict[str, Any] | None
+    ahead: list[dict[str, Any]]
 
 
 @dataclass
 class _SlotState:
-    # the answer of the slot's last completion while it may hold the slot's next job
-    held: asyncio.Future | None = None
+    """The jobs a slot holds ahead: those in hand, and the completions still in flight
+    that claim more (each with how many it asked for)."""
+
+    ready: deque[dict[str, Any]] = field(default_factory=deque)
+    coming: deque[tuple[asyncio.Future, int]] = field(default_factory=deque)
+    asked: int = 0
 
 
 @dataclass
@@ -296,13 +306,13 @@ class _Feed:
         self.w = worker
         self._batcher = _Batcher(self._claim)
 
-    async def next_job(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """(a job to run now, a job to hold ahead)"""
+    async def next_job(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """(a job to run now, jobs to hold ahead)"""
         return await self._batcher.submit(None)
 
-    async def _claim(self, asks: list[None]) -> list[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    async def _claim(self, asks: list[None]) -> list[tuple[dict[str, Any] | None, list[dict[str, Any]]]]:
         w, n = self.w, len(asks)
-        ahead = n if w.profile.claim_ahead else 0
+        ahead = n * w._ahead_depth() if w.profile.claim_ahead else 0
         jobs: list[dict[str, Any]] = []
         conn, ok = await w.hot.acquire(), False
         try:
@@ -321,7 +331,8 @@ class _Feed:
             await w.hot.release(conn, ok)
         for job in held:
             w.held.add(job["id"])
-        return list(zip(jobs + [None] * (n - len(jobs)), held + [None] * (n - len(held))))
+        # best first, dealt round the slots (each gets its share of the best)
+        return [(jobs[i] if i < len(jobs) else None, held[i::n]) for i in range(n)]
 
 
 class Worker:
@@ -341,6 +352,7 @@ class Worker:
         self.listener: asyncpg.Connection | None = None
         self.running: dict[uuid.UUID, _Running] = {}
         self.held: set[uuid.UUID] = set()  # jobs claimed ahead, not started yet
+        self._job_s: float | None = None  # how long jobs run here lately (_note_run)
         self._canceled_held: set[uuid.UUID] = set()  # of those, the ones canceled meanwhile
         self.stats = Stats()
         self._wake = asyncio.Event()
@@ -529,17 +541,18 @@ class Worker:
     async def _slot(self, index: int) -> None:
         """One subworker: run a job, complete it, and run the next. A busy slot's completion
         claims its next job in the same statement; with claim ahead it claims the job after
-        that, so that the next one is in hand (and starts) the moment this one ends."""
+        that, so that the next one is in hand (and starts) the moment this one ends; with
+        very short jobs, several (as many as run in claim_ahead_cover_s)."""
         st = _SlotState()
         job: dict[str, Any] | None = None  # the job to run next
         hold_s = self.settings.claim_ahead_hold_s
         while not self._stopping.is_set():
             wake = self._wake
-            if job is None and st.held is not None:
-                job = await self._take_held(st)
+            if job is None:
+                job = await self._next_held(st)
             if job is None:
                 try:
-                    job, ahead_job = await self._feed.next_job()
+                    job, ahead_jobs = await self._feed.next_job()
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                     log.warning("pull failed (%s); retrying", e)
                     await self._sleep_or_stop(1.0)
@@ -547,14 +560,12 @@ class Worker:
                 if job is None:
                     await self._idle(wake)
                     continue
-                if ahead_job is not None:
-                    st.held = asyncio.get_running_loop().create_future()
-                    st.held.set_result(_Answer(None, ahead_job))
+                st.ready.extend(ahead_jobs)
             t0 = time.monotonic()
             current, job = job, None
-            # a job held ahead is given back if this one runs long
+            # the jobs held ahead are given back if this one runs long
             hold = (asyncio.get_running_loop().call_later(hold_s, self._release_held, st)
-                    if st.held is not None else None)
+                    if st.ready or st.coming else None)
             try:
                 done = await self._execute(current)
             except Exception:  # noqa: BLE001 - one bad job must not kill the worker
@@ -564,19 +575,19 @@ class Worker:
                 if hold is not None:
                     hold.cancel()
             ran_s = time.monotonic() - t0
-            self.stats.busy_s += ran_s
-            self.stats.jobs_done += 1
+            self._note_run(ran_s)
             if done is None:  # lost, or put back at shutdown: nothing to complete
                 continue
-            if st.held is not None:  # its claim has had this job's run to come back
-                job = await self._take_held(st)
+            job = await self._next_held(st)  # its claim has had this job's run to come back
             stopping = self._stopping.is_set()
             if job is not None and stopping:
                 await self._give_back(job)
                 job = None
             # no claim ahead after a long job: the next is likely long too, and its
-            # held job would only go back
-            ahead = self.profile.claim_ahead and not stopping and ran_s < hold_s
+            # held jobs would only go back
+            ahead = 0
+            if self.profile.claim_ahead and not stopping and ran_s < hold_s:
+                ahead = max(0, self._ahead_depth() - len(st.ready) - st.asked)
             # with the next job in hand, its completion is not urgent: unless jobs are short
             # (their next answer is wanted at once), it may wait for the completions of the
             # slots whose jobs end about now (lazy)
@@ -585,50 +596,76 @@ class Worker:
                                                 starting=job["id"] if job is not None else None),
                                           lazy=lazy)
             if ahead:
-                st.held = fut
+                st.coming.append((fut, ahead))
+                st.asked += ahead
             if job is None:  # wait for the next job, or (stopping) for the job's completion
                 try:
                     job = (await fut).now
                 except Exception as e:  # noqa: BLE001 - the statement failed for every caller
                     log.warning(_COMPLETION_FAILED, e)
-                    st.held = None
             elif not ahead:
                 fut.add_done_callback(_log_failed_completion)
         if job is not None:  # claimed while the worker began to stop: not started, give it back
             await self._give_back(job)
-        if st.held is not None:
-            held = await self._take_held(st)
-            if held is not None:
-                await self._give_back(held)
+        while (held := await self._next_held(st)) is not None:
+            await self._give_back(held)
 
-    async def _take_held(self, st: _SlotState) -> dict[str, Any] | None:
-        """The job the slot's last completion claimed ahead, once that statement is back
-        (None if it claimed none or failed)."""
-        fut, st.held = st.held, None
-        if not fut.done():
+    def _note_run(self, ran_s: float) -> None:
+        self.stats.busy_s += ran_s
+        self.stats.jobs_done += 1
+        # how long this worker's jobs run, lately (for how many to hold ahead)
+        self._job_s = ran_s if self._job_s is None else 0.8 * self._job_s + 0.2 * ran_s
+
+    def _ahead_depth(self) -> int:
+        """How many jobs a slot holds ahead: one, or as many as run in claim_ahead_cover_s
+        when this worker's jobs are that short (up to claim_ahead_max): a slot then keeps
+        working through a completion's round trip, and each statement carries more jobs."""
+        s = self.settings
+        if self._job_s is None or self._job_s * 2 >= s.claim_ahead_cover_s:
+            return 1
+        return max(1, min(s.claim_ahead_max, int(s.claim_ahead_cover_s / max(self._job_s, 1e-6))))
+
+    async def _next_held(self, st: _SlotState) -> dict[str, Any] | None:
+        """The slot's next job held ahead, in the order they were claimed; waits for the
+        oldest claim still in flight when none is back yet (None when they brought none)."""
+        while True:
+            while st.coming and st.coming[0][0].done():
+                self._absorb(st)
+            if st.ready:
+                job = st.ready.popleft()
+                self.held.discard(job["id"])
+                return job
+            if not st.coming:
+                return None
             self._completer.flush()  # it may still wait for company: its answer is wanted now
-        try:
-            job = (await fut).ahead
-        except Exception as e:  # noqa: BLE001 - the statement failed for every caller
-            log.warning(_COMPLETION_FAILED, e)
-            return None
-        if job is not None:
-            self.held.discard(job["id"])
-        return job
+            await asyncio.wait([st.coming[0][0]])
+
+    def _absorb(self, st: _SlotState) -> None:
+        fut, n = st.coming.popleft()
+        st.asked -= n
+        if fut.cancelled() or fut.exception() is not None:
+            _log_failed_completion(fut)
+            return
+        st.ready.extend(fut.result().ahead)
 
     def _release_held(self, st: _SlotState) -> None:
-        """The slot's current job runs long: give its held job back to the queue, for an
-        idle slot to take, as soon as the claim is back."""
-        fut, st.held = st.held, None
-        if fut is not None:
+        """The slot's current job runs long: give its held jobs back to the queue, for idle
+        slots to take (those still being claimed, as soon as their claim is back)."""
+        while st.coming and st.coming[0][0].done():
+            self._absorb(st)
+        for job in st.ready:
+            self._spawn(self._give_back(job))
+        st.ready.clear()
+        for fut, _ in st.coming:
             fut.add_done_callback(self._release_answer)
+        st.coming.clear()
+        st.asked = 0
 
     def _release_answer(self, fut: asyncio.Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
             _log_failed_completion(fut)
             return
-        job = fut.result().ahead
-        if job is not None:
+        for job in fut.result().ahead:
             self._spawn(self._give_back(job))
 
     async def _give_back(self, job: dict[str, Any]) -> None:
@@ -773,13 +810,9 @@ class Worker:
         finally:
             await self.hot.release(conn, ok)
         now, held = iter(jobs[:want]), iter(jobs[want:])  # the first `want` run now
-        out = []
-        for r in reqs:
-            a = _Answer(next(now, None) if r.now else None, next(held, None) if r.ahead else None)
-            if a.ahead is not None:
-                self.held.add(a.ahead["id"])
-            out.append(a)
-        return out
+        for job in jobs[want:]:
+            self.held.add(job["id"])
+        return [_Answer(next(now, None) if r.now else None, list(islice(held, r.ahead))) for r in reqs]
 
     def _start_heartbeat(self, r: _Running) -> None:
         if self.running.get(r.job["id"]) is r:
