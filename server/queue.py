@@ -419,6 +419,9 @@ async def prepare_worker_statements(db: Executor, worker: str, tags: list[str]) 
     last ones' when a third statement at once takes a new connection."""
     await complete_and_pull(db, [], worker, tags, 0)
     await pull_many(db, worker, tags, 0)
+    bases, plain, pairs = split_tags(tags)  # the claim of jobs to hold ahead, for none
+    await db.fetch(_PULL_MANY_AHEAD_ONE_TAG if len(bases) == 1 else _PULL_MANY_AHEAD,
+                   bases, worker, plain, pairs, 0, 0, 0.0)
     await db.fetch(_COMPLETE, *_completion_arrays([]))
 
 

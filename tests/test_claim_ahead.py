@@ -99,7 +99,7 @@ async def _wait(cond, timeout: float = 10):
 async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, **settings):
     """A one-slot native worker serving ``tag``, claiming ahead at once (no minimum wait)."""
     w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "claim_ahead": claim_ahead}),
-               pg_url, settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, **settings))
+               pg_url, settings=WorkerSettings(**{"poll_s": 1.0, "claim_ahead_after_s": 0.0, **settings}))
     run = asyncio.create_task(w.run())
     try:
         yield w
@@ -123,8 +123,9 @@ async def test_a_busy_slot_holds_its_next_job_and_records_its_true_start(pg_url)
     pool = await dbmod.create_pool(pg_url)
     ids = [await _push(pool, tag, "sleep", {"seconds": 0.4}) for _ in range(3)]
     async with _serving(pg_url, tag, claim_ahead_hold_s=5.0) as w:
-        # the idle slot's first claim takes one to run and one to hold
+        # the idle slot claims one to run and, a moment later, one to hold
         await _wait(_started(pool, ids[0]))
+        await _wait(lambda: _is_held(w, ids[1]))
         r = await _row(pool, ids[1])
         assert r["running"] and r["worker"] == w.name and r["started_at"] is None
         await _wait(_started(pool, ids[1]))
@@ -171,6 +172,10 @@ async def test_a_job_canceled_while_held_completes_canceled_without_running(pg_u
     r = await pool.fetchrow("SELECT status, duration_ms FROM completed_job WHERE id = $1", held)
     assert r["status"] == "canceled" and r["duration_ms"] < 1000
     await pool.close()
+
+
+async def _const(v):
+    return v
 
 
 async def _is_held(w: Worker, job_id) -> bool:
@@ -375,4 +380,65 @@ async def test_a_stopping_worker_gives_back_every_job_it_holds(pg_url):
     assert await pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND NOT running"
                                " AND restarts = 0", behind) == len(behind)
     assert await pool.fetchval("SELECT status FROM completed_job WHERE id = $1", long) == "success"
+    await pool.close()
+
+
+async def test_a_burst_runs_its_first_jobs_before_it_claims_those_to_hold(pg_url):
+    """Idle slots woken by a backlog claim the jobs they run now in one statement, and
+    those they hold in another that waits like a lazy completion: the first jobs do not
+    wait for the held ones' claim."""
+    tag = "cal-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    ids = [await _push(pool, tag, "sleep", {"seconds": 2}) for _ in range(4)]
+    w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "subworkers": 2}), pg_url,
+               settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_lazy_s=0.5,
+                                       claim_ahead_hold_s=5.0))
+    run = asyncio.create_task(w.run())
+    try:
+        await _wait(_started(pool, ids[1]))
+        assert await _held_of(pool, ids) == 0 and not w.held  # claimed to run, none held yet
+        async def both_held():
+            return await _held_of(pool, ids[2:]) == 2
+        await _wait(both_held, timeout=3)
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+    await pool.close()
+
+
+async def test_a_slot_whose_job_ends_sends_the_claim_of_its_held_jobs_at_once(pg_url):
+    """The claim of held jobs may wait for company, but not once a slot needs them."""
+    tag = "cam-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    ids = [await _push(pool, tag) for _ in range(20)]
+    async with _serving(pg_url, tag, completion_lazy_s=30.0):
+        await _wait(_all_done(pool, ids), timeout=5)  # not a lazy wait of 30 s
+    await pool.close()
+
+
+async def test_a_slot_whose_completion_found_no_job_waits_for_a_wake_up(pg_url):
+    """A completion claims the slot's next job; when it finds none, the slot does not claim
+    again at once (at a drain's end every slot would, beside the last completions), and a
+    job pushed later still wakes it."""
+    tag = "can-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    async with _serving(pg_url, tag, poll_s=30.0) as w:
+        claims: list[int] = []
+        claim = w._feed._batcher._run_batch
+
+        async def counted(asks):
+            claims.append(len(asks))
+            return await claim(asks)
+
+        w._feed._batcher._run_batch = counted
+        await _wait(lambda: _const(bool(claims)))  # its first claim at start found nothing
+        await asyncio.sleep(0.2)
+        first = await _push(pool, tag)
+        await _wait(_all_done(pool, [first]))
+        await asyncio.sleep(0.3)
+        # woken by the push, it claimed the job; the job's completion claimed the next one
+        # and found none: no claim after that
+        assert claims == [1, 1]
+        later = await _push(pool, tag)
+        await _wait(_all_done(pool, [later]))
     await pool.close()

@@ -106,3 +106,55 @@ def test_the_timer_is_armed_once_for_the_same_deadline():
         sel.close()
         a.close()
         b.close()
+
+
+def test_a_worker_process_leaves_its_start_up_objects_out_of_garbage_collections():
+    """A full collection walks every object the worker built at start (modules, the pool):
+    80-100 ms in which none of its slots runs. Once started, those are frozen."""
+    import gc
+
+    from worker.loop import _freeze_startup_objects
+
+    before = gc.get_freeze_count()
+    try:
+        _freeze_startup_objects()
+        assert gc.get_freeze_count() > max(before, 10_000)
+    finally:
+        gc.unfreeze()
+
+
+async def test_a_worker_calls_on_started_once_it_is_up_and_before_any_job(pg_url):
+    import uuid
+
+    from server.profiles import profile_from_dict
+    from worker.loop import Worker, WorkerSettings
+
+    tag = "ev-" + uuid.uuid4().hex[:6]
+    w = Worker(profile_from_dict({"name": "ev", "tags": [tag], "native": True}), pg_url,
+               settings=WorkerSettings(poll_s=1.0))
+    seen: list[tuple[bool, int]] = []
+    run = asyncio.create_task(w.run(on_started=lambda: seen.append((w.listener is not None, w.stats.jobs_done))))
+    try:
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert seen == [(True, 0)]
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+    assert len(seen) == 1
+
+
+def test_the_worker_process_freezes_its_start_up_objects_once_started(monkeypatch):
+    from server.profiles import profile_from_dict
+    from worker import loop
+
+    given = []
+
+    async def run(self, on_started=None):
+        given.append(on_started)
+
+    monkeypatch.setattr(loop.Worker, "run", run)
+    assert loop.run_worker(profile_from_dict({"name": "ev", "tags": ["t"], "native": True}), "postgresql://unused") == 0
+    assert given == [loop._freeze_startup_objects]
