@@ -110,7 +110,7 @@ def test_the_timer_is_armed_once_for_the_same_deadline():
 
 def test_a_worker_process_leaves_its_start_up_objects_out_of_garbage_collections():
     """A full collection walks every object the worker built at start (modules, the pool):
-    80-100 ms in which none of its slots runs. Once started, those are frozen."""
+    75-100 ms in which none of its slots runs. Once started, those are frozen."""
     import gc
 
     from worker.loop import _freeze_startup_objects
