@@ -117,15 +117,18 @@ def notes_for(res: dict) -> dict[str, str]:
             " **a job runs inline in its slot's task** (from one job's end to the next one's start is one loop"
             " step: 0.04-0.05 ms, was 0.6-1.5 ms with a task per job); **timers that end on time**"
             " (`worker/eventloop.py`: a timerfd in the epoll set; asyncio's own wait is rounded up to the next"
-            " millisecond, and a 100 ms sleep ended 1.2 ms late on average, now 0.4-0.6); the claim and"
-            " completion connections prepared at start. Together these took this drain from 96% to 98% here"
-            " (10 subworkers: 99.3-99.5%). Where the rest goes, measured on the 4 worker processes of one"
-            " drain: the sleeps end 0.37 ms late (median; mean 0.57: the machine's own wake-up latency is"
-            " about 0.2 ms, idle, and 100 jobs end within a few ms of each other on 2 shared cores);"
-            " the 100 first starts spread over 8 ms (4 processes claim 25 jobs to run and 25 to hold each);"
-            " and the last completions, 19-25 a statement, take 5-12 ms at the end, when every process"
-            " completes its last jobs at once. One subworker alone, no contention, loses 0.5-0.7 ms a job"
-            " on this VM (99.3%).")
+            " millisecond); the claim and completion connections prepared at start; **start-up objects frozen**"
+            " out of garbage collection (a collection stops every slot of a process: 2-7 ms for the first"
+            " middle-generation one of each drain, 75-100 ms for a full one); a burst's **first claims take only"
+            " the jobs that run now** (those to hold follow in a lazy claim of their own); and a slot whose"
+            " completion found no job waits for a wake-up instead of claiming again. Together these took this"
+            " drain from 85-90% to 98.2-99.1% here (10 subworkers: 99.4%). Where the rest goes, traced in the 4"
+            " worker processes of a drain: each of the 100 slots runs a chain of 20 jobs and the drain ends"
+            " with the slowest chain. A sleep ends 0.4-0.5 ms late (median; mean 0.5-0.7 ms a process): this"
+            " VM wakes a process blocked on a timer 0.13 ms late (a bare timerfd) and an idle asyncio loop"
+            " 0.3 ms late, and 100 jobs end within a few ms on 2 cores shared with PostgreSQL. The burst's"
+            " first claims, 25 jobs each and 4 at once, take 8-12 ms (1.5 ms alone), so the first jobs start"
+            " 2-12 ms after the jobs are committed; the last completion commits 2-5 ms after the last job ends.")
     if met.get("queue throughput vs pgqueuer") is False:
         q = res["queue"]
         out["queue throughput vs pgqueuer"] = (
@@ -133,15 +136,11 @@ def notes_for(res: dict) -> dict[str, str]:
             f" ({q['ratio']['median']:.2f}x, {q['ratio']['min']:.2f}-{q['ratio']['max']:.2f} across the runs). Both"
             " move by 20-50% from run to run on this machine (pgqueuer: 2,950-3,250 jobs/s in one run of this"
             " section alone, 3,800-4,550 in this one; sandmill 3,100-4,400); the ratio has come out between"
-            " 0.9x and 1.4x. How sandmill's drain runs: 8 subworkers (the native profile's), each running one"
-            " job and holding the next (claim ahead), so at most 16 jobs ride on each round trip; a busy"
-            " slot's completion, the start stamp of its held job and the claim of the one after go in one"
-            " statement, 13 jobs a statement on average. The worker spends about 105 us of CPU a job (was"
-            " 140-165 before jobs ran inline in their slot's task) and PostgreSQL about 100 us; the drain is"
-            " bound by the round trip, not by either CPU. pgqueuer's runs 5 consumers with 10 jobs each in"
-            " flight (50) and logs completions in buffered batches. Not built: holding more than one job"
-            " ahead per slot when jobs are this short (a local backlog that the slots share), which would"
-            " put more jobs on each round trip.")
+            " 0.9x and 1.8x. How sandmill's drain runs: 8 subworkers (the native profile's); with jobs this"
+            " short each slot holds up to 8 jobs ahead (claim ahead, as many as run in 5 ms), so it works on"
+            " through its completion's round trip, and a statement carries the completions, start stamps and"
+            " claims of several jobs. pgqueuer's drain runs 5 consumers with 10 jobs each in flight (50) and"
+            " logs completions in buffered batches.")
     if met.get("idle cluster load") is False:
         out["idle cluster load"] = "Idle load over target: see the per-window chart; the pings of workers and monitor dominate."
     return out
