@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -41,8 +42,7 @@ class BenchPG:
     def __init__(self, max_connections: int = 300):
         import pgserver
 
-        self.tmp = Path(tempfile.mkdtemp(prefix="sandmill-bench-"))
-        self.tmp.chmod(0o755)
+        self.tmp = scratch_dir()
         self.pg = pgserver.get_server(self.tmp / "pg", cleanup_mode="delete")
         self.url = self.pg.get_uri()
         self._configure(max_connections)
@@ -94,6 +94,23 @@ class BenchPG:
 
     def close(self) -> None:
         self.pg.cleanup()
+        drop_scratch(self.tmp)
+
+
+def scratch_dir() -> Path:
+    """A fresh folder for one run: its PostgreSQL, worker profiles and process logs."""
+    tmp = Path(tempfile.mkdtemp(prefix="sandmill-bench-"))
+    tmp.chmod(0o755)  # job sandboxes run as other users
+    return tmp
+
+
+def drop_scratch(tmp: Path) -> None:
+    """Remove a run's folder (a few hundred KB each: they piled up by the hundred), unless
+    SANDMILL_BENCH_KEEP is set, to read the logs of a run that went wrong."""
+    if os.environ.get("SANDMILL_BENCH_KEEP"):
+        print(f"kept {tmp} (SANDMILL_BENCH_KEEP)")
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def wait_registered(url: str, group: str, count: int, timeout: float = 60) -> None:

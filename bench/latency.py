@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from server import db as dbmod
 from server.localcluster import LocalCluster
+
+from .common import drop_scratch, scratch_dir
 
 TRIVIAL = {"python3": "def main():\n    return 1\n", "bash": "echo 1\n"}
 BARE = {"python3": ["/usr/bin/python3", "-c", "pass"], "bash": ["/bin/bash", "-c", "echo 1"]}
@@ -93,8 +93,7 @@ async def warm_share(cluster: LocalCluster, language: str) -> float:
 async def run(args: argparse.Namespace) -> dict:
     import pgserver
 
-    tmp = Path(tempfile.mkdtemp(prefix="sandmill-bench-"))
-    tmp.chmod(0o755)
+    tmp = scratch_dir()
     pg = pgserver.get_server(tmp / "pg", cleanup_mode="delete")
     url = pg.get_uri()
     conn = await dbmod.connect(url)
@@ -113,6 +112,7 @@ async def run(args: argparse.Namespace) -> dict:
     finally:
         cluster.stop()
         pg.cleanup()
+        drop_scratch(tmp)
     return {"backend": args.backend + (" (cold)" if args.cold else ""), "language": args.language, "bare": bare, "latency": lat, "jobs_per_s": jps,
             "jobs": args.jobs, "warm_share": warm}
 

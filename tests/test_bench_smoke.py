@@ -45,5 +45,6 @@ def test_a_drain_is_timed_between_commits():
         r = drain_once(bp, subworkers=2, jobs=20, language="sleep", args={"seconds": 0.05})
     finally:
         bp.close()
+    assert not bp.tmp.exists()  # its PostgreSQL, profiles and logs go with it
     assert 10 * 0.05 <= r["drain_s"] <= r["polled_drain_s"] + 0.002, r
     assert r["jobs_per_s"] == 20 / r["drain_s"]
