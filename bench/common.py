@@ -93,6 +93,15 @@ class BenchPG:
         return LocalCluster(url, self.tmp / f"{name}-{uuid.uuid4().hex[:4]}", env=env)
 
     def close(self) -> None:
+        # pgserver stops the postmaster it started; _configure restarted it, so stop this
+        # one here (left running on a deleted data dir, it lingered until its own check of
+        # the lock file, up to a minute, beside whatever ran next)
+        from pgserver import pg_ctl
+
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pg.pgdata, user=self.pg.system_user, timeout=60)
+        except Exception:  # noqa: BLE001 - already stopped; cleanup() below still tidies up
+            pass
         self.pg.cleanup()
         drop_scratch(self.tmp)
 

@@ -45,6 +45,10 @@ def test_a_drain_is_timed_between_commits():
         r = drain_once(bp, subworkers=2, jobs=20, language="sleep", args={"seconds": 0.05})
     finally:
         bp.close()
-    assert not bp.tmp.exists()  # its PostgreSQL, profiles and logs go with it
+    # its PostgreSQL (stopped, not left running on a deleted data dir), profiles and logs
+    # go with it
+    assert not bp.tmp.exists()
+    import psutil
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(bp.tmp) in " ".join(p.info["cmdline"] or [])]
     assert 10 * 0.05 <= r["drain_s"] <= r["polled_drain_s"] + 0.002, r
     assert r["jobs_per_s"] == 20 / r["drain_s"]
