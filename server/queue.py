@@ -288,19 +288,19 @@ SELECT pg_notify('{CH_QUEUE}', tag) FROM q
 
 
 def _complete_ctes(p: int) -> str:
-    """Completion of a batch of jobs (CTEs i, gone, released, done), its nine arrays from
+    """Completion of a batch of jobs (CTEs i, gone, released, done), its ten arrays from
     parameter $p on: each queue row goes, its concurrency slot is given back, its completed
     row is written, and result waiters (notify_done) are notified. Only the worker that
     holds a job can complete it."""
-    a = [f"${p + k}" for k in range(9)]
+    a = [f"${p + k}" for k in range(10)]
     return f"""
 i AS (
     -- results travel as JSON text: a list would read as an array dimension in jsonb[]
     SELECT id, worker, status, result::jsonb AS result, error, duration_ms, cpu_ms, mem_peak,
-           outcome::jsonb AS outcome
+           outcome::jsonb AS outcome, started
       FROM unnest({a[0]}::uuid[], {a[1]}::text[], {a[2]}::text[], {a[3]}::text[], {a[4]}::text[],
-                  {a[5]}::int[], {a[6]}::int[], {a[7]}::int[], {a[8]}::text[])
-        AS t(id, worker, status, result, error, duration_ms, cpu_ms, mem_peak, outcome)
+                  {a[5]}::int[], {a[6]}::int[], {a[7]}::int[], {a[8]}::text[], {a[9]}::timestamptz[])
+        AS t(id, worker, status, result, error, duration_ms, cpu_ms, mem_peak, outcome, started)
 ), gone AS (
     -- id = ANY: looked up by primary key (joined to i alone, with no statistics of the
     -- batch, PostgreSQL may hash-join a scan of the whole queue). No `running` test: a
@@ -328,8 +328,8 @@ i AS (
            CASE WHEN q.kind = 'script' THEN NULL ELSE q.content END,
            q.args, q.tag, q.priority, q.created_by, q.created_at, q.scheduled_for,
            -- a job held ahead that ended before its start stamp came in (one statement in
-           -- flight stamps it, another completes it): its start, from its length
-           coalesce(q.started_at, now() - make_interval(secs => i.duration_ms / 1000.0)),
+           -- flight stamps it, another completes it): its start as the worker saw it
+           coalesce(q.started_at, i.started, now() - make_interval(secs => i.duration_ms / 1000.0)),
            q.worker, CASE WHEN q.canceled THEN 'canceled' ELSE i.status END, i.result,
            CASE WHEN q.canceled THEN coalesce('canceled: ' || q.canceled_reason, 'canceled')
                 ELSE i.error END,
@@ -344,17 +344,20 @@ _COMPLETE = "WITH " + _complete_ctes(1) + "\nSELECT id, status FROM done"
 
 # Completion and the next claims in one statement (so one round trip and one commit per
 # batch): a busy slot hands in its job and gets its next one back, or (claim ahead) hands
-# in its job, says that the job it held ahead starts now ($17, start stamps) and gets the
+# in its job, says that the job it held ahead starts now ($18, $19: start stamps) and gets the
 # one to hold next. The claim reads the queue as it was when the statement began, so a
 # keyed job whose slot this very batch gives back is not seen as free: its completion
 # NOTIFYs wakes a puller for it.
-_COMPLETE_AND_CLAIM = "WITH " + _claim_ctes(ahead=15) + "," + _complete_ctes(6) + """,
+_COMPLETE_AND_CLAIM = "WITH " + _claim_ctes(ahead=16) + "," + _complete_ctes(6) + """,
 started AS (
     -- the caller never stamps a job this statement completes (one row, one change). No
     -- indexed column changes (not last_ping: the claim set it, the heartbeat takes over),
-    -- so the new row version can stay on its page without new index entries (HOT)
-    UPDATE queue SET started_at = clock_timestamp()
-     WHERE id = ANY($17::uuid[]) AND worker = $2 AND started_at IS NULL
+    -- so the new row version can stay on its page without new index entries (HOT). The
+    -- time is the worker's: two statements in flight may run in either order, and the
+    -- starts they record must be in the order the jobs started
+    UPDATE queue SET started_at = s.at
+      FROM unnest($18::uuid[], $19::timestamptz[]) AS s(id, at)
+     WHERE queue.id = ANY($18::uuid[]) AND queue.id = s.id AND worker = $2 AND started_at IS NULL
 )
 SELECT CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_ids END AS done_ids,
        CASE WHEN coalesce(c.rank, 1) = 1 THEN d.done_status END AS done_status, c.*
@@ -379,6 +382,9 @@ class Completion:
     cpu_ms: int = 0
     mem_peak_kb: int = 0
     outcome: dict[str, Any] | None = None
+    # when it started, by the worker's clock: the start of a job held ahead whose start
+    # stamp has not landed when it completes
+    started_at: dt.datetime | None = None
 
 
 async def complete_many(db: Executor, done: list[Completion]) -> dict[uuid.UUID, str]:
@@ -393,18 +399,19 @@ async def complete_many(db: Executor, done: list[Completion]) -> dict[uuid.UUID,
 
 async def complete_and_pull(db: Executor, done: list[Completion], worker: str, tags: list[str],
                             want: int, *, ahead: int = 0, ahead_after_s: float = 0.0,
-                            starting: list[uuid.UUID] | None = None,
+                            starting: list[tuple[uuid.UUID, dt.datetime]] | None = None,
                             ) -> tuple[dict[uuid.UUID, str], list[dict[str, Any]]]:
     """complete_many, and in the same statement claim up to ``want`` jobs for ``worker``
     as pull_many does (none with a concurrency key: the caller pulls those with pull()),
     plus up to ``ahead`` jobs to hold ahead among those that have waited ``ahead_after_s``
     since they were due (their ``started_at`` is None), and stamp the start of the held
-    jobs in ``starting`` (none of them may be in ``done``). Returns (final status by
+    jobs in ``starting`` ((id, when it started) pairs; none of them may be in ``done``). Returns (final status by
     completed job id, the claimed jobs best first: the first ``want`` to run now)."""
     bases, plain, pairs = split_tags(tags)
     sql = _COMPLETE_AND_CLAIM_ONE_TAG if len(bases) == 1 else _COMPLETE_AND_CLAIM
     rows = await db.fetch(sql, bases, worker, plain, pairs, want, *_completion_arrays(done),
-                          ahead, float(ahead_after_s), starting or [])
+                          ahead, float(ahead_after_s), [j for j, _ in starting or []],
+                          [at for _, at in starting or []])
     # one row carries the completions (none has them when nothing was completed)
     first = next((r for r in rows if r["done_ids"] is not None), None)
     statuses = dict(zip(first["done_ids"], first["done_status"])) if first else {}
@@ -426,10 +433,11 @@ async def prepare_worker_statements(db: Executor, worker: str, tags: list[str]) 
 
 
 def _completion_arrays(done: list[Completion]) -> list[list[Any]]:
-    """The nine parameter arrays of _complete_ctes, one element per job."""
+    """The ten parameter arrays of _complete_ctes, one element per job."""
     return [[c.job_id for c in done], [c.worker for c in done], [c.status for c in done],
             [_json(c.result) for c in done], [c.error for c in done], [c.duration_ms for c in done],
-            [c.cpu_ms for c in done], [c.mem_peak_kb for c in done], [_json(c.outcome) for c in done]]
+            [c.cpu_ms for c in done], [c.mem_peak_kb for c in done], [_json(c.outcome) for c in done],
+            [c.started_at for c in done]]
 
 
 def _json(v: Any) -> str | None:

@@ -6,6 +6,7 @@ canceled without running if canceled while held."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import contextlib
 import uuid
 
@@ -54,9 +55,12 @@ async def test_only_a_backlog_is_claimed_ahead_and_it_is_not_started(pg_url):
     assert r["running"] and r["worker"] == "w1" and r["started_at"] is None
     assert not (await _row(pool, fresh))["running"]
     # now-claims are not held back by age; the held job's start is stamped with them
-    _, jobs = await queue.complete_and_pull(pool, [], "w1", [tag], 1, starting=[b])
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    _, jobs = await queue.complete_and_pull(pool, [], "w1", [tag], 1, starting=[(b, at)])
     assert [j["id"] for j in jobs] == [fresh] and jobs[0]["started_at"] is not None
-    assert (await _row(pool, b))["started_at"] is not None
+    # the worker's time of the start, not the statement's: two statements in flight may run
+    # in either order, and the starts must keep the jobs' order
+    assert (await _row(pool, b))["started_at"] == at
     await queue.complete_many(pool, [_done(b), _done(fresh)])
     await pool.close()
 
@@ -85,6 +89,13 @@ async def test_a_held_job_that_ends_before_its_start_stamp_gets_a_start(pg_url):
     span = await pool.fetchval(
         "SELECT extract(epoch FROM completed_at - started_at) FROM completed_job WHERE id = $1", b)
     assert 0.2 <= float(span) <= 5
+    # with the start the worker saw, that one
+    _, c = await _held(pool, "cac-")
+    at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=2)
+    done = _done(c, duration_ms=250)
+    done.started_at = at
+    await queue.complete_many(pool, [done])
+    assert await pool.fetchval("SELECT started_at FROM completed_job WHERE id = $1", c) == at
     await pool.close()
 
 

@@ -137,9 +137,10 @@ async def test_completion_looks_jobs_up_by_key_after_analyze(pg_server):
         await conn.execute("ANALYZE queue")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         await conn.execute("PREPARE done_p(uuid[], text[], text[], text[], text[], int[], int[], int[],"
-                           " text[]) AS " + queue._COMPLETE)
+                           " text[], timestamptz[]) AS " + queue._COMPLETE)
         args = queue._completion_arrays([_done(j["id"], "w") for j in running])
-        types = ["uuid[]", "text[]", "text[]", "text[]", "text[]", "int[]", "int[]", "int[]", "text[]"]
+        types = ["uuid[]", "text[]", "text[]", "text[]", "text[]", "int[]", "int[]", "int[]", "text[]",
+                 "timestamptz[]"]
         rows = await conn.fetch("EXPLAIN EXECUTE done_p("
                                 + ", ".join(f"{_literal(a)}::{t}" for a, t in zip(args, types)) + ")")
         plan = "\n".join(r[0] for r in rows)

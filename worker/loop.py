@@ -269,7 +269,7 @@ class _Done:
     completion: queue.Completion
     now: bool
     ahead: int
-    starting: uuid.UUID | None = None
+    starting: tuple[uuid.UUID, dt.datetime] | None = None
 
 
 @dataclass
@@ -564,6 +564,7 @@ class Worker:
         job: dict[str, Any] | None = None  # the job to run next
         hold_s = self.settings.claim_ahead_hold_s
         found_none = False  # the last completion's claim found no job due
+        wake = self._wake
         while not self._stopping.is_set():
             if found_none:
                 # wait for a wake-up rather than claim again at once (at a drain's end, every
@@ -619,7 +620,7 @@ class Worker:
             # slots whose jobs end about now (lazy)
             lazy = job is not None and ran_s >= 2 * self.settings.completion_lazy_s
             fut = self._completer.enqueue(_Done(done, now=job is None and not stopping, ahead=ahead,
-                                                starting=job["id"] if job is not None else None),
+                                                starting=(job["id"], _now()) if job is not None else None),
                                           lazy=lazy)
             if ahead:
                 st.coming.append((fut, ahead))
@@ -772,6 +773,7 @@ class Worker:
                           "message": f"worker group {self.profile.name} cannot run {lang} jobs"}},
                           f"UnsupportedLanguage: worker group {self.profile.name} cannot run {lang} jobs"))
         me = asyncio.current_task()
+        started = _now()
         r = self.running[job_id] = _Running(job, me)
         # Most jobs end before their first ping is due: start the heartbeat task only then.
         hb = asyncio.get_running_loop().call_later(self.settings.job_ping_s, self._start_heartbeat, r)
@@ -815,7 +817,7 @@ class Worker:
             duration_ms=outcome.wall_ms if outcome else wall_ms,
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
-            outcome=outcome.to_json() if outcome else None,
+            outcome=outcome.to_json() if outcome else None, started_at=started,
         )
 
     async def _complete_batch(self, reqs: list[_Done]) -> list[_Answer]:
@@ -915,6 +917,10 @@ class Worker:
                     log.warning("periodic script failed (job %s)", job_id)
             except Exception as e:  # noqa: BLE001 - the worker goes on; the next run may work
                 log.warning("periodic script not run: %s", e)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 async def _const(v: Any) -> Any:
