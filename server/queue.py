@@ -344,8 +344,8 @@ _COMPLETE = "WITH " + _complete_ctes(1) + "\nSELECT id, status FROM done"
 
 # Completion and the next claims in one statement (so one round trip and one commit per
 # batch): a busy slot hands in its job and gets its next one back, or (claim ahead) hands
-# in its job, says that the job it held ahead starts now ($18, $19: start stamps) and gets the
-# one to hold next. The claim reads the queue as it was when the statement began, so a
+# in its job, says that the job it held ahead starts now ($18, $19: start stamps) and gets
+# the one to hold next. The claim reads the queue as it was when the statement began, so a
 # keyed job whose slot this very batch gives back is not seen as free: its completion
 # NOTIFYs wakes a puller for it.
 _COMPLETE_AND_CLAIM = "WITH " + _claim_ctes(ahead=16) + "," + _complete_ctes(6) + """,
@@ -405,8 +405,9 @@ async def complete_and_pull(db: Executor, done: list[Completion], worker: str, t
     as pull_many does (none with a concurrency key: the caller pulls those with pull()),
     plus up to ``ahead`` jobs to hold ahead among those that have waited ``ahead_after_s``
     since they were due (their ``started_at`` is None), and stamp the start of the held
-    jobs in ``starting`` ((id, when it started) pairs; none of them may be in ``done``). Returns (final status by
-    completed job id, the claimed jobs best first: the first ``want`` to run now)."""
+    jobs in ``starting``, (id, when it started) pairs, none of them in ``done``. Returns
+    (final status by completed job id, the claimed jobs best first: the first ``want`` to
+    run now)."""
     bases, plain, pairs = split_tags(tags)
     sql = _COMPLETE_AND_CLAIM_ONE_TAG if len(bases) == 1 else _COMPLETE_AND_CLAIM
     rows = await db.fetch(sql, bases, worker, plain, pairs, want, *_completion_arrays(done),

@@ -366,6 +366,11 @@ def _held_of(pool, ids):
     return pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND running AND started_at IS NULL", ids)
 
 
+def _given_back(pool, ids):
+    """How many of ``ids`` wait in the queue again, with no restart counted."""
+    return pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND NOT running AND restarts = 0", ids)
+
+
 async def test_the_jobs_held_behind_a_long_one_all_go_back(pg_url):
     tag = "caj-" + uuid.uuid4().hex[:6]
     pool = await dbmod.create_pool(pg_url)
@@ -374,8 +379,7 @@ async def test_the_jobs_held_behind_a_long_one_all_go_back(pg_url):
         await _wait(_started(pool, long))
         assert await _held_of(pool, behind) >= 2  # several held while it runs
         await asyncio.sleep(0.7)  # it has run past the hold time: every held job went back
-        assert await pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND NOT running"
-                                   " AND restarts = 0", behind) == len(behind)
+        assert await _given_back(pool, behind) == len(behind)
         await _wait(_all_done(pool, [long, *behind]))
     await pool.close()
 
@@ -388,8 +392,7 @@ async def test_a_stopping_worker_gives_back_every_job_it_holds(pg_url):
         await _wait(_started(pool, long))
         assert await _held_of(pool, behind) >= 2
     # the long job finished in the grace period; nothing is left held, nothing restarted
-    assert await pool.fetchval("SELECT count(*) FROM queue WHERE id = ANY($1) AND NOT running"
-                               " AND restarts = 0", behind) == len(behind)
+    assert await _given_back(pool, behind) == len(behind)
     assert await pool.fetchval("SELECT status FROM completed_job WHERE id = $1", long) == "success"
     await pool.close()
 

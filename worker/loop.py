@@ -657,8 +657,7 @@ class Worker:
         """The slot's next job held ahead, in the order they were claimed; waits for the
         oldest claim still in flight when none is back yet (None when they brought none)."""
         while True:
-            while st.coming and st.coming[0][0].done():
-                self._absorb(st)
+            self._absorb(st)
             if st.ready:
                 job = st.ready.popleft()
                 self.held.discard(job["id"])
@@ -671,18 +670,19 @@ class Worker:
             await asyncio.wait([st.coming[0][0]])
 
     def _absorb(self, st: _SlotState) -> None:
-        fut, n = st.coming.popleft()
-        st.asked -= n
-        if fut.cancelled() or fut.exception() is not None:
-            _log_failed_completion(fut)
-            return
-        st.ready.extend(fut.result().ahead)
+        """Move the jobs of the slot's claims that are back into its hands, in order."""
+        while st.coming and st.coming[0][0].done():
+            fut, n = st.coming.popleft()
+            st.asked -= n
+            if fut.cancelled() or fut.exception() is not None:
+                _log_failed_completion(fut)
+            else:
+                st.ready.extend(fut.result().ahead)
 
     def _release_held(self, st: _SlotState) -> None:
         """The slot's current job runs long: give its held jobs back to the queue, for idle
         slots to take (those still being claimed, as soon as their claim is back)."""
-        while st.coming and st.coming[0][0].done():
-            self._absorb(st)
+        self._absorb(st)
         for job in st.ready:
             self._spawn(self._give_back(job))
         st.ready.clear()
