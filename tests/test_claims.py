@@ -109,6 +109,28 @@ async def test_claims_read_the_queue_in_order_without_statistics(pg_server):
     await pool.close()
 
 
+async def test_worker_connections_plan_the_claim_and_completion_once(pg_url):
+    """PostgreSQL plans the first five runs of a prepared statement on a connection anew;
+    on the worker's connections (CLAIM_SETTINGS) the claim and completion statements must
+    use their one generic plan from the first run: planning the completion and claim
+    statement costs 1.5-6 ms, paid on every run by a connection that runs it rarely."""
+    pool = await dbmod.create_pool(pg_url, max_size=1, settings=queue.CLAIM_SETTINGS)
+    tag = "gp-" + uuid.uuid4().hex[:6]
+    for _ in range(8):
+        await _push(pool, tag)
+    async with pool.acquire() as conn:
+        await queue.prepare_worker_statements(conn, "w1", [tag])
+        (job,) = await queue.pull_many(conn, "w1", [tag], 1)
+        for _ in range(4):
+            _, (job,) = await queue.complete_and_pull(conn, [_done(job["id"])], "w1", [tag], 1)
+        rows = await conn.fetch("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+                                " WHERE statement LIKE '%cand AS%'")
+    await pool.close()
+    assert rows
+    assert all(r["custom_plans"] == 0 and r["generic_plans"] >= 1 for r in rows), \
+        [(r["statement"][:60], r["generic_plans"], r["custom_plans"]) for r in rows]
+
+
 def _literal(v) -> str:
     if isinstance(v, list):
         return "ARRAY[" + ",".join(_literal(x) for x in v) + "]" if v else "'{}'"
