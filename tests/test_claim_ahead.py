@@ -456,3 +456,59 @@ async def test_a_slot_whose_completion_found_no_job_waits_for_a_wake_up(pg_url):
         later = await _push(pool, tag)
         await _wait(_all_done(pool, [later]))
     await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _burst_end(pg_url: str, prefix: str, waited: bool = False):
+    """Three slots, three jobs pushed at once (so no backlog is left to hold): two of
+    0.2 s (the first one waited on when ``waited``) and one of 1.2 s, with a tail wait
+    far longer than that. Yields (pool, tag, [short, short, long] ids, worker)."""
+    tag = prefix + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    async with pool.acquire() as conn, conn.transaction():
+        ids = [await queue.push(conn, workspace="w", language="sleep", content="", args={"seconds": s},
+                                tag=tag, notify_done=waited and i == 0)
+               for i, s in enumerate([0.2, 0.2, 1.2])]
+    w = Worker(profile_from_dict({"name": "tail", "tags": [tag], "native": True, "subworkers": 3}), pg_url,
+               settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_tail_wait_s=30.0))
+    run = asyncio.create_task(w.run())
+    try:
+        yield pool, tag, ids, w
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+
+
+def _completed_at(pool, ids):
+    return pool.fetch("SELECT id, completed_at FROM completed_job WHERE id = ANY($1)", ids)
+
+
+async def test_the_last_completions_of_a_burst_share_one_statement(pg_url):
+    """At a burst's end (no job in hand, no backlog), a slot's completion waits for those
+    of the jobs still running: the last one's end sends them all in one statement."""
+    async with _burst_end(pg_url, "cat-") as (pool, _, ids, _w):
+        await _wait(_all_done(pool, ids))
+        rows = await _completed_at(pool, ids)
+    assert len({r["completed_at"] for r in rows}) == 1  # one statement, one transaction
+
+
+async def test_a_job_someone_waits_on_is_not_held_back_at_a_burst_end(pg_url):
+    async with _burst_end(pg_url, "caw-", waited=True) as (pool, _, ids, _w):
+        await _wait(_all_done(pool, ids))
+        at = {r["id"]: r["completed_at"] for r in await _completed_at(pool, ids)}
+    assert at[ids[0]] < at[ids[2]]  # (the other short job's completion may go with it)
+
+
+async def test_a_new_job_sends_the_completions_waiting_at_a_burst_end(pg_url):
+    """Every slot is busy or waits on its completion: a pushed job is taken by the claim
+    of a waiting completion, which the job's NOTIFY sends at once (not after the long job)."""
+    async with _burst_end(pg_url, "can2-") as (pool, tag, ids, w):
+        await _wait(_started(pool, ids[2]))
+        await asyncio.sleep(0.5)  # the short jobs have ended: their completions wait
+        assert len(w.running) == 1
+        new = await _push(pool, tag)
+        await _wait(_all_done(pool, ids + [new]))
+        started = await pool.fetchval("SELECT started_at FROM completed_job WHERE id = $1", new)
+        long_done = await pool.fetchval("SELECT completed_at FROM completed_job WHERE id = $1", ids[2])
+    assert started < long_done - dt.timedelta(seconds=0.3)

@@ -69,6 +69,10 @@ class WorkerSettings:
     # how long the completion of a job whose slot already runs its next one may wait to
     # share a statement with others (their answers come back well before they are needed)
     completion_lazy_s: float = field(default_factory=lambda: _env_float("SANDMILL_COMPLETION_LAZY_S", 0.02))
+    # at a burst's end (no job in hand, the queue's backlog gone), how long a slot's
+    # completion may wait for those of the jobs still running: the last of them to end,
+    # a result waiter or a new job sends it at once
+    completion_tail_wait_s: float = field(default_factory=lambda: _env_float("SANDMILL_COMPLETION_TAIL_WAIT_S", 0.01))
     # start a requires_gpu group on a host where no GPU is found
     allow_no_gpu: bool = field(default_factory=lambda: os.environ.get("SANDMILL_ALLOW_NO_GPU", "") not in ("", "0"))
 
@@ -161,7 +165,8 @@ class _Batcher:
 
     A lazy request (nobody waits for its answer yet) waits up to ``lazy_s`` for company:
     slots whose jobs end together then share one statement, instead of one each, at the
-    moment their next jobs start. ``flush()`` sends it at once when its answer is wanted."""
+    moment their next jobs start. ``flush()`` sends it at once when its answer is wanted.
+    A request may name its own wait; the earliest due of those waiting sends them all."""
 
     def __init__(self, run_batch, in_flight: int = 1, lazy_s: float = 0.0):
         self._run_batch = run_batch  # async (list of requests) -> list of answers, same order
@@ -180,15 +185,26 @@ class _Batcher:
             self.flush()
             await asyncio.wait(list(self._tasks))
 
-    def enqueue(self, request: Any, lazy: bool = False) -> asyncio.Future:
-        """Queue ``request``; the future resolves to its answer."""
-        fut = asyncio.get_running_loop().create_future()
+    def enqueue(self, request: Any, lazy: bool = False, wait_s: float | None = None) -> asyncio.Future:
+        """Queue ``request``; the future resolves to its answer. It waits ``wait_s`` for
+        company, or (``lazy``) ``lazy_s``, or not at all."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending.append((request, fut))
-        if not lazy or self._lazy_s <= 0:
+        wait = wait_s if wait_s is not None else (self._lazy_s if lazy else 0.0)
+        if wait <= 0:
             self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._lazy_s, self.flush)
+        else:
+            due = loop.time() + wait
+            if self._timer is None or due < self._timer.when():
+                self._drop_timer()
+                self._timer = loop.call_at(due, self.flush)
         return fut
+
+    def flush_if(self, wanted: Callable[[Any], bool]) -> None:
+        """flush() if a waiting request is ``wanted`` now."""
+        if any(wanted(req) for req, _ in self._pending):
+            self.flush()
 
     def flush(self) -> None:
         """Send what waits now (as soon as fewer than ``in_flight`` statements run)."""
@@ -288,6 +304,7 @@ class _SlotState:
     ready: deque[dict[str, Any]] = field(default_factory=deque)
     coming: deque[tuple[asyncio.Future, int]] = field(default_factory=deque)
     asked: int = 0
+    dry: bool = False  # its last claim ahead got fewer jobs than it asked: no backlog left
 
 
 @dataclass
@@ -478,6 +495,8 @@ class Worker:
     def _on_queue(self, _conn, _pid, _channel, payload: str) -> None:
         if payload.split("|", 1)[0] in self._bases:
             self._wake_all()
+            # a completion waiting at a burst's end also claims: the new job is its to take
+            self._completer.flush_if(lambda d: d.now)
 
     @property
     def tags(self) -> list[str]:
@@ -621,7 +640,7 @@ class Worker:
             lazy = job is not None and ran_s >= 2 * self.settings.completion_lazy_s
             fut = self._completer.enqueue(_Done(done, now=job is None and not stopping, ahead=ahead,
                                                 starting=(job["id"], _now()) if job is not None else None),
-                                          lazy=lazy)
+                                          lazy=lazy, wait_s=self._tail_wait_s(st, current, job, stopping))
             if ahead:
                 st.coming.append((fut, ahead))
                 st.asked += ahead
@@ -637,6 +656,18 @@ class Worker:
             await self._give_back(job)
         while (held := await self._next_held(st)) is not None:
             await self._give_back(held)
+
+    def _tail_wait_s(self, st: _SlotState, ran: dict[str, Any], job: dict[str, Any] | None,
+                     stopping: bool) -> float | None:
+        """How long the completion of a slot that has no job in hand may wait for company,
+        at a burst's end: its last claim ahead found no backlog, and other jobs of this
+        worker still run (the slots of a burst end together; one statement for their last
+        completions, not one each, keeps the database and this process free for the jobs
+        still ending). Not for a job someone waits on; a new job for our tags (NOTIFY) or
+        the last running job's end sends it at once. None: as decided by ``lazy``."""
+        if job is not None or stopping or not st.dry or not self.running or ran.get("notify_done"):
+            return None
+        return self.settings.completion_tail_wait_s
 
     def _note_run(self, ran_s: float) -> None:
         self.stats.busy_s += ran_s
@@ -677,7 +708,9 @@ class Worker:
             if fut.cancelled() or fut.exception() is not None:
                 _log_failed_completion(fut)
             else:
-                st.ready.extend(fut.result().ahead)
+                got = fut.result().ahead
+                st.dry = len(got) < n
+                st.ready.extend(got)
 
     def _release_held(self, st: _SlotState) -> None:
         """The slot's current job runs long: give its held jobs back to the queue, for idle
