@@ -512,3 +512,30 @@ async def test_a_new_job_sends_the_completions_waiting_at_a_burst_end(pg_url):
         started = await pool.fetchval("SELECT started_at FROM completed_job WHERE id = $1", new)
         long_done = await pool.fetchval("SELECT completed_at FROM completed_job WHERE id = $1", ids[2])
     assert started < long_done - dt.timedelta(seconds=0.3)
+
+
+async def test_a_job_costs_the_event_loop_one_timer(pg_url):
+    """A job's heartbeat and the give-back of the jobs held behind it are due long after
+    most jobs end: one watch for the worker covers them, not two timers set and cancelled
+    on every job (the job's own wall-clock limit is its one timer)."""
+    tag = "cat1-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    ids = [await _push(pool, tag) for _ in range(200)]
+    async with _serving(pg_url, tag, completion_lazy_s=0.0) as w:
+        loop = asyncio.get_running_loop()
+        timers = 0
+        call_at = loop.call_at
+
+        def counted(*a, **k):
+            nonlocal timers
+            timers += 1
+            return call_at(*a, **k)
+
+        loop.call_at = counted
+        try:
+            await _wait(_all_done(pool, ids), timeout=30)
+        finally:
+            del loop.call_at
+        assert w.stats.jobs_done == 200
+    assert timers < 1.5 * len(ids), timers
+    await pool.close()

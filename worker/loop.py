@@ -146,6 +146,7 @@ class _Running:
     why: str = ""  # set when we kill it: "canceled" | "lost" | "shutdown"
     heartbeat: asyncio.Task | None = None
     killed: bool = False
+    t0: float = field(default_factory=time.monotonic)
 
     def kill(self, why: str) -> None:
         """Stop the job: the slot's task is inside it (a job is running exactly while the
@@ -296,7 +297,7 @@ class _Answer:
     ahead: list[dict[str, Any]]
 
 
-@dataclass
+@dataclass(eq=False)  # one per slot, a key by identity
 class _SlotState:
     """The jobs a slot holds ahead: those in hand, and the completions still in flight
     that claim more (each with how many it asked for)."""
@@ -383,6 +384,8 @@ class Worker:
         self.pool: asyncpg.Pool | None = None
         self.listener: asyncpg.Connection | None = None
         self.running: dict[uuid.UUID, _Running] = {}
+        self._holds: dict[_SlotState, float] = {}  # slot -> when its held jobs go back
+        self._watch_timer: asyncio.TimerHandle | None = None
         self.held: set[uuid.UUID] = set()  # jobs claimed ahead, not started yet
         self._job_s: float | None = None  # how long jobs run here lately (_note_run)
         self._canceled_held: set[uuid.UUID] = set()  # of those, the ones canceled meanwhile
@@ -609,17 +612,16 @@ class Worker:
                     st.asked += ahead_claim[1]
             t0 = time.monotonic()
             current, job = job, None
-            # the jobs held ahead are given back if this one runs long
-            hold = (asyncio.get_running_loop().call_later(hold_s, self._release_held, st)
-                    if st.ready or st.coming else None)
+            if st.ready or st.coming:  # the jobs held ahead go back if this one runs long
+                self._holds[st] = t0 + hold_s
+                self._watch()
             try:
                 done = await self._execute(current)
             except Exception:  # noqa: BLE001 - one bad job must not kill the worker
                 log.exception("job %s: internal error", current["id"])
                 done = None
             finally:
-                if hold is not None:
-                    hold.cancel()
+                self._holds.pop(st, None)
             ran_s = time.monotonic() - t0
             self._note_run(ran_s)
             if done is None:  # lost, or put back at shutdown: nothing to complete
@@ -808,9 +810,8 @@ class Worker:
         me = asyncio.current_task()
         started = _now()
         r = self.running[job_id] = _Running(job, me)
-        # Most jobs end before their first ping is due: start the heartbeat task only then.
-        hb = asyncio.get_running_loop().call_later(self.settings.job_ping_s, self._start_heartbeat, r)
-        t0 = time.monotonic()
+        self._watch()  # which starts its heartbeat once it has run job_ping_s
+        t0 = r.t0
         try:
             res = await coro
         except asyncio.CancelledError:
@@ -820,7 +821,6 @@ class Worker:
         finally:
             if r.killed:  # our own cancel (delivered or swallowed) is not the slot's
                 me.uncancel()
-            hb.cancel()
             if r.heartbeat is not None:
                 r.heartbeat.cancel()
             self.running.pop(job_id, None)
@@ -877,6 +877,32 @@ class Worker:
         for job in jobs[want:]:
             self.held.add(job["id"])
         return [_Answer(next(now, None) if r.now else None, list(islice(held, r.ahead))) for r in reqs]
+
+    def _watch(self) -> None:
+        """Arm the watch of the running jobs and held ones, unless armed: one timer for the
+        worker while it has jobs, where a timer per job for its heartbeat and another for
+        its held jobs, set and cancelled on every job (most end long before either is
+        due), cost every job's start and end a share of the process's time."""
+        if self._watch_timer is None:
+            s = self.settings
+            every = max(0.01, min(s.job_ping_s, s.claim_ahead_hold_s) / 5)
+            self._watch_timer = asyncio.get_running_loop().call_later(every, self._on_watch)
+
+    def _on_watch(self) -> None:
+        """Start the heartbeat of each job that has run job_ping_s; give back the jobs
+        held behind one that has run claim_ahead_hold_s (a fifth of the shorter of the two
+        late at most)."""
+        self._watch_timer = None
+        now = time.monotonic()
+        for r in list(self.running.values()):
+            if r.heartbeat is None and now - r.t0 >= self.settings.job_ping_s:
+                self._start_heartbeat(r)
+        for st, due in list(self._holds.items()):
+            if now >= due:
+                del self._holds[st]
+                self._release_held(st)
+        if self.running or self._holds:
+            self._watch()
 
     def _start_heartbeat(self, r: _Running) -> None:
         if self.running.get(r.job["id"]) is r:
