@@ -50,5 +50,7 @@ def test_a_drain_is_timed_between_commits():
     assert not bp.tmp.exists()
     import psutil
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(bp.tmp) in " ".join(p.info["cmdline"] or [])]
-    assert 10 * 0.05 <= r["drain_s"] <= r["polled_drain_s"] + 0.002, r
+    # the harness saw its commit return_lag_s after PostgreSQL stamped it
+    assert 0 <= r["return_lag_s"] < 1, r
+    assert 10 * 0.05 <= r["drain_s"] <= r["polled_drain_s"] + r["return_lag_s"] + 0.002, r
     assert r["jobs_per_s"] == 20 / r["drain_s"]

@@ -747,9 +747,12 @@ class Worker:
         due = await self._next_due(wake)
         if due is not None:
             timeout = max(0.0, min(timeout, due.timestamp() - time.time()))
+        # asyncio.timeout, not wait_for: 3.11's wait_for runs the wait in a task of its own,
+        # and a burst wakes every idle slot at once, before their claim can go out
         try:
-            await asyncio.wait_for(wake.wait(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await wake.wait()
+        except TimeoutError:
             pass
 
     async def _next_due(self, wake: asyncio.Event) -> dt.datetime | None:
