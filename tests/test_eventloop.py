@@ -102,6 +102,11 @@ def test_the_timer_is_armed_once_for_the_same_deadline():
         assert len(arms) == 1
         sel.select(1.0)  # a later timer: armed anew
         assert len(arms) == 2
+        for _ in range(10):  # polls of a loop with work to do leave the timer alone
+            sel.select(0)
+        assert len(arms) == 2
+        sel.select(deadline - time.monotonic())  # ...and a wait for a sooner one re-arms it
+        assert len(arms) == 3
     finally:
         sel.close()
         a.close()

@@ -93,7 +93,10 @@ class PreciseEpollSelector(getattr(selectors, "EpollSelector", selectors.Default
             # the timerfd ends the wait; epoll's own (rounded up, a little later) is a
             # backstop only
             return super().select(timeout + 0.002)
-        if self._armed:  # a fired timer would keep the epoll set ready
+        # a fired timer would keep the epoll set ready: disarmed before a wait with no
+        # timeout; a poll (timeout 0, the loop has work: one per turn of a busy loop) ends
+        # at once anyway, and the next wait with a timeout arms it anew
+        if self._armed and timeout is None:
             self._arm(0)
             self._armed = False
         return super().select(timeout)
