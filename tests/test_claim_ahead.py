@@ -539,3 +539,17 @@ async def test_a_job_costs_the_event_loop_one_timer(pg_url):
         assert w.stats.jobs_done == 200
     assert timers < 1.5 * len(ids), timers
     await pool.close()
+
+
+async def test_the_watch_rests_while_the_only_jobs_are_long_and_pinging(pg_url):
+    """Once every running job's heartbeat runs and nothing is held, the watch has nothing
+    to come and stops: a worker with a long job does not wake for it five times a second."""
+    tag = "caw2-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    long = await _push(pool, tag, "sleep", {"seconds": 2})
+    async with _serving(pg_url, tag, job_ping_s=0.1, claim_ahead_hold_s=0.1) as w:
+        await _wait(lambda: _const(long in w.running and w.running[long].heartbeat is not None))
+        await asyncio.sleep(0.1)
+        assert w._watch_timer is None
+        await _wait(_all_done(pool, [long]))
+    await pool.close()

@@ -904,7 +904,8 @@ class Worker:
             if now >= due:
                 del self._holds[st]
                 self._release_held(st)
-        if self.running or self._holds:
+        # on while something is still to come (not for long jobs whose heartbeat runs)
+        if self._holds or any(r.heartbeat is None for r in self.running.values()):
             self._watch()
 
     def _start_heartbeat(self, r: _Running) -> None:
