@@ -40,7 +40,7 @@ class BenchPG:
     migrated database per section, so that sections do not see each other's rows."""
 
     def __init__(self, max_connections: int = 300):
-        import pgserver
+        pgserver = dbmod.import_pgserver()
 
         self.tmp = scratch_dir()
         self.pg = pgserver.get_server(self.tmp / "pg", cleanup_mode="delete")
@@ -57,7 +57,7 @@ class BenchPG:
             return
         self.pg.psql(f"ALTER SYSTEM SET max_connections = {n};")
         self.pg.psql("ALTER SYSTEM SET track_commit_timestamp = on;")
-        from pgserver import pg_ctl  # the binary pgserver ships; restart keeps postmaster.opts
+        pg_ctl = dbmod.import_pgserver().pg_ctl  # the binary pgserver ships; restart keeps postmaster.opts
 
         pg_ctl(["-w", "-l", str(self.pg.log), "-m", "fast", "restart"], pgdata=self.pg.pgdata,
                user=self.pg.system_user, timeout=60)
@@ -96,7 +96,7 @@ class BenchPG:
         # pgserver stops the postmaster it started; _configure restarted it, so stop this
         # one here (left running on a deleted data dir, it lingered until its own check of
         # the lock file, up to a minute, beside whatever ran next)
-        from pgserver import pg_ctl
+        pg_ctl = dbmod.import_pgserver().pg_ctl
 
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pg.pgdata, user=self.pg.system_user, timeout=60)

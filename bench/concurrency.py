@@ -45,7 +45,7 @@ async def drain(cluster: LocalCluster, path: str, jobs: int) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
-    import pgserver
+    pgserver = dbmod.import_pgserver()
 
     tmp = Path(tempfile.mkdtemp(prefix="sandmill-cbench-"))
     tmp.chmod(0o755)

@@ -58,7 +58,7 @@ def main() -> int:
         pg = None
         url = args.database_url
         if not url:
-            import pgserver
+            pgserver = dbmod.import_pgserver()
 
             os.chmod(tmp, 0o755)
             pg = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="stop")

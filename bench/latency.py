@@ -91,7 +91,7 @@ async def warm_share(cluster: LocalCluster, language: str) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    import pgserver
+    pgserver = dbmod.import_pgserver()
 
     tmp = scratch_dir()
     pg = pgserver.get_server(tmp / "pg", cleanup_mode="delete")

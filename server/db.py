@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -24,13 +25,25 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path(platformdirs.user_data_dir("sandmill"))
 
 
+def import_pgserver():
+    """The pgserver module, imported here (its import is slow and only `up`, `server` and
+    the benchmarks need it) and quietly: the import asks platformdirs for the user's
+    runtime dir, which warns (RuntimeDirWarning, a two-line traceback-like message) where
+    XDG_RUNTIME_DIR is unset, as for root, services and CI, and falls back to
+    /tmp/runtime-<uid>, which is fine for pgserver."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
+    return pgserver
+
+
 def start_embedded(data_dir: Path, keep_running: bool = False):
     """Start (or join) the embedded PostgreSQL in ``data_dir/pg``; returns the pgserver handle.
 
     The server stops when the last handle in this process goes away, unless
     ``keep_running``.
     """
-    import pgserver  # imported here: its import is slow and only `up`/`server` need it
+    pgserver = import_pgserver()
 
     data_dir.mkdir(parents=True, exist_ok=True)
     return pgserver.get_server(data_dir / "pg", cleanup_mode=None if keep_running else "stop")

@@ -19,7 +19,9 @@ from support import TOKEN
 @pytest.fixture(scope="session")
 def pg_server():
     """One embedded PostgreSQL per xdist worker, deleted at the end."""
-    import pgserver
+    from server.db import import_pgserver
+
+    pgserver = import_pgserver()
 
     d = Path(tempfile.mkdtemp(prefix="sandmill-pg-"))
     os.chmod(d, 0o755)

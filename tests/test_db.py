@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 from server import db as dbmod
@@ -112,3 +113,17 @@ async def test_complete_many_gives_back_every_slot_of_a_key(pg_url):
     assert (await queue.get_job(pool, "w", a["id"]))["result"] == [1, {"x": 2}]
     assert (await queue.pull(pool, "w", [tag]))["id"] == ids[2]
     await pool.close()
+
+
+def test_the_embedded_postgresql_starts_without_a_runtime_dir_warning(tmp_path):
+    """As root, in a service or in CI there is no XDG_RUNTIME_DIR: pgserver's import made
+    platformdirs print a RuntimeDirWarning (two lines on stderr) on every `sandmill up` and
+    benchmark run."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    code = "from server import db; print(db.import_pgserver().__name__)"
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "pgserver", p.stderr
+    assert "Warning" not in p.stderr, p.stderr
