@@ -211,13 +211,13 @@ async def test_lazy_requests_wait_for_company_unless_flushed():
         batches.append(list(reqs))
         return reqs
 
-    b = _Batcher(run, in_flight=2, lazy_s=0.05)
-    futs = [b.enqueue(i, lazy=True) for i in range(3)]
+    b = _Batcher(run, in_flight=2)
+    futs = [b.enqueue(i, wait_s=0.05) for i in range(3)]
     await asyncio.sleep(0.01)
     assert batches == []  # still waiting for company
     assert await asyncio.gather(*futs) == [0, 1, 2]
     assert batches == [[0, 1, 2]]  # one statement for the three
-    lazy = b.enqueue(3, lazy=True)
+    lazy = b.enqueue(3, wait_s=0.05)
     b.flush()  # its answer is wanted now
     assert await asyncio.wait_for(lazy, 0.02) == 3
     assert await asyncio.wait_for(b.enqueue(4), 0.02) == 4  # not lazy: at once

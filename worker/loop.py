@@ -164,16 +164,15 @@ class _Batcher:
     this process handles the answer to another (one at a time leaves both sides idle half
     of the time when jobs are short).
 
-    A lazy request (nobody waits for its answer yet) waits up to ``lazy_s`` for company:
-    slots whose jobs end together then share one statement, instead of one each, at the
-    moment their next jobs start. ``flush()`` sends it at once when its answer is wanted.
-    A request may name its own wait; the earliest due of those waiting sends them all."""
+    A lazy request (nobody waits for its answer yet) may wait for company: slots whose
+    jobs end together then share one statement, instead of one each, at the moment their
+    next jobs start. The earliest due of the waits of those pending sends them all;
+    ``flush()`` sends them at once when an answer is wanted."""
 
-    def __init__(self, run_batch, in_flight: int = 1, lazy_s: float = 0.0):
+    def __init__(self, run_batch, in_flight: int = 1):
         self._run_batch = run_batch  # async (list of requests) -> list of answers, same order
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._in_flight = in_flight
-        self._lazy_s = lazy_s
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -186,17 +185,16 @@ class _Batcher:
             self.flush()
             await asyncio.wait(list(self._tasks))
 
-    def enqueue(self, request: Any, lazy: bool = False, wait_s: float | None = None) -> asyncio.Future:
-        """Queue ``request``; the future resolves to its answer. It waits ``wait_s`` for
-        company, or (``lazy``) ``lazy_s``, or not at all."""
+    def enqueue(self, request: Any, wait_s: float = 0.0) -> asyncio.Future:
+        """Queue ``request``, to go out within ``wait_s`` (at once: 0); the future
+        resolves to its answer."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._pending.append((request, fut))
-        wait = wait_s if wait_s is not None else (self._lazy_s if lazy else 0.0)
-        if wait <= 0:
+        if wait_s <= 0:
             self.flush()
         else:
-            due = loop.time() + wait
+            due = loop.time() + wait_s
             if self._timer is None or due < self._timer.when():
                 self._drop_timer()
                 self._timer = loop.call_at(due, self.flush)
@@ -326,7 +324,7 @@ class _Feed:
     def __init__(self, worker: "Worker"):
         self.w = worker
         self._batcher = _Batcher(self._claim)
-        self.ahead = _Batcher(self._claim_ahead, lazy_s=worker.settings.completion_lazy_s)
+        self.ahead = _Batcher(self._claim_ahead)
 
     async def next_job(self) -> tuple[dict[str, Any] | None, tuple[asyncio.Future, int] | None]:
         """(a job to run now, the claim of the jobs to hold ahead and how many it asks)"""
@@ -349,8 +347,8 @@ class _Feed:
             await w.hot.release(conn, ok)
         if not w.profile.claim_ahead or len(jobs) < n:  # no backlog
             return [(job, None) for job in jobs] + [(None, None)] * (n - len(jobs))
-        depth = w._ahead_depth()
-        return [(job, (self.ahead.enqueue(depth, lazy=True), depth)) for job in jobs]
+        depth, lazy_s = w._ahead_depth(), w.settings.completion_lazy_s
+        return [(job, (self.ahead.enqueue(depth, wait_s=lazy_s), depth)) for job in jobs]
 
     async def _claim_ahead(self, depths: list[int]) -> list[_Answer]:
         """Claim the jobs to hold ahead for slots that ask ``depths`` each."""
@@ -394,8 +392,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
         self._feed = _Feed(self)
-        self._completer = _Batcher(self._complete_batch, in_flight=2,
-                                   lazy_s=self.settings.completion_lazy_s)
+        self._completer = _Batcher(self._complete_batch, in_flight=2)
         # the claims' and completions' connections: one for each statement that may be
         # in flight at once (the feed's two claims, the completer's two)
         self.hot = _HotConns(keep=2 + 2)
@@ -636,13 +633,9 @@ class Worker:
             ahead = 0
             if self.profile.claim_ahead and not stopping and ran_s < hold_s:
                 ahead = max(0, self._ahead_depth() - len(st.ready) - st.asked)
-            # with the next job in hand, its completion is not urgent: unless jobs are short
-            # (their next answer is wanted at once), it may wait for the completions of the
-            # slots whose jobs end about now (lazy)
-            lazy = job is not None and ran_s >= 2 * self.settings.completion_lazy_s
             fut = self._completer.enqueue(_Done(done, now=job is None and not stopping, ahead=ahead,
                                                 starting=(job["id"], _now()) if job is not None else None),
-                                          lazy=lazy, wait_s=self._tail_wait_s(st, current, job, stopping))
+                                          wait_s=self._completion_wait_s(st, current, ran_s, job, stopping))
             if ahead:
                 st.coming.append((fut, ahead))
                 st.asked += ahead
@@ -659,17 +652,23 @@ class Worker:
         while (held := await self._next_held(st)) is not None:
             await self._give_back(held)
 
-    def _tail_wait_s(self, st: _SlotState, ran: dict[str, Any], job: dict[str, Any] | None,
-                     stopping: bool) -> float | None:
-        """How long the completion of a slot that has no job in hand may wait for company,
-        at a burst's end: its last claim ahead found no backlog, and other jobs of this
-        worker still run (the slots of a burst end together; one statement for their last
-        completions, not one each, keeps the database and this process free for the jobs
-        still ending). Not for a job someone waits on; a new job for our tags (NOTIFY) or
-        the last running job's end sends it at once. None: as decided by ``lazy``."""
-        if job is not None or stopping or not st.dry or not self.running or ran.get("notify_done"):
-            return None
-        return self.settings.completion_tail_wait_s
+    def _completion_wait_s(self, st: _SlotState, ran: dict[str, Any], ran_s: float,
+                           job: dict[str, Any] | None, stopping: bool) -> float:
+        """How long the completion of the job ``ran`` may wait for company (0: at once).
+
+        With the next job in hand it is not urgent: unless jobs are short (their next answer
+        is wanted at once), it waits completion_lazy_s for the slots whose jobs end about
+        now. With none, at a burst's end (its last claim ahead found no backlog, and other
+        jobs of this worker still run: the slots of a burst end together, and one statement
+        for their last completions, not one each, keeps the database and this process free
+        for the jobs still ending), completion_tail_wait_s; not for a job someone waits on,
+        and a new job for our tags (NOTIFY) or the last running job's end sends it at once."""
+        s = self.settings
+        if job is not None:
+            return s.completion_lazy_s if ran_s >= 2 * s.completion_lazy_s else 0.0
+        if stopping or not st.dry or not self.running or ran.get("notify_done"):
+            return 0.0
+        return s.completion_tail_wait_s
 
     def _note_run(self, ran_s: float) -> None:
         self.stats.busy_s += ran_s
