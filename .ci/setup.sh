@@ -4,7 +4,7 @@
 #
 #   bash .ci/setup.sh          # everything
 #
-# Steps: Debian packages -> Python env + `pip install -e '.[test]'` -> dockerd up ->
+# Steps: Debian packages -> Python env + `pip install -e '.[test,bench]'` -> dockerd up ->
 # job image (isolation/images/build.sh) -> cgroup preparation.
 # Works on Debian 12 and Ubuntu 24.04, cgroup v1 and v2, with or without systemd.
 #
@@ -89,11 +89,13 @@ fi
 stamp="$STATE_DIR/pip-$(echo "$PY" | md5sum | cut -c1-8).sha256"
 want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 mkdir -p "$STATE_DIR"
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && (cd / && "$PY" -c 'import isolation, pytest' 2>/dev/null); then
+# The bench extra too: the test run includes a smoke run of the benchmark set (its
+# charts need matplotlib; its queue section runs the peer, pgqueuer).
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && (cd / && "$PY" -c 'import isolation, pytest, pgqueuer, matplotlib' 2>/dev/null); then
     step "python: sandmill already installed in $PY"
 else
-    step "python: pip install -e '.[test]' into $PY"
-    (cd "$REPO" && "$PY" -m pip install -q -e '.[test]')
+    step "python: pip install -e '.[test,bench]' into $PY"
+    (cd "$REPO" && "$PY" -m pip install -q -e '.[test,bench]')
     echo "$want" >"$stamp"
 fi
 echo "$PY" >"$STATE_DIR/python"

@@ -31,6 +31,18 @@ from . import report, suite
 from .common import BenchPG
 
 SECTIONS = ["overhead", "scaling", "queue", "idle", "recovery"]
+# What the bench extra (pip install -e '.[bench]') brings, and what needs it: the charts of
+# every report, and the queue section's peer.
+EXTRAS = {"matplotlib": "the report's charts", "pgqueuer": "the queue section's peer"}
+
+
+def missing_extras(only: list[str], replot: bool = False) -> list[str]:
+    """The bench extra's packages that a run of the ``only`` sections needs and this
+    Python lacks (checked before anything starts: the queue section comes minutes in)."""
+    import importlib.util
+
+    need = ["matplotlib"] + (["pgqueuer"] if "queue" in only and not replot else [])
+    return [m for m in need if importlib.util.find_spec(m) is None]
 
 
 def machine_info(note: str) -> dict:
@@ -240,16 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replot", action="store_true",
                     help="run nothing: write report.md and the PNGs again from OUT/results.json")
     a = ap.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s): {', '.join(bad)}")
+    missing = missing_extras(only, a.replot)
+    if missing:
+        print("python -m bench: missing " + ", ".join(f"{m} ({EXTRAS[m]})" for m in missing)
+              + "; install the bench extra: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     if a.replot:
         res = json.loads((a.out / "results.json").read_text())
         machine = res.pop("machine")
         report.write(res, a.out, machine, res.get("command", "python -m bench"), notes_for(res))
         print_tables(Console(width=140), res)
         return 0
-    only = [s.strip() for s in a.only.split(",") if s.strip()]
-    bad = [s for s in only if s not in SECTIONS]
-    if bad:
-        ap.error(f"unknown section(s): {', '.join(bad)}")
     run(a.out, quick=a.quick, only=only, note=a.note)
     return 0
 

@@ -54,3 +54,25 @@ def test_a_drain_is_timed_between_commits():
     assert 0 <= r["return_lag_s"] < 1, r
     assert 10 * 0.05 <= r["drain_s"] <= r["polled_drain_s"] + r["return_lag_s"] + 0.002, r
     assert r["jobs_per_s"] == 20 / r["drain_s"]
+
+
+def test_a_run_without_the_bench_extra_says_what_to_install_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The queue section comes minutes into a run: a missing peer is named at once, with
+    the install command, not as a traceback at that point."""
+    from bench.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "pgqueuer", None)  # find_spec: not installed
+    out = tmp_path / "report"
+    assert main(["--out", str(out), "--only", "scaling,queue"]) == 2
+    err = capsys.readouterr().err
+    assert "pgqueuer" in err and "pip install -e '.[bench]'" in err
+    assert not out.exists()  # nothing ran
+
+
+def test_sections_that_do_not_run_the_peer_do_not_need_it(monkeypatch):
+    from bench.__main__ import missing_extras
+
+    monkeypatch.setitem(sys.modules, "pgqueuer", None)
+    assert "pgqueuer" not in missing_extras(["overhead", "scaling", "idle", "recovery"])
+    assert "pgqueuer" not in missing_extras(["queue"], replot=True)
+    assert "pgqueuer" in missing_extras(["queue"])
