@@ -119,6 +119,19 @@ async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, **settings):
         await asyncio.wait_for(run, 20)
 
 
+def _count_claims(w: Worker) -> list[int]:
+    """From now on, the size of each claim of idle slots that ``w`` sends (the list)."""
+    claims: list[int] = []
+    claim = w._feed._batcher._run_batch
+
+    async def counted(asks):
+        claims.append(len(asks))
+        return await claim(asks)
+
+    w._feed._batcher._run_batch = counted
+    return claims
+
+
 def _started(pool, job_id):
     return lambda: pool.fetchval("SELECT started_at IS NOT NULL FROM queue WHERE id = $1", job_id)
 
@@ -437,14 +450,7 @@ async def test_a_slot_whose_completion_found_no_job_waits_for_a_wake_up(pg_url):
     tag = "can-" + uuid.uuid4().hex[:6]
     pool = await dbmod.create_pool(pg_url)
     async with _serving(pg_url, tag, poll_s=30.0) as w:
-        claims: list[int] = []
-        claim = w._feed._batcher._run_batch
-
-        async def counted(asks):
-            claims.append(len(asks))
-            return await claim(asks)
-
-        w._feed._batcher._run_batch = counted
+        claims = _count_claims(w)
         await _wait(lambda: _const(bool(claims)))  # its first claim at start found nothing
         await asyncio.sleep(0.2)
         first = await _push(pool, tag)
@@ -455,6 +461,27 @@ async def test_a_slot_whose_completion_found_no_job_waits_for_a_wake_up(pg_url):
         assert claims == [1, 1]
         later = await _push(pool, tag)
         await _wait(_all_done(pool, [later]))
+    await pool.close()
+
+
+async def test_a_stopping_worker_claims_nothing_more(pg_url):
+    """A slot that waits because its last completion found no job, woken by the stop: it
+    leaves without a claim (it used to claim a waiting job and run it on its way out)."""
+    tag = "cas-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    async with _serving(pg_url, tag) as w:
+        first = await _push(pool, tag)
+        await _wait(_all_done(pool, [first]))
+        await asyncio.sleep(0.2)  # the slot now waits for a wake-up (poll_s is 1 s)
+        # a job that wakes no one (no NOTIFY): only a claim made at the stop would take it
+        quiet = uuid.uuid4()
+        await pool.execute("INSERT INTO queue (id, workspace, kind, language, content, tag)"
+                           " VALUES ($1, 'w', 'script', 'noop', '', $2)", quiet, tag)
+        claims = _count_claims(w)
+        w.stop()
+    assert claims == []  # not even one whose job goes back: a wasted claim and requeue
+    row = await pool.fetchrow("SELECT running, worker, restarts FROM queue WHERE id = $1", quiet)
+    assert row is not None and (row["running"], row["worker"], row["restarts"]) == (False, None, 0)
     await pool.close()
 
 

@@ -591,6 +591,7 @@ class Worker:
                 # before that claim, ends the wait at once
                 found_none = False
                 await self._idle(wake)
+                continue  # a stop() may have ended the wait: no claim then
             wake = self._wake
             if job is None:
                 job = await self._next_held(st)
@@ -607,6 +608,8 @@ class Worker:
                 if ahead_claim is not None:
                     st.coming.append(ahead_claim)
                     st.asked += ahead_claim[1]
+            if self._stopping.is_set():
+                break  # claimed as the worker began to stop: not started, given back below
             t0 = time.monotonic()
             current, job = job, None
             if st.ready or st.coming:  # the jobs held ahead go back if this one runs long
