@@ -485,6 +485,26 @@ async def test_a_stopping_worker_claims_nothing_more(pg_url):
     await pool.close()
 
 
+async def test_a_job_claimed_as_the_worker_stops_goes_back_unstarted(pg_url):
+    tag = "cat-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    async with _serving(pg_url, tag, poll_s=30.0) as w:
+        await asyncio.sleep(0.3)  # idle: its first claim found nothing
+        claim = w._feed._batcher._run_batch
+
+        async def stop_meanwhile(asks):
+            answers = await claim(asks)
+            w.stop()  # the stop comes while the claim is in flight
+            return answers
+
+        w._feed._batcher._run_batch = stop_meanwhile
+        job = await _push(pool, tag, "sleep", {"seconds": 0.2})
+    assert not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM completed_job WHERE id = $1)", job)
+    row = await pool.fetchrow("SELECT running, worker, restarts FROM queue WHERE id = $1", job)
+    assert (row["running"], row["worker"], row["restarts"]) == (False, None, 0)
+    await pool.close()
+
+
 @contextlib.asynccontextmanager
 async def _burst_end(pg_url: str, prefix: str, waited: bool = False):
     """Three slots, three jobs pushed at once (so no backlog is left to hold): two of
