@@ -30,6 +30,8 @@ from rich.table import Table
 from . import report, suite
 from .common import BenchPG
 
+REPO = Path(__file__).resolve().parent.parent
+
 SECTIONS = ["overhead", "scaling", "queue", "idle", "recovery"]
 # What the bench extra (pip install -e '.[bench]') brings, and what needs it: the charts of
 # every report, and the queue section's peer.
@@ -61,16 +63,14 @@ def machine_info(note: str) -> dict:
             "load average at start": f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}", "note": note}
 
 
-CODE_PATHS = ["server", "worker", "isolation"]
+CODE_PATHS = ["sandmill", "server", "worker", "isolation", "store", "profiles"]
 
 
 def code_state() -> str:
-    """The commit measured, and the files under server/, worker/, isolation/ that differ
+    """The commit measured, and the files of the product (sandmill/, server/, worker/, isolation/, store/, profiles/) that differ
     from it (others may be editing the same tree): a report says exactly what it ran."""
     import hashlib
     import subprocess
-
-    from server.localcluster import REPO
 
     def git(*a: str) -> str:
         try:

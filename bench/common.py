@@ -11,8 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-from server import db as dbmod
-from server.localcluster import LocalCluster
+from sandmill.store import db as dbmod
+from sandmill.localcluster import LocalCluster
 
 NATIVE_PROFILE = """
 name: {name}
@@ -150,7 +150,7 @@ async def enqueue(conn, n: int, *, tag: str, language: str, args: dict,
     one). Returns the transaction's id, for commit_time: that commit is the moment idle
     workers can see the jobs, and its return reaches this process later (6-9 ms on this
     2-core machine, where the workers it wakes take the cores first)."""
-    from server import queue
+    from sandmill.store import queue
 
     async with conn.transaction():
         for _ in range(n):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-from server import db as dbmod
-from server.localcluster import LocalCluster
+from sandmill.store import db as dbmod
+from sandmill.localcluster import LocalCluster
 
 NATIVE = "name: cbench\ntags: [cbench]\nnative: true\nsubworkers: {sub}\n"
 

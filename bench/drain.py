@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 
-from server import db as dbmod
+from sandmill.store import db as dbmod
 
 from .common import (BenchPG, commit_time, enqueue, last_completion_time, start_native_workers,
                      wait_drained, wait_registered)

@@ -17,8 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-from server import db as dbmod
-from server.localcluster import REPO, LocalCluster
+from sandmill.store import db as dbmod
+from sandmill.localcluster import LocalCluster
+from sandmill.profiles import shipped
 
 TARGET_TX_PER_S = 5.0
 _COMMITS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
@@ -43,8 +44,8 @@ async def measure_commits_per_s(database_url: str, seconds: float) -> float:
 def start_idle_cluster(c: LocalCluster) -> None:
     """The cluster whose idle load is measured: server, a default and a native worker."""
     c.start_server()
-    c.spawn("worker", "--profile", str(REPO / "profiles" / "default.yaml"))
-    c.spawn("worker", "--profile", str(REPO / "profiles" / "native.yaml"))
+    c.spawn("worker", "--profile", str(shipped("default")))
+    c.spawn("worker", "--profile", str(shipped("native")))
     c.wait_workers("default")
     c.wait_workers("native")
 

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from isolation import BACKENDS, Limits, RunSpec, Status, get_backend
+from sandmill.isolation import BACKENDS, Limits, RunSpec, Status, get_backend
 
 ARGVS: dict[str, list[str]] = {
     "/bin/true": ["/bin/true"],

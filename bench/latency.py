@@ -16,8 +16,8 @@ import asyncio
 import statistics
 import time
 
-from server import db as dbmod
-from server.localcluster import LocalCluster
+from sandmill.store import db as dbmod
+from sandmill.localcluster import LocalCluster
 
 from .common import drop_scratch, scratch_dir
 

@@ -10,8 +10,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from server import db as dbmod
-from server import queue
+from sandmill.store import db as dbmod
+from sandmill.store import queue
 
 from . import latency as lat
 from .common import BenchPG, spread, start_native_workers, wait_registered
@@ -52,7 +52,7 @@ QUICK = Counts(backends=["process"], latency_runs=5, batch_jobs=10, batches=1, d
 
 def available_backends(wanted: list[str]) -> dict[str, str]:
     """{backend: "" if it runs here else why not}."""
-    from isolation import get_backend
+    from sandmill.isolation import get_backend
 
     out = {}
     for name in wanted:
@@ -213,7 +213,7 @@ def recovery(bp: BenchPG, counts: Counts, log=print) -> dict:
         asyncio.run(go())
     finally:
         c.stop()
-    from server.settings import ServerSettings as S
+    from sandmill.server.settings import ServerSettings as S
 
     return {"seconds": secs, "spread": spread(secs),
             "ping_timeout_s": float(env.get("SANDMILL_PING_TIMEOUT_S", S.ping_timeout_s)),

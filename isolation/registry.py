@@ -7,10 +7,11 @@ import importlib
 
 from .base import Backend
 
+# name -> "module of this package:class"
 BACKENDS: dict[str, str] = {
-    "process": "isolation.process:ProcessBackend",
-    "nsjail": "isolation.nsjail:NsjailBackend",
-    "docker": "isolation.docker:DockerBackend",
+    "process": "process:ProcessBackend",
+    "nsjail": "nsjail:NsjailBackend",
+    "docker": "docker:DockerBackend",
 }
 
 
@@ -21,7 +22,7 @@ def backend_class(name: str) -> type[Backend]:
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}") from None
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return getattr(importlib.import_module(f".{module}", __package__), cls)
 
 
 def get_backend(name: str, **options: object) -> Backend:

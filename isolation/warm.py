@@ -38,7 +38,7 @@ from .supervise import Launched, classify, job_rlimits, supervise_launch
 
 log = logging.getLogger(__name__)
 
-ZYGOTE_SOURCE = resources.files("isolation").joinpath("zygote.py").read_text()
+ZYGOTE_SOURCE = resources.files("sandmill.isolation").joinpath("zygote.py").read_text()
 # Imported once by each zygote, so jobs that use them skip the import.
 DEFAULT_PRELOAD = ("json", "re", "traceback", "typing", "datetime", "collections",
                    "functools", "itertools", "base64", "hashlib", "random", "math")

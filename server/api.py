@@ -18,10 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from . import db as dbmod
-from . import queue, scripts, workers
+from sandmill.profiles import Profile  # the one profile model, shared with the workers
+from sandmill.store import db as dbmod
+from sandmill.store import queue, scripts, workers
+
 from .monitor import monitor_loop
-from .profiles import Profile  # the one profile model, shared with the workers
 from .routing import LANGUAGES, RoutingError, interpolate, resolve_tag
 from .settings import ServerSettings
 
@@ -321,7 +322,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return out
 
     async def _waiting_reason(j: dict[str, Any]) -> str:
-        if j["scheduled_for"] and (await pool().fetchval("SELECT $1 > now()", j["scheduled_for"])):
+        if j["scheduled_for"] and await queue.is_future(pool(), j["scheduled_for"]):
             return f"scheduled for {j['scheduled_for'].isoformat()}"
         if await queue.queued_tags_without_workers(pool(), [j["tag"]], j["workspace"]):
             return (f"no live worker serves tag {j['tag']!r} (for workspace {j['workspace']});"
@@ -422,10 +423,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     async def metrics(_u: str = Depends(auth)) -> str:
-        r = await pool().fetchrow(
-            "SELECT (SELECT count(*) FROM queue WHERE NOT running) AS queued,"
-            " (SELECT count(*) FROM queue WHERE running) AS running,"
-            " (SELECT count(*) FROM worker WHERE last_ping > now() - interval '60 seconds') AS workers")
+        r = await queue.counts(pool())
         return "".join(f"sandmill_{k} {v}\n" for k, v in r.items())
 
     return app

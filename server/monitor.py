@@ -7,7 +7,7 @@ import logging
 
 import asyncpg
 
-from . import queue
+from sandmill.store import queue
 
 log = logging.getLogger("sandmill.monitor")
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from server import db as dbmod
-from server.localcluster import LocalCluster
+from sandmill.store import db as dbmod
+from sandmill.localcluster import LocalCluster
 from support import TOKEN
 
 
 @pytest.fixture(scope="session")
 def pg_server():
     """One embedded PostgreSQL per xdist worker, deleted at the end."""
-    from server.db import import_pgserver
+    from sandmill.store.db import import_pgserver
 
     pgserver = import_pgserver()
 

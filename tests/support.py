@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import httpx
 
-from server.localcluster import REPO, free_port  # noqa: F401 - re-exported for tests
+from sandmill.localcluster import free_port  # noqa: F401 - re-exported for tests
+
+REPO = Path(__file__).resolve().parent.parent
 
 TOKEN = "test-admin-token"
 

@@ -10,10 +10,10 @@ import datetime as dt
 import contextlib
 import uuid
 
-from server import db as dbmod
-from server import queue
-from server.profiles import profile_from_dict
-from worker.loop import Worker, WorkerSettings, _Batcher
+from sandmill.store import db as dbmod
+from sandmill.store import queue
+from sandmill.profiles import profile_from_dict
+from sandmill.worker.loop import Worker, WorkerSettings, _Batcher
 
 
 def _push(pool, tag: str, language: str = "noop", args: dict | None = None):
@@ -258,7 +258,7 @@ async def test_a_request_queued_as_the_last_statement_ends_is_sent():
 def test_the_api_shows_a_held_job_as_not_running():
     import datetime as dt
 
-    from server.api import _job_json
+    from sandmill.server.api import _job_json
 
     row = {"type": "QueuedJob", "id": uuid.uuid4(), "workspace": "w", "kind": "script", "script_path": "f/x",
            "script_hash": "h", "language": "noop", "args": {}, "tag": "t", "priority": 0,

@@ -9,10 +9,10 @@ import datetime as dt
 import time
 import uuid
 
-from server import db as dbmod
-from server import queue
-from server.profiles import profile_from_dict
-from worker.loop import Worker
+from sandmill.store import db as dbmod
+from sandmill.store import queue
+from sandmill.profiles import profile_from_dict
+from sandmill.worker.loop import Worker
 
 
 def _push(pool, tag: str, **kw):

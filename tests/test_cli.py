@@ -13,7 +13,7 @@ import psutil
 
 from support import REPO, TOKEN, free_port
 
-SM = [sys.executable, "-m", "server.cli"]
+SM = [sys.executable, "-m", "sandmill"]
 
 
 def run_cli(cluster, *args, timeout=60) -> subprocess.CompletedProcess:

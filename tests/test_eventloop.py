@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from worker import eventloop
+from sandmill.worker import eventloop
 
 pytestmark = pytest.mark.skipif(eventloop._timerfd() is None, reason="needs Linux timerfd")
 
@@ -118,7 +118,7 @@ def test_a_worker_process_leaves_its_start_up_objects_out_of_garbage_collections
     75-100 ms in which none of its slots runs. Once started, those are frozen."""
     import gc
 
-    from worker.loop import _freeze_startup_objects
+    from sandmill.worker.loop import _freeze_startup_objects
 
     before = gc.get_freeze_count()
     try:
@@ -131,8 +131,8 @@ def test_a_worker_process_leaves_its_start_up_objects_out_of_garbage_collections
 async def test_a_worker_calls_on_started_once_it_is_up_and_before_any_job(pg_url):
     import uuid
 
-    from server.profiles import profile_from_dict
-    from worker.loop import Worker, WorkerSettings
+    from sandmill.profiles import profile_from_dict
+    from sandmill.worker.loop import Worker, WorkerSettings
 
     tag = "ev-" + uuid.uuid4().hex[:6]
     w = Worker(profile_from_dict({"name": "ev", "tags": [tag], "native": True}), pg_url,
@@ -152,8 +152,8 @@ async def test_a_worker_calls_on_started_once_it_is_up_and_before_any_job(pg_url
 
 
 def test_the_worker_process_freezes_its_start_up_objects_once_started(monkeypatch):
-    from server.profiles import profile_from_dict
-    from worker import loop
+    from sandmill.profiles import profile_from_dict
+    from sandmill.worker import loop
 
     given = []
 

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from worker import native
-from worker.logs import LogSink
-from worker.native import run_native
+from sandmill.worker import native
+from sandmill.worker.logs import LogSink
+from sandmill.worker.native import run_native
 
 
 def _job(language: str, args: dict | None = None) -> dict:
@@ -58,7 +58,7 @@ async def test_log_sink_writes_a_partial_line_at_close(monkeypatch):
     async def append_logs(_db, _job_id, chunks):
         written.extend(chunks)
 
-    monkeypatch.setattr("server.queue.append_logs", append_logs)
+    monkeypatch.setattr("sandmill.store.queue.append_logs", append_logs)
     sink = LogSink(None, uuid.uuid4())
     sink.on_output("stdout", b"no newline")
     await sink.close()
@@ -78,10 +78,10 @@ async def test_worker_heartbeats_cancels_and_gives_up_native_jobs_and_its_slot_g
     """One slot, jobs run in its own task: a long job gets its heartbeat (after about
     job_ping_s), a cancel kills it, a job taken away is dropped; after each the same slot
     runs the next job."""
-    from server import db as dbmod
-    from server import queue
-    from server.profiles import profile_from_dict
-    from worker.loop import Worker, WorkerSettings
+    from sandmill.store import db as dbmod
+    from sandmill.store import queue
+    from sandmill.profiles import profile_from_dict
+    from sandmill.worker.loop import Worker, WorkerSettings
 
     tag = "nat-" + uuid.uuid4().hex[:6]
     w = Worker(profile_from_dict({"name": "nat", "tags": [tag], "native": True, "subworkers": 1}), pg_url,

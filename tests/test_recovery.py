@@ -13,9 +13,9 @@ import uuid
 
 from bench.idle_load import measure_commits_per_s
 from support import REPO, wait_done
-from server import db as dbmod
-from server import queue
-from server.localcluster import LocalCluster
+from sandmill.store import db as dbmod
+from sandmill.store import queue
+from sandmill.localcluster import LocalCluster
 
 
 def uid(prefix: str) -> str:

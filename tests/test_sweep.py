@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from isolation import cgroups, workdir
+from sandmill.isolation import cgroups, workdir
 from support import wait_done
 
 

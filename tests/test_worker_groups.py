@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from support import REPO, TOKEN, wait_done
-from server.localcluster import LocalCluster
-from server.queue import split_tags
-from worker.sysinfo import detect_gpus
+from sandmill.localcluster import LocalCluster
+from sandmill.store.queue import split_tags
+from sandmill.worker.sysinfo import detect_gpus
 
 
 def uid(prefix: str) -> str:
@@ -26,7 +26,7 @@ def uid(prefix: str) -> str:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sandmill", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -220,8 +220,8 @@ def test_workspace_restricted_worker_tag(make_cluster):
 
 
 async def test_waiting_reason_knows_restricted_worker_tags(pg_url):
-    from server import db as dbmod
-    from server import queue, workers
+    from sandmill.store import db as dbmod
+    from sandmill.store import queue, workers
 
     conn = await dbmod.connect(pg_url)
     name, tag = uid("fake-worker"), uid("rt")

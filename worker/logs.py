@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from server import queue
+from sandmill.store import queue
 
 FLUSH_EVERY_S = 0.25
 FLUSH_BYTES = 64 * 1024

@@ -21,14 +21,14 @@ from typing import Any, Callable
 
 import asyncpg
 
-from isolation import Backend, Outcome, cgroups, get_backend, workdir
-from server import db as dbmod
-from server import queue, workers
+from sandmill.isolation import Backend, Outcome, cgroups, get_backend, workdir
+from sandmill.store import db as dbmod
+from sandmill.store import queue, workers
 
 from . import eventloop
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
-from server.profiles import Profile, ProfileError, profile_from_dict
+from sandmill.profiles import Profile, ProfileError, profile_from_dict
 from .runtimes import JobResult, build_spec, interpret, job_env
 from .sysinfo import host_info
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from isolation import Limits, Outcome, RunSpec, Status
+from sandmill.isolation import Limits, Outcome, RunSpec, Status
 
-from server.profiles import Profile
+from sandmill.profiles import Profile
 
 SANDBOX_LANGUAGES = ("python3", "bash")
 
-_PY_WRAPPER = resources.files("worker").joinpath("templates/python_wrapper.py").read_bytes()
+_PY_WRAPPER = resources.files("sandmill.worker").joinpath("templates/python_wrapper.py").read_bytes()
 # `name="$1"` / `name="${2:-default}"`: how a bash script declares its parameters.
 _BASH_PARAM = re.compile(r"""^\s*(?:local\s+|declare\s+)?([A-Za-z_]\w*)=["']?\$\{?(\d+)""", re.M)
 

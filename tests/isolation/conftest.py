@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from isolation import workdir
-from isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, Probe
-from isolation.registry import BACKENDS, backend_class
-from isolation.spec import Outcome, RunSpec
+from sandmill.isolation import workdir
+from sandmill.isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, Probe
+from sandmill.isolation.registry import BACKENDS, backend_class
+from sandmill.isolation.spec import Outcome, RunSpec
 
 WARM_BACKENDS = ("process", "nsjail")  # the ones with a ``warm`` option
 

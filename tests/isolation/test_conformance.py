@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from isolation import Backend, Limits, Outcome, RunSpec, Status, workdir
+from sandmill.isolation import Backend, Limits, Outcome, RunSpec, Status, workdir
 from support import SLOWDOWN
 
 PY = "/usr/bin/python3"  # the system python: the worker's own lives under /root

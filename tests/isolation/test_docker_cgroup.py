@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from isolation import docker_cgroup as cg
+from sandmill.isolation import docker_cgroup as cg
 
 
 def write(path: Path, text: str) -> None:

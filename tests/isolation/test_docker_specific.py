@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from isolation import Limits, RunSpec, Status
+from sandmill.isolation import Limits, RunSpec, Status
 from support import SLOWDOWN
 
 docker = pytest.importorskip("docker")
-from isolation import docker_cgroup as cg  # noqa: E402
-from isolation.docker import LABEL, DockerBackend  # noqa: E402
+from sandmill.isolation import docker_cgroup as cg  # noqa: E402
+from sandmill.isolation.docker import LABEL, DockerBackend  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}

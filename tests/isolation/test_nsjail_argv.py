@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from isolation import Limits, RunSpec
+from sandmill.isolation import Limits, RunSpec
 
-nsjail = pytest.importorskip("isolation.nsjail")
+nsjail = pytest.importorskip("sandmill.isolation.nsjail")
 
 
 @pytest.mark.parametrize("wall_s", [0.2, 1, 1.5, 30])

@@ -11,10 +11,10 @@ import psutil
 import pytest
 from test_conformance import PY, explain, spec
 
-from isolation import Backend, RunSpec, Status
-from isolation.nsjail import NsjailBackend
-from isolation.process import ProcessBackend
-from isolation.warm import WarmError, WarmPool
+from sandmill.isolation import Backend, RunSpec, Status
+from sandmill.isolation.nsjail import NsjailBackend
+from sandmill.isolation.process import ProcessBackend
+from sandmill.isolation.warm import WarmError, WarmPool
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db as dbmod
-from .settings import admin_token
+from sandmill.profiles import shipped
+from sandmill.server.settings import admin_token
+from sandmill.store import db as dbmod
 
 log = logging.getLogger("sandmill.up")
-REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 
 @dataclass
@@ -54,10 +54,10 @@ def run_up(args: argparse.Namespace) -> int:
     asyncio.run(_migrate())
     token = admin_token(data_dir)
     env = {**os.environ, "DATABASE_URL": url, "SANDMILL_ADMIN_TOKEN": token}
-    py = [sys.executable, "-m", "server.cli"]
+    py = [sys.executable, "-m", "sandmill"]
     children = [Child("server", py + ["server", "--data-dir", str(data_dir), "--host", args.host,
                                       "--port", str(args.port)])]
-    profiles = args.profile or [str(REPO_PROFILES / "default.yaml"), str(REPO_PROFILES / "native.yaml")]
+    profiles = args.profile or [str(shipped("default")), str(shipped("native"))]
     for prof in profiles:
         count = args.workers if Path(prof).name == "default.yaml" else 1
         for i in range(count):

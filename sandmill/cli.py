@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from .db import default_data_dir
+from sandmill.profiles import shipped
+from sandmill.store.db import default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -25,7 +25,7 @@ def _database_url(args: argparse.Namespace, keep_running: bool = False):
     url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
     if url:
         return url, None
-    from .db import embedded_url, start_embedded
+    from sandmill.store.db import embedded_url, start_embedded
 
     srv = start_embedded(Path(args.data_dir), keep_running=keep_running)
     return embedded_url(srv), srv
@@ -36,8 +36,8 @@ def _database_url(args: argparse.Namespace, keep_running: bool = False):
 def cmd_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .api import create_app
-    from .settings import ServerSettings, admin_token
+    from sandmill.server.api import create_app
+    from sandmill.server.settings import ServerSettings, admin_token
 
     _setup_logging(args.verbose)
     url, _srv = _database_url(args)
@@ -49,8 +49,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.loop import run_worker
-    from .profiles import ProfileError, load_profile
+    from sandmill.worker.loop import run_worker
+    from sandmill.profiles import ProfileError, load_profile
 
     _setup_logging(args.verbose)
     try:
@@ -64,7 +64,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     settings = None
     if args.allow_no_gpu:
-        from worker.loop import WorkerSettings
+        from sandmill.worker.loop import WorkerSettings
 
         settings = WorkerSettings(allow_no_gpu=True)
     return run_worker(profile, url, settings)
@@ -197,7 +197,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles_check(args: argparse.Namespace) -> int:
-    from .profiles import ProfileError, load_profile
+    from sandmill.profiles import ProfileError, load_profile
 
     bad = 0
     for f in args.files:
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_server)
 
     wk = sub.add_parser("worker", help="one worker of a group")
-    wk.add_argument("--profile", default=str(REPO_PROFILES / "default.yaml"))
+    wk.add_argument("--profile", default=str(shipped("default")))
     wk.add_argument("--database-url", default=None)
     wk.add_argument("--allow-no-gpu", action="store_true",
                     help="start a requires_gpu group even where no GPU is found")

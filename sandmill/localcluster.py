@@ -15,8 +15,6 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-
 PROCESS_PROFILE = """
 name: {name}
 tags: [{tags}]
@@ -49,7 +47,7 @@ class LocalCluster:
 
     def spawn(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"proc-{len(self.procs)}.log", "wb")
-        p = subprocess.Popen([sys.executable, "-m", "server.cli", *args], cwd=REPO,
+        p = subprocess.Popen([sys.executable, "-m", "sandmill", *args],
                              env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p

@@ -57,7 +57,7 @@ def embedded_url(server) -> str:
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every migration shipped, in order."""
     out = []
-    for f in resources.files("server").joinpath("migrations").iterdir():
+    for f in resources.files("sandmill.store").joinpath("migrations").iterdir():
         m = re.match(r"(\d+)_(.+)\.sql$", f.name)
         if m:
             out.append((int(m.group(1)), m.group(2), f.read_text()))

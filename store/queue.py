@@ -732,3 +732,19 @@ async def insert_completed(
         status, result, error, duration_ms, cpu_ms, mem_peak_kb, outcome, logs,
     )
     return job_id
+
+
+# ---- gauges and small reads for the API -----------------------------------------------------
+
+async def counts(db: Executor) -> dict[str, int]:
+    """Jobs waiting and running, and workers alive (pinged in the last 60 s)."""
+    row = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM queue WHERE NOT running) AS queued,"
+        " (SELECT count(*) FROM queue WHERE running) AS running,"
+        " (SELECT count(*) FROM worker WHERE last_ping > now() - interval '60 seconds') AS workers")
+    return dict(row)
+
+
+async def is_future(db: Executor, when: dt.datetime) -> bool:
+    """Is ``when`` still to come by the database's clock (the one scheduled_for is set by)?"""
+    return bool(await db.fetchval("SELECT $1::timestamptz > now()", when))

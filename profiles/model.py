@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from isolation import Limits
+from sandmill.isolation import Limits
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.\-$\[\]]+(\([A-Za-z0-9_\-+]+\))?$")
 
