@@ -245,17 +245,6 @@ class JobCgroup:
                 return int(v)
         return 0
 
-    def memory_failcnt(self) -> int:
-        """v1: times usage hit the limit; v2: the "max" event count."""
-        if self.host.version == 2:
-            for line in (self._read("unified", "memory.events") or "").splitlines():
-                k, _, v = line.partition(" ")
-                if k == "max":
-                    return int(v)
-            return 0
-        v = self._read("memory", "memory.failcnt")
-        return int(v) if v else 0
-
     def cpu_ns(self) -> int | None:
         """CPU time of every process that ran in the cgroup, in ns (None if unknown)."""
         if self.host.version == 2:

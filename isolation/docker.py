@@ -78,7 +78,7 @@ class DockerBackend(Backend):
     whole environment. Turn it off for an image without ``/usr/bin/env``.
     ``log_driver``: Docker's own copy of the output. Default ``none``: we already get
     every byte over the attach socket, and with ``json-file`` a flooding job takes
-    dockerd 1-4 s to kill (it must log the backlog first; measured here: 3.9 s vs 0.1 s).
+    dockerd seconds to kill (it must log the backlog first; docs/performance.md).
     ``json-file`` (or ``local``) is kept capped at ``log_max_size`` when chosen.
     ``workdir_root``: where job dirs are made (default: the temp dir; dockerd must see
     the same path). ``labels``: added to every container (every container always has
@@ -208,8 +208,7 @@ class DockerBackend(Backend):
             environment=dict(spec.env),
             user=f"{self.uid}:{self.uid}",
             working_dir=WORKDIR,
-            # NetworkDisabled: runc makes a bare netns itself instead of dockerd building
-            # a "none" network sandbox; same isolation, ~100-200 ms less per start.
+            # NetworkDisabled: a bare netns made by runc, faster than dockerd's "none" sandbox.
             network_disabled=spec.network != "host",
             stdin_open=True,
             detach=False,  # with stdin_open this sets StdinOnce: our half-close is EOF

@@ -1,7 +1,7 @@
 """CPU time, peak memory and OOM count of a Docker job, read from the host's cgroupfs.
 
-Why not the stats API: it samples (one call costs up to 2 s) and stops answering once the
-container exited, so short jobs would report nothing. Why not the container's own
+Why not the stats API: it samples slowly (docs/performance.md) and stops answering once
+the container exited, so short jobs would report nothing. Why not the container's own
 cgroup: runc deletes it the moment the task exits, before we can read it.
 
 So, when dockerd runs here with the ``cgroupfs`` driver, each job gets its own
@@ -36,14 +36,12 @@ class Usage:
     cpu_ns: int = 0
     peak_bytes: int = 0
     oom_kills: int = 0
-    memory_failcnt: int = 0
 
     def merge(self, other: "Usage") -> None:
         """Keep the largest reading of each counter (all of them only grow)."""
         self.cpu_ns = max(self.cpu_ns, other.cpu_ns)
         self.peak_bytes = max(self.peak_bytes, other.peak_bytes)
         self.oom_kills = max(self.oom_kills, other.oom_kills)
-        self.memory_failcnt = max(self.memory_failcnt, other.memory_failcnt)
 
 
 def _read_int(path: str) -> int:
@@ -79,7 +77,6 @@ def read_usage(rel: str, root: str = ROOT) -> Usage:
             cpu_ns=_read_keyed(os.path.join(d, "cpu.stat"), "usage_usec") * 1000,
             peak_bytes=peak,
             oom_kills=_read_keyed(os.path.join(d, "memory.events"), "oom_kill"),
-            memory_failcnt=_read_keyed(os.path.join(d, "memory.events"), "max"),
         )
     mem = os.path.join(root, "memory", rel)
     oom = _read_keyed(os.path.join(mem, "memory.oom_control"), "oom_kill")
@@ -87,7 +84,6 @@ def read_usage(rel: str, root: str = ROOT) -> Usage:
         cpu_ns=_read_int(os.path.join(root, "cpuacct", rel, "cpuacct.usage")),
         peak_bytes=_read_int(os.path.join(mem, "memory.max_usage_in_bytes")),
         oom_kills=oom,
-        memory_failcnt=_read_int(os.path.join(mem, "memory.failcnt")),
     )
 
 

@@ -46,9 +46,8 @@ _SIGNALLED = re.compile(r"terminated with signal: (SIG\w+) \((\d+)\)")
 _TIME_LIMIT = "run time >= time limit"
 _LAUNCH_FAILED = "Couldn't launch the child process"
 
-# Runs as the process that becomes nsjail: joins the job cgroup(s), then execs.
-# dash starts in well under a millisecond, unlike a Python preexec_fn (which forces
-# fork instead of vfork for the whole worker).
+# Runs as the process that becomes nsjail: joins the job cgroup(s), then execs. A shell,
+# not a Python preexec_fn, which would force fork instead of vfork (docs/performance.md).
 TRAMPOLINE = 'for f in $SANDMILL_CGROUP_PROCS; do echo 0 > "$f" || exit 121; done; exec "$@"'
 TRAMPOLINE_FAIL = 121
 
@@ -126,10 +125,8 @@ class NsjailBackend(Backend):
         lim = spec.limits
         a = [self.binary or "nsjail", *self._static, "--log", log_path,
              "-B", f"{wd}:{JOB_DIR}", "-D", JOB_DIR,
-             # A backstop only: nsjail counts whole seconds of time(2), so --time_limit N
-             # kills anywhere in (N-1, N] s after the start (a 1 s job at 0.6 s was seen in
-             # the debian12 VM). The worker's own deadline kills on time; one second more
-             # here keeps nsjail from ever firing first.
+             # A backstop only: nsjail's whole-second clock may kill up to 1 s early, so
+             # one second over the worker's own deadline, which kills on time.
              "--time_limit", str(math.ceil(lim.wall_s) + 1),
              # "max" = the current hard limit: "inf" fails inside the user namespace.
              # RLIMIT_AS stays at max (memory is the cgroup's job; AS breaks runtimes);

@@ -1,11 +1,12 @@
 """Warm Python: run python3 jobs by fork from a pre-started interpreter, not by exec.
 
-A fresh interpreter costs about 14 ms here before the job's first line; a fork of a
-warm one about 1 ms. The warm interpreter (``zygote.py``) runs inside the same sandbox a
-cold job gets (the backend starts it: nsjail, or the process backend's namespaces), and
-each job is a fork of it that goes on into fresh user, mount, pid, net, ipc and uts
-namespaces of its own, with its own work dir, /tmp, /proc and job cgroup (the worker
-moves the job process into the cgroup before it forks the job), and no capabilities.
+A fork of a warm interpreter is far cheaper than a fresh interpreter's start (figures in
+docs/performance.md, "Warm zygote"). The warm interpreter (``zygote.py``) runs inside
+the same sandbox a cold job gets (the backend starts it: nsjail, or the process
+backend's namespaces), and each job is a fork of it that goes on into fresh user, mount,
+pid, net, ipc and uts namespaces of its own, with its own work dir, /tmp, /proc and job
+cgroup (the worker moves the job process into the cgroup before it forks the job), and
+no capabilities.
 
 This module is the worker's side: a pool of zygotes per interpreter (one per job
 running at once), the socket protocol (see zygote.py), and a ``launch`` for
@@ -97,7 +98,7 @@ class Zygote:
     """One warm interpreter; one job at a time.
 
     Moving a process between cgroups is slow on some kernels (cgroup v1 waits for an RCU
-    grace period: 1 to 15 ms here), so no job waits for it: while idle, the zygote
+    grace period; docs/performance.md), so no job waits for it: while idle, the zygote
     already sits in the cgroup its next job will use (``next_cgroup``), its job process
     is forked straight into it, and the zygote moves on to a fresh one (``_moving``, in
     a thread) while that job runs. The zygote's own memory stays charged to its home

@@ -84,8 +84,8 @@ def _write(path, text):
         f.write(text)
 
 
-# The runtime script (sandmill's python3 wrapper), compiled once: compiling it costs a
-# forked child 2 ms, more than the rest of a trivial job. It is the same for every job.
+# The runtime script (sandmill's python3 wrapper), the same for every job: compiled once
+# here, not in every forked child (docs/performance.md).
 RUNTIME = {}
 
 

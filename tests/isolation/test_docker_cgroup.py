@@ -21,7 +21,7 @@ def test_v2_usage(tmp_path: Path) -> None:
     write(d / "memory.events", "low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\noom_group_kill 0\n")
     assert cg.cgroup_version(str(tmp_path)) == 2
     u = cg.read_usage(cg.job_parent("job1"), root=str(tmp_path))
-    assert (u.cpu_ns, u.peak_bytes, u.oom_kills, u.memory_failcnt) == (1234567000, 52428800, 1, 7)
+    assert (u.cpu_ns, u.peak_bytes, u.oom_kills) == (1234567000, 52428800, 1)
 
 
 def test_v2_without_memory_peak_uses_current(tmp_path: Path) -> None:
@@ -36,11 +36,10 @@ def test_v1_usage(tmp_path: Path) -> None:
     rel = "sandmill-docker/job2"
     write(tmp_path / "cpuacct" / rel / "cpuacct.usage", "987654321\n")
     write(tmp_path / "memory" / rel / "memory.max_usage_in_bytes", "1048576\n")
-    write(tmp_path / "memory" / rel / "memory.failcnt", "3\n")
     write(tmp_path / "memory" / rel / "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     assert cg.cgroup_version(str(tmp_path)) == 1
     u = cg.read_usage(rel, root=str(tmp_path))
-    assert (u.cpu_ns, u.peak_bytes, u.oom_kills, u.memory_failcnt) == (987654321, 1048576, 2, 3)
+    assert (u.cpu_ns, u.peak_bytes, u.oom_kills) == (987654321, 1048576, 2)
 
 
 def test_missing_reads_zero_and_merge_keeps_max(tmp_path: Path) -> None:
