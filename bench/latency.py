@@ -17,6 +17,7 @@ import statistics
 import time
 
 from sandmill.store import db as dbmod
+from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
 
 from .common import drop_scratch, scratch_dir
@@ -91,7 +92,7 @@ async def warm_share(cluster: LocalCluster, language: str) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    pgserver = dbmod.import_pgserver()
+    pgserver = embedded.import_pgserver()
 
     tmp = scratch_dir()
     pg = pgserver.get_server(tmp / "pg", cleanup_mode="delete")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandmill.isolation import Limits
 
@@ -28,25 +28,6 @@ class BackendConfig(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
-
-
-class Autoscaling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    min_workers: int = Field(1, ge=0)
-    max_workers: int = Field(4, ge=1)
-    scale_out_occupancy: float = Field(0.75, gt=0, le=1)
-    scale_in_occupancy: float = Field(0.25, ge=0, lt=1)
-    cooldown_s: int = Field(60, ge=0)
-
-    @model_validator(mode="after")
-    def _order(self) -> "Autoscaling":
-        if self.min_workers > self.max_workers:
-            raise ValueError("min_workers must not exceed max_workers")
-        if self.scale_in_occupancy >= self.scale_out_occupancy:
-            raise ValueError("scale_in_occupancy must be below scale_out_occupancy")
-        return self
 
 
 class Profile(BaseModel):
@@ -71,8 +52,6 @@ class Profile(BaseModel):
     init_script: str | None = None                      # bash, run once before the first job
     periodic_script: str | None = None                  # bash, run every periodic_interval_s
     periodic_interval_s: int = Field(3600, ge=1)
-    dedicated_scripts: list[str] = Field(default_factory=list)  # "workspace:path"
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     requires_gpu: bool = False
 
     @field_validator("tags")

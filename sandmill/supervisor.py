@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandmill.profiles import shipped
+from sandmill.profiles import resolve
 from sandmill.server.settings import admin_token
 from sandmill.store import db as dbmod
+from sandmill.store import embedded
 
 log = logging.getLogger("sandmill.up")
 
@@ -41,8 +42,8 @@ def run_up(args: argparse.Namespace) -> int:
     pg = None
     if not url:
         log.info("starting embedded PostgreSQL in %s", data_dir / "pg")
-        pg = dbmod.start_embedded(data_dir)
-        url = dbmod.embedded_url(pg)
+        pg = embedded.start_embedded(data_dir, verbose=getattr(args, "verbose", False))
+        url = embedded.embedded_url(pg)
 
     async def _migrate() -> None:
         conn = await dbmod.connect(url)
@@ -57,7 +58,7 @@ def run_up(args: argparse.Namespace) -> int:
     py = [sys.executable, "-m", "sandmill"]
     children = [Child("server", py + ["server", "--data-dir", str(data_dir), "--host", args.host,
                                       "--port", str(args.port)])]
-    profiles = args.profile or [str(shipped("default")), str(shipped("native"))]
+    profiles = [str(resolve(p)) for p in (args.profile or ["default", "native"])]
     for prof in profiles:
         count = args.workers if Path(prof).name == "default.yaml" else 1
         for i in range(count):

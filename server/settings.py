@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandmill.store.db import default_data_dir
+from sandmill.store.embedded import default_data_dir
 
 
 @dataclass

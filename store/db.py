@@ -1,57 +1,18 @@
-"""Where the database is: an external one from DATABASE_URL, or an embedded one (pgserver)
-in the data dir; and the versioned migrations, applied at start."""
+"""Connections and pools with sandmill's codecs, and the versioned migrations, applied at
+start (the embedded PostgreSQL is store/embedded.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import warnings
 from importlib import resources
-from pathlib import Path
 
 import asyncpg
-import platformdirs
 
 log = logging.getLogger("sandmill.db")
 
 # Any fixed number: it only has to be the same in every sandmill process.
 _MIGRATION_LOCK = 0x5A4D_0001
-
-
-def default_data_dir() -> Path:
-    """The data dir when none is given: SANDMILL_DATA_DIR, else the user's data dir."""
-    env = os.environ.get("SANDMILL_DATA_DIR")
-    return Path(env) if env else Path(platformdirs.user_data_dir("sandmill"))
-
-
-def import_pgserver():
-    """The pgserver module, imported here (its import is slow and only `up`, `server` and
-    the benchmarks need it) and quietly: the import asks platformdirs for the user's
-    runtime dir, which warns (RuntimeDirWarning, a two-line traceback-like message) where
-    XDG_RUNTIME_DIR is unset, as for root, services and CI, and falls back to
-    /tmp/runtime-<uid>, which is fine for pgserver."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import pgserver
-    return pgserver
-
-
-def start_embedded(data_dir: Path, keep_running: bool = False):
-    """Start (or join) the embedded PostgreSQL in ``data_dir/pg``; returns the pgserver handle.
-
-    The server stops when the last handle in this process goes away, unless
-    ``keep_running``.
-    """
-    pgserver = import_pgserver()
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return pgserver.get_server(data_dir / "pg", cleanup_mode=None if keep_running else "stop")
-
-
-def embedded_url(server) -> str:
-    """asyncpg-ready URL of a pgserver handle (it listens on a Unix socket only)."""
-    return server.get_uri()
 
 
 def migrations() -> list[tuple[int, str, str]]:

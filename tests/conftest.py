@@ -19,7 +19,7 @@ from support import TOKEN
 @pytest.fixture(scope="session")
 def pg_server():
     """One embedded PostgreSQL per xdist worker, deleted at the end."""
-    from sandmill.store.db import import_pgserver
+    from sandmill.store.embedded import import_pgserver
 
     pgserver = import_pgserver()
 

@@ -123,7 +123,7 @@ def test_the_embedded_postgresql_starts_without_a_runtime_dir_warning(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
-    code = "from sandmill.store import db; print(db.import_pgserver().__name__)"
+    code = "from sandmill.store import embedded; print(embedded.import_pgserver().__name__)"
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "pgserver", p.stderr
     assert "Warning" not in p.stderr, p.stderr

@@ -58,8 +58,7 @@ BAD_PROFILES = {
     "unknown_field": ("name: a\ntags: [x]\nsubwrokers: 2\n", "subwrokers", "Extra inputs are not permitted"),
     "bad_tag": ("name: a\ntags: ['has space']\n", "tags", "bad tag 'has space'"),
     "zero_subworkers": ("name: a\ntags: [x]\nsubworkers: 0\n", "subworkers", "greater than or equal to 1"),
-    "autoscaling": ("name: a\ntags: [x]\nautoscaling: {min_workers: 5, max_workers: 2}\n", "autoscaling",
-                    "min_workers must not exceed max_workers"),
+    "bad_limit": ("name: a\ntags: [x]\nlimits: {memory_mb: 0}\n", "limits.memory_mb", "greater than 0"),
     "not_yaml": ("name: a\ntags: [x\n  : - :\n", None, "not valid YAML"),
 }
 
@@ -118,7 +117,7 @@ def test_unavailable_backend_falls_back_to_process_with_the_reason(make_cluster,
     ({"tags": ["bad tag"]}, "tags"),
     ({"subworkers": 0}, "subworkers"),
     ({"tagz": ["x"]}, "tagz"),
-    ({"autoscaling": {"min_workers": 3, "max_workers": 1}}, "autoscaling"),
+    ({"periodic_interval_s": 0}, "periodic_interval_s"),
     ({"limits": {"memory_mb": -1}}, "limits.memory_mb"),
     ({"name": "other"}, "name"),
     (["tags"], "body"),
