@@ -1,0 +1,169 @@
+"""Writes to a job outside the claim path: push, cancel, requeue (one job, or every job of
+a dead worker), heartbeats, logs, and the jobs a worker runs on its own.
+
+The statements are in sql/jobs.sql. Use through ``sandmill.store.queue``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import asyncpg
+
+from .claims import complete
+from .queries import Executor, sql
+
+_PUSH = sql("push")
+_REQUEUE = sql("requeue")
+_STALE_JOBS = sql("stale_jobs")
+_COUNT_RESTART = sql("count_restart")
+_CANCEL_QUEUED = sql("cancel_queued")
+_CANCEL_RUNNING = sql("cancel_running")
+_PING_JOB = sql("ping_job")
+_APPEND_LOG = sql("append_log")
+_INSERT_COMPLETED = sql("insert_completed")
+
+
+async def push(
+    db: Executor,
+    *,
+    workspace: str,
+    language: str,
+    content: str,
+    args: dict[str, Any],
+    tag: str,
+    kind: str = "script",
+    script_path: str | None = None,
+    script_hash: str | None = None,
+    priority: int = 0,
+    timeout_s: float | None = None,
+    scheduled_in_secs: float = 0,
+    created_by: str = "admin",
+    concurrency_key: str | None = None,
+    concurrent_limit: int | None = None,
+    concurrency_time_window_s: int | None = None,
+    notify_done: bool = False,
+) -> uuid.UUID:
+    """Queue one job and wake the workers that serve its tag. Returns the job id.
+    ``notify_done``: someone waits for the result, NOTIFY CH_DONE when it completes (a
+    NOTIFY wakes every listening backend of the database, so only when asked)."""
+    job_id = uuid.uuid4()
+    await db.fetchrow(
+        _PUSH, job_id, workspace, kind, script_path, script_hash, language, content, args,
+        tag, priority, timeout_s, created_by, float(scheduled_in_secs),
+        concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done,
+    )
+    return job_id
+
+
+async def cancel(db: Executor, workspace: str, job_id: uuid.UUID, by: str, reason: str) -> str | None:
+    """Cancel a job. A queued job completes as canceled at once ('canceled'); a running
+    one is flagged and its worker kills it ('canceling'). None if no such queued job."""
+    if await db.fetchrow(_CANCEL_QUEUED, job_id, workspace, by, reason):
+        return "canceled"
+    if await db.fetchrow(_CANCEL_RUNNING, job_id, workspace, by, reason):
+        return "canceling"
+    return None
+
+
+async def requeue(db: Executor, job_id: uuid.UUID, worker: str) -> bool:
+    """Give a running job back to the queue (its worker is shutting down), or a job held
+    ahead that its worker will not start."""
+    return await db.fetchrow(_REQUEUE, job_id, worker, 0) is not None
+
+
+async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) -> list[dict]:
+    """Put back in the queue every running job whose heartbeat is older than the timeout,
+    counting the restart; a job past ``max_restarts`` fails with a message saying why.
+    Returns what it did, one dict per job."""
+    async with _tx(db) as conn:
+        stale = await conn.fetch(_STALE_JOBS, float(ping_timeout_s))
+        done = []
+        for r in stale:
+            if not r["started"]:  # held ahead by a worker that died before starting it
+                await conn.fetchrow(_REQUEUE, r["id"], r["worker"], 0)
+                done.append({"id": r["id"], "action": "requeued", "worker": r["worker"]})
+            elif r["restarts"] >= max_restarts:
+                msg = (f"worker {r['worker']} died while running this job"
+                       f" ({r['restarts'] + 1} times; restart limit {max_restarts} reached)")
+                await conn.execute(_COUNT_RESTART, r["id"])
+                await complete(conn, r["id"], r["worker"], status="failure",
+                               result={"error": {"name": "WorkerDied", "message": msg}}, error=msg,
+                               duration_ms=0, cpu_ms=0, mem_peak_kb=0, outcome=None)
+                done.append({"id": r["id"], "action": "failed", "worker": r["worker"]})
+            else:
+                await conn.fetchrow(_REQUEUE, r["id"], r["worker"], 1)
+                await conn.execute(
+                    _APPEND_LOG, r["id"],
+                    f"\n[sandmill] worker {r['worker']} stopped answering; job put back in the queue\n",
+                )
+                done.append({"id": r["id"], "action": "requeued", "worker": r["worker"]})
+        return done
+
+
+class _tx:
+    """A transaction on a connection or on a connection taken from a pool."""
+
+    def __init__(self, db: Executor):
+        self.db, self.conn, self.tr = db, None, None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self.conn = await self.db.acquire() if isinstance(self.db, asyncpg.Pool) else self.db
+        self.tr = self.conn.transaction()
+        await self.tr.start()
+        return self.conn
+
+    async def __aexit__(self, typ, exc, tb) -> None:
+        try:
+            if exc is None:
+                await self.tr.commit()
+            else:
+                await self.tr.rollback()
+        finally:
+            if isinstance(self.db, asyncpg.Pool):
+                await self.db.release(self.conn)
+
+
+async def ping_job(db: Executor, job_id: uuid.UUID, worker: str) -> str:
+    """Heartbeat of a running job: 'ok', 'canceled' (kill it), or 'lost' (not ours any more)."""
+    canceled = await db.fetchval(_PING_JOB, job_id, worker)
+    if canceled is None:
+        return "lost"
+    return "canceled" if canceled else "ok"
+
+
+async def append_logs(db: Executor, job_id: uuid.UUID, chunks: list[str]) -> None:
+    """Append a batch of log text in one statement."""
+    if chunks:
+        await db.execute(_APPEND_LOG, job_id, "".join(chunks))
+
+
+async def insert_completed(
+    db: Executor,
+    *,
+    workspace: str,
+    kind: str,
+    language: str,
+    content: str,
+    tag: str,
+    worker: str,
+    started_at: dt.datetime,
+    status: str,
+    result: Any,
+    error: str | None,
+    logs: str,
+    duration_ms: int = 0,
+    cpu_ms: int = 0,
+    mem_peak_kb: int = 0,
+    outcome: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    """Record a job that a worker ran on its own (its init or periodic script) directly as
+    completed, with its logs, in one statement. Returns the job id."""
+    job_id = uuid.uuid4()
+    await db.fetchrow(
+        _INSERT_COMPLETED, job_id, workspace, kind, language, content, tag, worker, started_at,
+        status, result, error, duration_ms, cpu_ms, mem_peak_kb, outcome, logs,
+    )
+    return job_id
