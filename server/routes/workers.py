@@ -1,0 +1,55 @@
+"""Worker endpoints: the live workers, and the worker group configs (partial profiles)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, HTTPException
+from fastapi.responses import JSONResponse
+
+from sandmill.store import workers
+
+from ..deps import Pool, User
+from ..models import GROUP_RE, validate_group_config
+from ..views import _worker_json
+
+router = APIRouter(tags=["workers"])
+
+
+@router.get("/api/workers/list")
+async def list_workers(_u: User, pool: Pool) -> list[dict[str, Any]]:
+    return [_worker_json(w) for w in await workers.list_workers(pool)]
+
+
+def group_of(name: str) -> str:
+    group = name.removeprefix("worker__")
+    if group == name or not GROUP_RE.match(group):
+        raise HTTPException(404, f"no config {name!r}: worker group configs are named"
+                                 " worker__<group> (lowercase letters, digits, _ and -)")
+    return group
+
+
+@router.get("/api/configs/{name}")
+@router.get("/api/configs/get/{name}", include_in_schema=False)
+async def get_config(name: str, _u: User, pool: Pool) -> Any:
+    """A worker group's config: a partial profile that overrides its YAML profile."""
+    group = group_of(name)
+    cfg = await workers.get_config(pool, name)
+    if cfg is None:
+        raise HTTPException(404, f"no config for worker group {group!r}")
+    return cfg
+
+
+@router.put("/api/configs/{name}")
+@router.post("/api/configs/update/{name}", include_in_schema=False)
+async def put_config(name: str, _u: User, pool: Pool, body: Any = Body(...)) -> Any:
+    """Set a worker group's config (a partial profile, e.g. ``{"tags": [...]}``). Running
+    workers of the group reload it at once (NOTIFY), without restart."""
+    group = group_of(name)
+    cfg, errs = validate_group_config(group, body)
+    if errs:
+        msg = "; ".join(f"{e['field']}: {e['reason']}" for e in errs)
+        return JSONResponse({"error": f"invalid worker group config: {msg}", "detail": errs},
+                            status_code=422)
+    await workers.put_config(pool, name, cfg)
+    return cfg

@@ -1,0 +1,88 @@
+"""Putting a job on the queue (from a stored script or a preview) and waiting for its result."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse, Response
+
+from sandmill.store import queue, scripts
+
+from .models import Preview, check_args, check_code
+from .routing import RoutingError, interpolate, resolve_tag
+from .waiters import ResultWaiters
+
+
+def concurrency_key(ws: str, s: dict[str, Any], args: dict[str, Any]) -> str | None:
+    """The job's concurrency key when its script has a limit: the script's key template
+    with $workspace and $args[name] filled in, else the workspace and the script path."""
+    if not s.get("concurrent_limit"):
+        return None
+    template = s.get("concurrency_key") or f"{ws}/{s['path']}"
+    return interpolate(template, ws, args, what="concurrency_key")
+
+
+async def script_or_404(pool: asyncpg.Pool, ws: str, path: str | None = None,
+                        h: str | None = None) -> dict[str, Any]:
+    s = await (scripts.get_by_path(pool, ws, path) if path else scripts.get_by_hash(pool, ws, h))
+    if not s:
+        raise HTTPException(404, f"script {path or h} not found in workspace {ws}")
+    return s
+
+
+# wait=True: the caller waits for the result (wait_result), so its completion NOTIFYs
+async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any, tag: str | None,
+                      scheduled_in_secs: float, priority: int | None, wait: bool = False) -> uuid.UUID:
+    args = check_args(args)
+    try:
+        job_tag = resolve_tag(s["language"], ws, args, explicit=tag, script_tag=s["tag"])
+        key = concurrency_key(ws, s, args)
+    except RoutingError as e:
+        raise HTTPException(400, str(e)) from None
+    return await queue.push(
+        pool, workspace=ws, language=s["language"], content=s["content"], args=args,
+        tag=job_tag, kind="script", script_path=s["path"], script_hash=s["hash"],
+        priority=priority if priority is not None else (s["priority"] or 0),
+        timeout_s=s["timeout_s"], scheduled_in_secs=scheduled_in_secs,
+        concurrency_key=key, concurrent_limit=s["concurrent_limit"] if key else None,
+        concurrency_time_window_s=s["concurrency_time_window_s"] if key else None,
+        notify_done=wait,
+    )
+
+
+async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | None,
+                       scheduled_in_secs: float, priority: int | None, wait: bool = False) -> uuid.UUID:
+    check_code(body.language, body.content)
+    try:
+        job_tag = resolve_tag(body.language, ws, body.args, explicit=tag or body.tag)
+    except RoutingError as e:
+        raise HTTPException(400, str(e)) from None
+    return await queue.push(
+        pool, workspace=ws, language=body.language, content=body.content, args=body.args,
+        tag=job_tag, kind="preview", priority=priority or 0, scheduled_in_secs=scheduled_in_secs,
+        notify_done=wait,
+    )
+
+
+async def wait_result(pool: asyncpg.Pool, waiters: ResultWaiters, ws: str, job_id: uuid.UUID,
+                      timeout_s: float) -> Response:
+    """The job's result once it completes: 200, or 400 with its error as the body when it
+    failed (never a 5xx); 408 after ``timeout_s``, the job going on."""
+    # registered before reading the state, so a completion between the two is not missed
+    with waiters.register(job_id) as done:
+        st = await queue.job_state(pool, ws, job_id)
+        if not (st and st["completed"]):
+            try:
+                await asyncio.wait_for(done, timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(
+                    408, f"job {job_id} did not complete within {timeout_s:g} s; it goes on:"
+                         f" poll /api/w/{ws}/jobs_u/completed/get_result_maybe/{job_id}",
+                    headers={"x-sandmill-job-id": str(job_id)}) from None
+            st = await queue.job_state(pool, ws, job_id)
+    return JSONResponse(st["result"], status_code=200 if st["success"] else 400,
+                        headers={"x-sandmill-job-id": str(job_id)})
