@@ -36,7 +36,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     """`sandmill server`: the HTTP API and the monitor."""
     import uvicorn
 
-    from sandmill.server.api import create_app
+    from sandmill.server.app import create_app
     from sandmill.server.settings import ServerSettings, admin_token
 
     _setup_logging(args.verbose)
