@@ -13,7 +13,9 @@ import uuid
 from sandmill.store import db as dbmod
 from sandmill.store import queue
 from sandmill.profiles import profile_from_dict
-from sandmill.worker.loop import Worker, WorkerSettings, _Batcher
+from sandmill.worker.batching import Batcher
+from sandmill.worker.settings import WorkerSettings
+from sandmill.worker.worker import Worker
 
 
 def _push(pool, tag: str, language: str = "noop", args: dict | None = None):
@@ -122,13 +124,13 @@ async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, **settings):
 def _count_claims(w: Worker) -> list[int]:
     """From now on, the size of each claim of idle slots that ``w`` sends (the list)."""
     claims: list[int] = []
-    claim = w._feed._batcher._run_batch
+    claim = w.feed.claims._run_batch
 
     async def counted(asks):
         claims.append(len(asks))
         return await claim(asks)
 
-    w._feed._batcher._run_batch = counted
+    w.feed.claims._run_batch = counted
     return claims
 
 
@@ -224,7 +226,7 @@ async def test_lazy_requests_wait_for_company_unless_flushed():
         batches.append(list(reqs))
         return reqs
 
-    b = _Batcher(run, in_flight=2)
+    b = Batcher(run, in_flight=2)
     futs = [b.enqueue(i, wait_s=0.05) for i in range(3)]
     await asyncio.sleep(0.01)
     assert batches == []  # still waiting for company
@@ -241,7 +243,7 @@ async def test_a_request_queued_as_the_last_statement_ends_is_sent():
     """A request that arrives in the loop turn where the batcher's statement has ended but
     its task's done callbacks have not run yet is served (it was left waiting forever:
     every place looked taken, and no statement was started for it)."""
-    b: _Batcher
+    b: Batcher
     late: list[asyncio.Future] = []
 
     async def run(reqs):
@@ -249,7 +251,7 @@ async def test_a_request_queued_as_the_last_statement_ends_is_sent():
             asyncio.get_running_loop().call_soon(lambda: late.append(b.enqueue("late")))
         return reqs
 
-    b = _Batcher(run, in_flight=1)
+    b = Batcher(run, in_flight=1)
     assert await b.enqueue("first") == "first"
     await asyncio.sleep(0)
     assert late and await asyncio.wait_for(late[0], 1) == "late"
@@ -258,7 +260,7 @@ async def test_a_request_queued_as_the_last_statement_ends_is_sent():
 def test_the_api_shows_a_held_job_as_not_running():
     import datetime as dt
 
-    from sandmill.server.api import _job_json
+    from sandmill.server.views import _job_json
 
     row = {"type": "QueuedJob", "id": uuid.uuid4(), "workspace": "w", "kind": "script", "script_path": "f/x",
            "script_hash": "h", "language": "noop", "args": {}, "tag": "t", "priority": 0,
@@ -280,13 +282,13 @@ async def test_completions_of_slots_that_run_their_next_job_share_a_statement(pg
     w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "subworkers": 4}), pg_url,
                settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_lazy_s=0.04))
     sizes: list[int] = []
-    complete_batch = w._complete_batch
+    complete_batch = w.feed.complete_batch
 
     async def counted(reqs):
         sizes.append(len(reqs))
         return await complete_batch(reqs)
 
-    w._completer._run_batch = counted
+    w.feed.completer._run_batch = counted
     run = asyncio.create_task(w.run())
     try:
         await _wait(_all_done(pool, ids))
@@ -327,22 +329,22 @@ async def test_the_claim_and_completion_connections_are_ready_at_start(pg_url):
 def test_a_slot_holds_one_job_ahead_unless_jobs_are_very_short():
     w = Worker(profile_from_dict({"name": "depth", "tags": ["d"], "native": True}), "postgresql://unused",
                settings=WorkerSettings(claim_ahead_cover_s=0.005, claim_ahead_max=8))
-    assert w._ahead_depth() == 1  # nothing run yet
+    assert w.pace.depth() == 1  # nothing run yet
     for job_s, depth in [(0.1, 1), (0.003, 1), (0.002, 2), (0.001, 5), (0.0001, 8)]:
-        w._job_s = job_s
-        assert w._ahead_depth() == depth, job_s
+        w.pace.job_s = job_s
+        assert w.pace.depth() == depth, job_s
 
 
 def _count_asks(w: Worker) -> list[tuple[int, int]]:
     """(completions, jobs asked ahead) of each completion statement the worker sends."""
     asks: list[tuple[int, int]] = []
-    complete_batch = w._complete_batch
+    complete_batch = w.feed.complete_batch
 
     async def counted(reqs):
         asks.append((len(reqs), sum(r.ahead for r in reqs)))
         return await complete_batch(reqs)
 
-    w._completer._run_batch = counted
+    w.feed.completer._run_batch = counted
     return asks
 
 
@@ -490,14 +492,14 @@ async def test_a_job_claimed_as_the_worker_stops_goes_back_unstarted(pg_url):
     pool = await dbmod.create_pool(pg_url)
     async with _serving(pg_url, tag, poll_s=30.0) as w:
         await asyncio.sleep(0.3)  # idle: its first claim found nothing
-        claim = w._feed._batcher._run_batch
+        claim = w.feed.claims._run_batch
 
         async def stop_meanwhile(asks):
             answers = await claim(asks)
             w.stop()  # the stop comes while the claim is in flight
             return answers
 
-        w._feed._batcher._run_batch = stop_meanwhile
+        w.feed.claims._run_batch = stop_meanwhile
         job = await _push(pool, tag, "sleep", {"seconds": 0.2})
     assert not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM completed_job WHERE id = $1)", job)
     row = await pool.fetchrow("SELECT running, worker, restarts FROM queue WHERE id = $1", job)
@@ -597,6 +599,6 @@ async def test_the_watch_rests_while_the_only_jobs_are_long_and_pinging(pg_url):
     async with _serving(pg_url, tag, job_ping_s=0.1, claim_ahead_hold_s=0.1) as w:
         await _wait(lambda: _const(long in w.running and w.running[long].heartbeat is not None))
         await asyncio.sleep(0.1)
-        assert w._watch_timer is None
+        assert w.watch._timer is None
         await _wait(_all_done(pool, [long]))
     await pool.close()

@@ -12,7 +12,7 @@ import uuid
 from sandmill.store import db as dbmod
 from sandmill.store import queue
 from sandmill.profiles import profile_from_dict
-from sandmill.worker.loop import Worker
+from sandmill.worker.worker import Worker
 
 
 def _push(pool, tag: str, **kw):
@@ -184,20 +184,20 @@ async def test_idle_slots_share_one_next_due_read(monkeypatch):
         return answer[0]
 
     monkeypatch.setattr(queue, "next_due", slow_next_due)
-    wake = w._wake
-    assert await asyncio.gather(*(w._next_due(wake) for _ in range(10))) == [None] * 10
+    wake = w.slots.wake
+    assert await asyncio.gather(*(w.slots.next_due(wake) for _ in range(10))) == [None] * 10
     assert calls == [["nd"]]
     calls.clear()
     for _ in range(5):
-        await w._next_due(wake)  # the same wake-up: nothing new can be due sooner
+        await w.slots.next_due(wake)  # the same wake-up: nothing new can be due sooner
     assert calls == []
-    w._wake_all()  # a NOTIFY: read again
+    w.slots.wake_all()  # a NOTIFY: read again
     answer[0] = dt.datetime.fromtimestamp(time.time() + 0.05, dt.timezone.utc)
-    assert await w._next_due(w._wake) == answer[0]
-    assert await w._next_due(w._wake) == answer[0]
+    assert await w.slots.next_due(w.slots.wake) == answer[0]
+    assert await w.slots.next_due(w.slots.wake) == answer[0]
     assert len(calls) == 1
     await asyncio.sleep(0.06)  # that due time passed: read again
-    await w._next_due(w._wake)
+    await w.slots.next_due(w.slots.wake)
     assert len(calls) == 2
 
 

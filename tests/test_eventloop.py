@@ -118,11 +118,11 @@ def test_a_worker_process_leaves_its_start_up_objects_out_of_garbage_collections
     75-100 ms in which none of its slots runs. Once started, those are frozen."""
     import gc
 
-    from sandmill.worker.loop import _freeze_startup_objects
+    from sandmill.worker.main import freeze_startup_objects
 
     before = gc.get_freeze_count()
     try:
-        _freeze_startup_objects()
+        freeze_startup_objects()
         assert gc.get_freeze_count() > max(before, 10_000)
     finally:
         gc.unfreeze()
@@ -132,7 +132,8 @@ async def test_a_worker_calls_on_started_once_it_is_up_and_before_any_job(pg_url
     import uuid
 
     from sandmill.profiles import profile_from_dict
-    from sandmill.worker.loop import Worker, WorkerSettings
+    from sandmill.worker.settings import WorkerSettings
+    from sandmill.worker.worker import Worker
 
     tag = "ev-" + uuid.uuid4().hex[:6]
     w = Worker(profile_from_dict({"name": "ev", "tags": [tag], "native": True}), pg_url,
@@ -153,13 +154,13 @@ async def test_a_worker_calls_on_started_once_it_is_up_and_before_any_job(pg_url
 
 def test_the_worker_process_freezes_its_start_up_objects_once_started(monkeypatch):
     from sandmill.profiles import profile_from_dict
-    from sandmill.worker import loop
+    from sandmill.worker import main
 
     given = []
 
     async def run(self, on_started=None):
         given.append(on_started)
 
-    monkeypatch.setattr(loop.Worker, "run", run)
-    assert loop.run_worker(profile_from_dict({"name": "ev", "tags": ["t"], "native": True}), "postgresql://unused") == 0
-    assert given == [loop._freeze_startup_objects]
+    monkeypatch.setattr(main.Worker, "run", run)
+    assert main.run_worker(profile_from_dict({"name": "ev", "tags": ["t"], "native": True}), "postgresql://unused") == 0
+    assert given == [main.freeze_startup_objects]

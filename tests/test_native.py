@@ -81,7 +81,8 @@ async def test_worker_heartbeats_cancels_and_gives_up_native_jobs_and_its_slot_g
     from sandmill.store import db as dbmod
     from sandmill.store import queue
     from sandmill.profiles import profile_from_dict
-    from sandmill.worker.loop import Worker, WorkerSettings
+    from sandmill.worker.settings import WorkerSettings
+    from sandmill.worker.worker import Worker
 
     tag = "nat-" + uuid.uuid4().hex[:6]
     w = Worker(profile_from_dict({"name": "nat", "tags": [tag], "native": True, "subworkers": 1}), pg_url,

@@ -1,15 +1,10 @@
 """An asyncio event loop whose timers fire on time.
 
-asyncio waits for its next timer with epoll_wait, whose timeout is whole milliseconds:
-the selector rounds every wait up to the next millisecond, and the kernel adds its timer
-slack (0.1% of the wait, at least 50 us) on top. A 100 ms ``asyncio.sleep`` so ends
-0.5-1.2 ms late, and every timer that falls due in that millisecond runs in the same
-loop turn. For a worker that is time lost on every job whose end waits on a timer: a
-native sleep, a lazy completion, a timeout.
-
-On Linux this loop's selector arms a timerfd (nanoseconds, no slack) for each wait that
-has a timeout and registers it in the same epoll set, so the wait ends at the timer's
-due time. Elsewhere, or where timerfd is missing, it is asyncio's own loop.
+asyncio's epoll wait is whole milliseconds, rounded up, plus the kernel's timer slack: a
+worker's timers (a native sleep, a lazy completion, a timeout) end late. On Linux this
+loop's selector arms a timerfd (nanoseconds, no slack) for each wait that has a timeout,
+in the same epoll set, so the wait ends at the timer's due time. Elsewhere, or where
+timerfd is missing, it is asyncio's own loop. Figures: docs/notes/worker.md, "Event loop".
 """
 
 from __future__ import annotations

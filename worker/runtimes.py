@@ -13,8 +13,6 @@ from sandmill.isolation import Limits, Outcome, RunSpec, Status
 
 from sandmill.profiles import Profile
 
-SANDBOX_LANGUAGES = ("python3", "bash")
-
 _PY_WRAPPER = resources.files("sandmill.worker").joinpath("templates/python_wrapper.py").read_bytes()
 # `name="$1"` / `name="${2:-default}"`: how a bash script declares its parameters.
 _BASH_PARAM = re.compile(r"""^\s*(?:local\s+|declare\s+)?([A-Za-z_]\w*)=["']?\$\{?(\d+)""", re.M)

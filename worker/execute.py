@@ -1,0 +1,142 @@
+"""One job's run: through the group's backend or in-process (native), inline in its slot's
+task; its logs, its kill (cancel, lost, shutdown), and the completion it ends with."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sandmill.isolation import Outcome
+from sandmill.store import queue
+
+from .logs import LogSink
+from .native import NATIVE_LANGUAGES, run_native
+from .runtimes import JobResult, build_spec, interpret
+from .settings import Group
+
+if TYPE_CHECKING:
+    from .watch import Watch
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class Running:
+    """A job that runs, inline in its slot's task (a task of its own would cost two more
+    loop turns between one job's end and the next one's start)."""
+
+    job: dict[str, Any]
+    task: asyncio.Task  # the slot's task
+    why: str = ""  # set when we kill it: "canceled" | "lost" | "shutdown"
+    heartbeat: asyncio.Task | None = None
+    killed: bool = False
+    t0: float = field(default_factory=time.monotonic)
+
+    def kill(self, why: str) -> None:
+        """Stop the job: the slot's task is inside it (a job is running exactly while the
+        slot awaits it), so the CancelledError lands in the job; execute() takes it back."""
+        self.why = why
+        if not self.killed:
+            self.killed = True
+            self.task.cancel()
+
+
+class Executor:
+    """Runs a slot's jobs. ``running`` holds the jobs that run now (the watch starts their
+    heartbeats); ``canceled_held`` the jobs canceled while held ahead, which complete as
+    canceled without running."""
+
+    def __init__(self, group: Group, running: dict[uuid.UUID, Running],
+                 canceled_held: set[uuid.UUID], watch: Watch):
+        self.group = group
+        self.running = running
+        self.canceled_held = canceled_held
+        self.watch = watch
+
+    async def execute(self, job: dict[str, Any]) -> queue.Completion | None:
+        """Run one job in the calling slot's task; returns its completion for the slot to
+        hand in (None when the job is not this worker's to complete any more, or went back
+        to the queue)."""
+        g = self.group
+        job_id: uuid.UUID = job["id"]
+        sink = LogSink(g.pool, job_id)
+        if job["restarts"]:
+            sink.note(f"restart {job['restarts']} of this job, on worker {g.name}")
+        lang = job["language"]
+        profile = g.profile
+        limits = profile.limits
+        if job.get("timeout_s"):
+            limits = limits.merged({"wall_s": float(job["timeout_s"])})
+        outcome: Outcome | None = None
+        if job_id in self.canceled_held:  # canceled while held ahead: not run at all
+            self.canceled_held.discard(job_id)
+            coro = _const(canceled("canceled before it started"))
+        elif lang in NATIVE_LANGUAGES and profile.native:
+            coro = run_native(job, limits.wall_s)
+        elif lang in ("python3", "bash") and g.backend is not None:
+            spec = build_spec(job, profile, g.env)
+            coro = g.backend.run(spec, sink.on_output)
+        else:
+            coro = _const(JobResult("failure", {"error": {"name": "UnsupportedLanguage",
+                          "message": f"worker group {profile.name} cannot run {lang} jobs"}},
+                          f"UnsupportedLanguage: worker group {profile.name} cannot run {lang} jobs"))
+        me = asyncio.current_task()
+        started = now()
+        r = self.running[job_id] = Running(job, me)
+        self.watch.arm()  # which starts its heartbeat once it has run job_ping_s
+        t0 = r.t0
+        try:
+            res = await coro
+        except asyncio.CancelledError:
+            if not r.why:  # the slot's task was cancelled from outside: treat as shutdown
+                r.why = "shutdown"
+            res = None
+        finally:
+            if r.killed:  # our own cancel (delivered or swallowed) is not the slot's
+                me.uncancel()
+            if r.heartbeat is not None:
+                r.heartbeat.cancel()
+            self.running.pop(job_id, None)
+        wall_ms = int((time.monotonic() - t0) * 1000)
+        if isinstance(res, Outcome):
+            outcome = res
+            result = interpret(job, outcome, limits)
+        elif isinstance(res, JobResult):
+            result = res
+        else:
+            result = None
+        if r.why == "lost":
+            sink.note(f"job taken away from worker {g.name} (heartbeat lost); not completing it here")
+            await sink.close()
+            return None
+        if r.why == "shutdown":
+            sink.note(f"worker {g.name} shutting down; job put back in the queue")
+            await sink.close()
+            await queue.requeue(g.pool, job_id, g.name)
+            return None
+        if r.why == "canceled":
+            sink.note("job canceled; killed")
+            result = canceled("canceled")
+        await sink.close()
+        return queue.Completion(
+            job_id, g.name, status=result.status, result=result.result, error=result.error,
+            duration_ms=outcome.wall_ms if outcome else wall_ms,
+            cpu_ms=outcome.cpu_ms if outcome else 0,
+            mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
+            outcome=outcome.to_json() if outcome else None, started_at=started,
+        )
+
+
+async def _const(v: Any) -> Any:
+    return v
+
+
+def canceled(error: str) -> JobResult:
+    """The result of a canceled job."""
+    return JobResult("failure", {"error": {"name": "Canceled", "message": "job canceled"}}, error)

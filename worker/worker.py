@@ -1,0 +1,224 @@
+"""The worker: register, wait on LISTEN/NOTIFY, pull one job per subworker, run it through
+the group's backend, stream logs, heartbeat, complete; stop cleanly on ``stop()``.
+
+``Worker`` holds the group's live config (the ``Group`` its parts read) and its
+lifecycle, notifications and config reloads; it composes the parts: the claims and
+completions (``feed``), the slot loop (``slots``), the job runs (``executor``) and the
+watch of running and held jobs (``watch``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from typing import Any, Callable, Coroutine
+
+import asyncpg
+
+from sandmill.isolation import Backend, workdir
+from sandmill.profiles import Profile, ProfileError, profile_from_dict
+from sandmill.store import db as dbmod
+from sandmill.store import queue, workers
+
+from .admin_scripts import ADMIN_WORKSPACE, periodic_loop, run_admin_script
+from .backend_choice import OWN_ROOT_BACKENDS, resolve_backend, sweep_loop, work_root
+from .batching import HotConns
+from .execute import Executor, Running
+from .feed import Feed, Pace
+from .runtimes import job_env
+from .settings import WorkerInitError, WorkerSettings, WorkerStartError
+from .slots import Slots
+from .sysinfo import host_info
+from .watch import Stats, Watch, ping_loop
+
+log = logging.getLogger("sandmill.worker")
+
+
+class Worker:
+    """One worker process of a group, with ``profile.subworkers`` concurrent slots."""
+
+    def __init__(self, profile: Profile, database_url: str, *, name: str | None = None,
+                 settings: WorkerSettings | None = None):
+        self.profile = profile
+        self.file_profile = profile  # the YAML profile; the group's DB config overrides it
+        self.database_url = database_url
+        self.settings = settings or WorkerSettings()
+        self.name = name or f"{profile.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.tags = list(profile.tags)
+        self.backend: Backend | None = None
+        self.env = job_env(profile)
+        self.pool: asyncpg.Pool | None = None
+        self.listener: asyncpg.Connection | None = None
+        self.running: dict[uuid.UUID, Running] = {}
+        self.held: set[uuid.UUID] = set()  # jobs claimed ahead, not started yet
+        self._canceled_held: set[uuid.UUID] = set()  # of those, the ones canceled meanwhile
+        self.stats = Stats()
+        self.pace = Pace(self.settings)
+        self._stopping = asyncio.Event()
+        self._bg: set[asyncio.Task] = set()
+        # the claims' and completions' connections: one for each statement that may be
+        # in flight at once (the feed's two claims, the completer's two)
+        self.hot = HotConns(keep=2 + 2)
+        self.feed = Feed(self, self.settings, self.hot, self.pace, self.held, self._canceled_held, self._spawn)
+        self.watch = Watch(self, self.settings, self.running, release=self.feed.release_held)
+        self.executor = Executor(self, self.running, self._canceled_held, self.watch)
+        self.slots = Slots(self, self.settings, self._stopping, self.feed, self.executor, self.watch,
+                           self.pace, self.stats, self.running)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the host, connect, apply the group's DB config, pick the backend, register,
+        run the init script. Raises WorkerStartError / WorkerInitError when it cannot."""
+        info = host_info()
+        if self.profile.requires_gpu and not info["gpus"] and not self.settings.allow_no_gpu:
+            raise WorkerStartError(
+                f"group {self.profile.name} requires a GPU (requires_gpu: true) and none was found"
+                " on this host (no nvidia-smi GPU, no /dev/nvidia<N>); start it with --allow-no-gpu"
+                " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
+        # A connection per subworker plus one for pings, and those that claims and
+        # completions keep between statements: no slot waits for a connection.
+        self.pool = self.hot.pool = await dbmod.create_pool(
+            self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
+            settings=queue.CLAIM_SETTINGS)
+        await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
+        await self.hot.prepare(lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags))
+        p = self.profile
+        if (not p.native or any(t in ("python3", "bash") for t in self.tags)
+                or p.init_script or p.periodic_script):
+            self.backend, warning = resolve_backend(self.profile, workdir.owner_root(work_root(self.profile)))
+            if warning:
+                log.warning("%s: %s", self.profile.name, warning)
+            if self.backend.name in OWN_ROOT_BACKENDS:
+                self._spawn(sweep_loop(self.profile, self.settings))
+        self.listener = await dbmod.connect(self.database_url)
+        await self.listener.add_listener(queue.CH_QUEUE, self._on_queue)
+        await self.listener.add_listener(queue.CH_CANCEL, self._on_cancel)
+        await self.listener.add_listener(workers.CH_CONFIG, self._on_config)
+        await workers.register(
+            self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
+            tags=self.tags, backend=self.backend.name if self.backend else "native",
+            subworkers=self.profile.subworkers, info=info,
+        )
+        log.info("worker %s up: tags %s, backend %s, %d subworker(s)", self.name, self.tags,
+                 self.backend.name if self.backend else "native", self.profile.subworkers)
+        if self.profile.init_script:
+            status, logs, job_id = await run_admin_script(self, "init", self.profile.init_script)
+            if status != "success":
+                raise WorkerInitError(f"init script failed (job {job_id} in workspace {ADMIN_WORKSPACE})", logs)
+            log.info("init script done (job %s)", job_id)
+
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Start, then serve jobs until ``stop()``; then finish (or after the grace period,
+        re-queue) the jobs in hand and leave. ``on_started`` runs between the two."""
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        if on_started is not None:
+            on_started()
+        pinger = asyncio.create_task(ping_loop(self.settings.worker_ping_s, self.ping))
+        periodic = asyncio.create_task(periodic_loop(self, self._stopping))
+        slots = [asyncio.create_task(self.slots.run_slot(i)) for i in range(self.profile.subworkers)]
+        await self._stopping.wait()
+        periodic.cancel()
+        log.info("worker %s stopping: finishing %d job(s) in hand", self.name, len(self.running))
+        done, pending = await asyncio.wait(slots, timeout=self.settings.grace_s)
+        if pending:
+            for r in list(self.running.values()):
+                r.kill("shutdown")
+            await asyncio.wait(pending)
+        pinger.cancel()
+        await self.feed.completer.wait_idle()  # no completion is left behind in the batcher
+        await self.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it is done."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    def stop(self) -> None:
+        """Stop taking jobs; ``run()`` then finishes those in hand and returns."""
+        self._stopping.set()
+        self.slots.wake.set()
+
+    async def close(self) -> None:
+        try:
+            if self.pool:
+                await workers.unregister(self.pool, self.name)
+        finally:
+            if self.backend is not None:
+                self.backend.close()  # warm interpreters stop now, not at process exit
+            if self.listener:
+                await self.listener.close()
+            if self.pool:
+                await self.hot.close()  # the pool's close waits for every connection it lent
+                await self.pool.close()
+
+    async def ping(self) -> None:
+        """The worker's heartbeat: its tags, jobs done, busy slots and occupancy."""
+        occupancy = self.stats.take_occupancy(self.profile.subworkers)
+        await workers.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
+                           busy=len(self.running), occupancy=occupancy)
+
+    # ---- notifications -------------------------------------------------------------------
+
+    def _on_queue(self, _conn, _pid, _channel, payload: str) -> None:
+        if payload.split("|", 1)[0] in self._bases:
+            self.slots.wake_all()
+            # a completion waiting at a burst's end also claims: the new job is its to take
+            self.feed.completer.flush_if(lambda d: d.now)
+
+    @property
+    def tags(self) -> list[str]:
+        return self._tags
+
+    @tags.setter
+    def tags(self, tags: list[str]) -> None:
+        self._tags = list(tags)
+        self._bases = set(queue.split_tags(self._tags)[0])  # gpu(ws1+ws2) is woken by gpu
+
+    def _on_cancel(self, _conn, _pid, _channel, payload: str) -> None:
+        job_id = uuid.UUID(payload)
+        r = self.running.get(job_id)
+        if r and not r.why:
+            r.kill("canceled")
+        elif job_id in self.held:
+            self._canceled_held.add(job_id)  # it completes as canceled without running
+
+    # ---- the group's config in the DB ----------------------------------------------------
+
+    async def _apply_config(self, config: dict[str, Any] | None) -> bool:
+        """Overlay the group's DB config (a partial profile) on the YAML profile. Tags,
+        limits, env and the periodic script apply at once; backend, subworkers, native and
+        the init script at the next start. Returns whether anything was applied."""
+        try:
+            merged = profile_from_dict({**self.file_profile.model_dump(), **(config or {}),
+                                        "name": self.file_profile.name}, source=f"config worker__{self.file_profile.name}")
+        except ProfileError as e:
+            log.warning("ignoring the group's DB config: %s", e)
+            return False
+        self.profile = merged
+        self.tags = merged.tags
+        self.env = job_env(merged)
+        return True
+
+    def _on_config(self, _conn, _pid, _channel, payload: str) -> None:
+        if payload == self.file_profile.name:
+            self._spawn(self._reload_config())
+
+    async def _reload_config(self) -> None:
+        try:
+            cfg = await workers.get_config(self.pool, f"worker__{self.file_profile.name}")
+            old = self.tags
+            if not await self._apply_config(cfg):
+                return
+            log.info("group config reloaded: tags %s -> %s", old, self.tags)
+            await self.ping()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            log.warning("config reload failed: %s", e)
+        self.slots.wake_all()
