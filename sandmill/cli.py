@@ -51,7 +51,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """`sandmill worker --profile FILE`: one worker of a group."""
     from sandmill.profiles import ProfileError, load_profile, resolve
-    from sandmill.worker.loop import WorkerSettings, run_worker
+    from sandmill.worker.main import run_worker
+    from sandmill.worker.settings import WorkerSettings
 
     _setup_logging(args.verbose)
     try:
