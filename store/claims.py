@@ -1,7 +1,7 @@
 """The hot path of a worker: claim jobs, complete them, and both in one statement.
 
 The statements are in sql/claims.sql; why they are shaped as they are, with the figures,
-is in docs/notes/store.md. Use through ``sandmill.store.queue``.
+is in docs/performance.md ("Store"). Use through ``sandmill.store.queue``.
 """
 
 from __future__ import annotations

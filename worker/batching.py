@@ -1,5 +1,5 @@
 """Group commit of the worker's claim and completion statements (``Batcher``), and the
-connections kept out of the pool for them (``HotConns``). See docs/notes/worker.md."""
+connections kept out of the pool for them (``HotConns``). See docs/performance.md ("Worker")."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ asyncio's epoll wait is whole milliseconds, rounded up, plus the kernel's timer 
 worker's timers (a native sleep, a lazy completion, a timeout) end late. On Linux this
 loop's selector arms a timerfd (nanoseconds, no slack) for each wait that has a timeout,
 in the same epoll set, so the wait ends at the timer's due time. Elsewhere, or where
-timerfd is missing, it is asyncio's own loop. Figures: docs/notes/worker.md, "Event loop".
+timerfd is missing, it is asyncio's own loop. Figures: docs/performance.md ("Worker"), "Event loop".
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def fast_child_watcher() -> None:
 def freeze_startup_objects() -> None:
     """Leave what the worker has built by now (modules, the pool, the profile) out of
     every garbage collection to come: a collection stops the whole process, and walking
-    those costs milliseconds (docs/notes/worker.md, "GC freeze"). The cycles left from
+    those costs milliseconds (docs/performance.md ("Worker"), "GC freeze"). The cycles left from
     start-up are collected first, not kept for good."""
     gc.collect()
     gc.freeze()

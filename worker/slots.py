@@ -143,7 +143,7 @@ class Slots:
         now. With none, at a burst's end (its last claim ahead found no backlog, and other
         jobs of this worker still run), completion_tail_wait_s; not for a job someone waits
         on, and a new job for our tags (NOTIFY) or the last running job's end sends it at
-        once. See docs/notes/worker.md, "Completion tail wait"."""
+        once. See docs/performance.md ("Worker"), "Completion tail wait"."""
         s = self.settings
         if job is not None:
             return s.completion_lazy_s if ran_s >= 2 * s.completion_lazy_s else 0.0

@@ -26,7 +26,7 @@ log = logging.getLogger("sandmill.worker")
 
 class Watch:
     """One timer for the worker while it has jobs to watch, not one per job (see
-    docs/notes/worker.md, "The watch timer"). ``holds`` maps a slot that holds jobs
+    docs/performance.md ("Worker"), "The watch timer"). ``holds`` maps a slot that holds jobs
     ahead to when they go back (``release(slot)``) if its current job still runs."""
 
     def __init__(self, group: Group, settings: WorkerSettings, running: dict[uuid.UUID, Running],

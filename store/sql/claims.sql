@@ -1,4 +1,4 @@
--- The claims and completions of a worker: the hot path (see docs/notes/store.md).
+-- The claims and completions of a worker: the hot path (see docs/performance.md ("Store")).
 --
 -- Every claim reads the waiting jobs of the worker's tags the same way: due, with room in
 -- their concurrency key, best first (priority, then due time, then push order), skipping
