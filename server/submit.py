@@ -30,7 +30,8 @@ async def script_or_404(pool: asyncpg.Pool, ws: str, path: str | None = None,
                         h: str | None = None) -> dict[str, Any]:
     s = await (scripts.get_by_path(pool, ws, path) if path else scripts.get_by_hash(pool, ws, h))
     if not s:
-        raise HTTPException(404, f"script {path or h} not found in workspace {ws}")
+        what = f"script {path}" if path else f"script version {h}"
+        raise HTTPException(404, f"{what} not found in workspace {ws}")
     return s
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from sandmill.store import scripts
 
 from ..deps import Pool, User
 from ..models import ScriptCreate, check_code
+from ..submit import script_or_404
 from ..views import _script_json
 
 router = APIRouter(prefix="/api/w/{ws}/scripts", tags=["scripts"])
@@ -26,18 +27,12 @@ async def create_script(ws: str, body: ScriptCreate, _u: User, pool: Pool) -> st
 
 @router.get("/get/p/{path:path}")
 async def get_script(ws: str, path: str, _u: User, pool: Pool) -> dict[str, Any]:
-    s = await scripts.get_by_path(pool, ws, path)
-    if not s:
-        raise HTTPException(404, f"script {path} not found in workspace {ws}")
-    return _script_json(s)
+    return _script_json(await script_or_404(pool, ws, path=path))
 
 
 @router.get("/get/h/{h}")
 async def get_script_by_hash(ws: str, h: str, _u: User, pool: Pool) -> dict[str, Any]:
-    s = await scripts.get_by_hash(pool, ws, h)
-    if not s:
-        raise HTTPException(404, f"script version {h} not found in workspace {ws}")
-    return _script_json(s)
+    return _script_json(await script_or_404(pool, ws, h=h))
 
 
 @router.get("/list")
