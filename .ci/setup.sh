@@ -96,7 +96,9 @@ want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
 mkdir -p "$STATE_DIR"
 # The bench extra too: the test run includes a smoke run of the benchmark set (its
 # charts need matplotlib; its queue section runs the peer, pgqueuer).
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && (cd / && "$PY" -c 'import sandmill.isolation, pytest, pgqueuer, matplotlib, importlinter' 2>/dev/null); then
+# ...and only when the installed sandmill is this checkout's (another clone may have installed its own).
+installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ "$(installed_from)" = "$REPO" ]; then
     step "python: sandmill already installed in $PY"
 else
     step "python: pip install -e '.[test,bench]' into $PY"
