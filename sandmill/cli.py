@@ -13,7 +13,7 @@ from pathlib import Path
 from sandmill.profiles import shipped, shipped_names
 from sandmill.store.embedded import default_data_dir
 
-from . import client
+from . import client, tokens_cli
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     workers = command("workers", client.cmd_workers, "live workers")
     for p in (run, jobs, workers):
         client.add_client_options(p)
+
+    tokens_cli.add_commands(sub, common)
 
     pr = sub.add_parser("profiles", help="worker group profiles")
     prs = pr.add_subparsers(dest="pcmd", required=True)

@@ -16,7 +16,7 @@ from sandmill.store import db as dbmod
 from sandmill.store import queue
 
 from .monitor import monitor_loop
-from .routes import jobs, meta, scripts, workers
+from .routes import jobs, meta, scripts, users, workers
 from .settings import ServerSettings
 from .waiters import ResultWaiters
 
@@ -70,6 +70,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(asyncpg.PostgresError, _pg)
-    for r in (meta.router, scripts.router, jobs.router, workers.router):
+    for r in (meta.router, scripts.router, jobs.router, workers.router, users.router):
         app.include_router(r)
     return app

@@ -37,7 +37,8 @@ async def script_or_404(pool: asyncpg.Pool, ws: str, path: str | None = None,
 
 # wait=True: the caller waits for the result (wait_result), so its completion NOTIFYs
 async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any, tag: str | None,
-                      scheduled_in_secs: float, priority: int | None, wait: bool = False) -> uuid.UUID:
+                      scheduled_in_secs: float, priority: int | None, wait: bool = False,
+                      created_by: str = "admin") -> uuid.UUID:
     args = check_args(args)
     try:
         job_tag = resolve_tag(s["language"], ws, args, explicit=tag, script_tag=s["tag"])
@@ -51,12 +52,13 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
         timeout_s=s["timeout_s"], scheduled_in_secs=scheduled_in_secs,
         concurrency_key=key, concurrent_limit=s["concurrent_limit"] if key else None,
         concurrency_time_window_s=s["concurrency_time_window_s"] if key else None,
-        notify_done=wait,
+        notify_done=wait, created_by=created_by,
     )
 
 
 async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | None,
-                       scheduled_in_secs: float, priority: int | None, wait: bool = False) -> uuid.UUID:
+                       scheduled_in_secs: float, priority: int | None, wait: bool = False,
+                       created_by: str = "admin") -> uuid.UUID:
     check_code(body.language, body.content)
     try:
         job_tag = resolve_tag(body.language, ws, body.args, explicit=tag or body.tag)
@@ -65,7 +67,7 @@ async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | No
     return await queue.push(
         pool, workspace=ws, language=body.language, content=body.content, args=body.args,
         tag=job_tag, kind="preview", priority=priority or 0, scheduled_in_secs=scheduled_in_secs,
-        notify_done=wait,
+        notify_done=wait, created_by=created_by,
     )
 
 

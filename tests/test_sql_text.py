@@ -59,7 +59,7 @@ def test_a_missing_name_fails_loudly():
 
 def test_every_statement_is_used_and_described():
     # importing the store's modules took every statement they use
-    import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads  # noqa: F401,E401
+    import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads, sandmill.store.tokens  # noqa: F401,E401
     assert set(QUERIES) == queries._used
     for q in QUERIES.values():
         assert q.doc.strip() and not q.sql.rstrip().endswith(";"), q.name

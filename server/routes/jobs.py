@@ -10,12 +10,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sandmill.store import queue
 
-from ..deps import Pool, Settings, User, Waiters, job_uuid
+from ..deps import (CancelJobs, ListJobs, Pool, ReadJobs, RunJobs, RunStored, Settings, User,
+                    Waiters, job_uuid)
 from ..models import CancelBody, Preview
 from ..submit import push_preview, push_script, script_or_404, wait_result
 from ..views import _job_json, _listed_json
+from .errors import IN_WORKSPACE, WAIT
 
-router = APIRouter(prefix="/api/w/{ws}", tags=["jobs"])
+# Every route: 404 for another workspace's token, 403 for a scope it lacks (deps).
+router = APIRouter(prefix="/api/w/{ws}", tags=["jobs"], responses=IN_WORKSPACE)
 
 Tag = Query(None, description="run on workers serving this tag")
 Sched = Query(0, ge=0, description="delay the start by this many seconds")
@@ -43,25 +46,26 @@ def _add_script_routes(by: str, route: str, ref_of: Callable[..., ScriptRef]) ->
     """run/{route} and run_wait_result/{route}: one handler each for the path (p) and hash (h) forms."""
 
     # ref_of only names the script (no I/O): the lookup's 404 comes after auth and validation
-    async def run(ws: str, _u: User, pool: Pool, ref: ScriptRef = Depends(ref_of),
+    async def run(ws: str, u: User, db: RunStored, pool: Pool, ref: ScriptRef = Depends(ref_of),
                   args: Any = Body(default_factory=dict), tag: str | None = Tag,
                   scheduled_in_secs: float = Sched, priority: int | None = Prio) -> str:
-        s = await script_or_404(pool, ws, ref.path, ref.hash)
-        return str(await push_script(pool, ws, s, args, tag, scheduled_in_secs, priority))
+        s = await script_or_404(db, ws, ref.path, ref.hash)
+        return str(await push_script(pool, ws, s, args, tag, scheduled_in_secs, priority,
+                                     created_by=u.name))
 
-    async def run_wait(ws: str, _u: User, pool: Pool, settings: Settings, waiters: Waiters,
-                       ref: ScriptRef = Depends(ref_of), args: Any = Body(default_factory=dict),
-                       tag: str | None = Tag, priority: int | None = Prio,
-                       timeout_s: float | None = WaitT) -> Response:
-        s = await script_or_404(pool, ws, ref.path, ref.hash)
-        jid = await push_script(pool, ws, s, args, tag, 0, priority, wait=True)
+    async def run_wait(ws: str, u: User, db: RunStored, pool: Pool, settings: Settings,
+                       waiters: Waiters, ref: ScriptRef = Depends(ref_of),
+                       args: Any = Body(default_factory=dict), tag: str | None = Tag,
+                       priority: int | None = Prio, timeout_s: float | None = WaitT) -> Response:
+        s = await script_or_404(db, ws, ref.path, ref.hash)
+        jid = await push_script(pool, ws, s, args, tag, 0, priority, wait=True, created_by=u.name)
         return await wait_result(pool, waiters, ws, jid, timeout_s or settings.wait_timeout_s)
 
     # the names keep the operation ids and summaries of the OpenAPI document
     router.add_api_route(f"/jobs/run/{route}", run, methods=["POST"], name=f"run_{by}",
                          response_class=PlainTextResponse, status_code=201)
     router.add_api_route(f"/jobs/run_wait_result/{route}", run_wait, methods=["POST"],
-                         name=f"run_wait_{by}")
+                         name=f"run_wait_{by}", responses=WAIT)
 
 
 _add_script_routes("path", "p/{path:path}", by_path)
@@ -69,26 +73,27 @@ _add_script_routes("hash", "h/{h}", by_hash)
 
 
 @router.post("/jobs/run/preview", response_class=PlainTextResponse, status_code=201)
-async def run_preview(ws: str, body: Preview, _u: User, pool: Pool, tag: str | None = Tag,
+async def run_preview(ws: str, body: Preview, u: RunJobs, pool: Pool, tag: str | None = Tag,
                       scheduled_in_secs: float = Sched, priority: int | None = Prio) -> str:
-    return str(await push_preview(pool, ws, body, tag, scheduled_in_secs, priority))
+    return str(await push_preview(pool, ws, body, tag, scheduled_in_secs, priority,
+                                  created_by=u.name))
 
 
-@router.post("/jobs/run_wait_result/preview")
-@router.post("/jobs/run_inline/preview")
-async def run_wait_preview(ws: str, body: Preview, _u: User, pool: Pool, settings: Settings,
+@router.post("/jobs/run_wait_result/preview", responses=WAIT)
+@router.post("/jobs/run_inline/preview", responses=WAIT)
+async def run_wait_preview(ws: str, body: Preview, u: RunJobs, pool: Pool, settings: Settings,
                            waiters: Waiters, tag: str | None = Tag, priority: int | None = Prio,
                            timeout_s: float | None = WaitT) -> Response:
-    jid = await push_preview(pool, ws, body, tag, 0, priority, wait=True)
+    jid = await push_preview(pool, ws, body, tag, 0, priority, wait=True, created_by=u.name)
     return await wait_result(pool, waiters, ws, jid, timeout_s or settings.wait_timeout_s)
 
 
 # ---- reading --------------------------------------------------------------------------------
 
 @router.get("/jobs_u/get/{id}")
-async def get_job(ws: str, id: str, _u: User, pool: Pool) -> dict[str, Any]:
+async def get_job(ws: str, id: str, db: ReadJobs, pool: Pool) -> dict[str, Any]:
     jid = job_uuid(id)
-    j = await queue.get_job(pool, ws, jid)
+    j = await queue.get_job(db, ws, jid)
     if not j:
         raise HTTPException(404, f"job {id} not found in workspace {ws}")
     logs, _ = await queue.get_logs(pool, jid)
@@ -112,17 +117,19 @@ async def _waiting_reason(pool: asyncpg.Pool, j: dict[str, Any]) -> str:
     return "waiting for a free worker"
 
 
-@router.get("/jobs_u/completed/get_result/{id}")
-async def get_result(ws: str, id: str, _u: User, pool: Pool) -> Response:
-    c = await queue.get_completed(pool, ws, job_uuid(id))
+@router.get("/jobs_u/completed/get_result/{id}",
+            responses={200: {"description": "the job's result (any JSON)",
+                             "content": {"application/json": {"schema": {}}}}})
+async def get_result(ws: str, id: str, db: ReadJobs) -> Response:
+    c = await queue.get_completed(db, ws, job_uuid(id))
     if not c:
         raise HTTPException(404, f"completed job {id} not found in workspace {ws}")
     return JSONResponse(c["result"])
 
 
 @router.get("/jobs_u/completed/get_result_maybe/{id}")
-async def get_result_maybe(ws: str, id: str, _u: User, pool: Pool) -> dict[str, Any]:
-    st = await queue.job_state(pool, ws, job_uuid(id))
+async def get_result_maybe(ws: str, id: str, db: ReadJobs) -> dict[str, Any]:
+    st = await queue.job_state(db, ws, job_uuid(id))
     if not st:
         raise HTTPException(404, f"job {id} not found in workspace {ws}")
     return {"started": st["started"], "completed": st["completed"], "success": st["success"],
@@ -130,20 +137,20 @@ async def get_result_maybe(ws: str, id: str, _u: User, pool: Pool) -> dict[str, 
 
 
 @router.get("/jobs_u/get_logs/{id}", response_class=PlainTextResponse)
-async def get_logs(ws: str, id: str, _u: User, pool: Pool) -> str:
+async def get_logs(ws: str, id: str, db: ReadJobs, pool: Pool) -> str:
     jid = job_uuid(id)
-    if not await queue.job_state(pool, ws, jid):
+    if not await queue.job_state(db, ws, jid):
         raise HTTPException(404, f"job {id} not found in workspace {ws}")
     text, _ = await queue.get_logs(pool, jid)
     return text
 
 
 @router.get("/jobs_u/getupdate/{id}")
-async def get_update(ws: str, id: str, _u: User, pool: Pool,
+async def get_update(ws: str, id: str, db: ReadJobs, pool: Pool,
                      log_offset: int = Query(0, ge=0)) -> dict[str, Any]:
     """New logs since ``log_offset`` and whether the job is done (for following a job)."""
     jid = job_uuid(id)
-    st = await queue.job_state(pool, ws, jid)
+    st = await queue.job_state(db, ws, jid)
     if not st:
         raise HTTPException(404, f"job {id} not found in workspace {ws}")
     text, last = await queue.get_logs(pool, jid, log_offset)
@@ -152,16 +159,17 @@ async def get_update(ws: str, id: str, _u: User, pool: Pool,
 
 
 @router.post("/jobs_u/queue/cancel/{id}", response_class=PlainTextResponse)
-async def cancel(ws: str, id: str, user: User, pool: Pool, body: CancelBody | None = None) -> str:
+async def cancel(ws: str, id: str, user: User, db: CancelJobs,
+                 body: CancelBody | None = None) -> str:
     reason = (body.reason if body else None) or "no reason given"
-    r = await queue.cancel(pool, ws, job_uuid(id), user, reason)
+    r = await queue.cancel(db, ws, job_uuid(id), user.name, reason)
     if r is None:
         raise HTTPException(404, f"queued or running job {id} not found in workspace {ws}")
     return f"job {id} {r}"
 
 
 @router.get("/jobs/list")
-async def list_jobs(ws: str, _u: User, pool: Pool, limit: int = Query(50, ge=1, le=1000),
+async def list_jobs(ws: str, _u: ListJobs, pool: Pool, limit: int = Query(50, ge=1, le=1000),
                     script_path_exact: str | None = None, success: bool | None = None,
                     running: bool | None = None) -> list[dict[str, Any]]:
     rows = await queue.list_jobs(pool, ws, limit=limit, script_path=script_path_exact,

@@ -9,16 +9,18 @@ from fastapi.responses import PlainTextResponse
 
 from sandmill.store import scripts
 
-from ..deps import Pool, User
+from ..deps import ListScripts, Pool, ReadScripts, WriteScripts
 from ..models import ScriptCreate, check_code
 from ..submit import script_or_404
 from ..views import _script_json
+from .errors import IN_WORKSPACE
 
-router = APIRouter(prefix="/api/w/{ws}/scripts", tags=["scripts"])
+# Every route: 404 for another workspace's token, 403 for a scope it lacks (deps).
+router = APIRouter(prefix="/api/w/{ws}/scripts", tags=["scripts"], responses=IN_WORKSPACE)
 
 
 @router.post("/create", response_class=PlainTextResponse, status_code=201)
-async def create_script(ws: str, body: ScriptCreate, _u: User, pool: Pool) -> str:
+async def create_script(ws: str, body: ScriptCreate, _u: WriteScripts, pool: Pool) -> str:
     check_code(body.language, body.content)
     fields = body.model_dump()
     fields["timeout_s"] = fields.pop("timeout")
@@ -26,15 +28,15 @@ async def create_script(ws: str, body: ScriptCreate, _u: User, pool: Pool) -> st
 
 
 @router.get("/get/p/{path:path}")
-async def get_script(ws: str, path: str, _u: User, pool: Pool) -> dict[str, Any]:
-    return _script_json(await script_or_404(pool, ws, path=path))
+async def get_script(ws: str, path: str, db: ReadScripts) -> dict[str, Any]:
+    return _script_json(await script_or_404(db, ws, path=path))
 
 
 @router.get("/get/h/{h}")
-async def get_script_by_hash(ws: str, h: str, _u: User, pool: Pool) -> dict[str, Any]:
-    return _script_json(await script_or_404(pool, ws, h=h))
+async def get_script_by_hash(ws: str, h: str, db: ReadScripts) -> dict[str, Any]:
+    return _script_json(await script_or_404(db, ws, h=h))
 
 
 @router.get("/list")
-async def list_scripts(ws: str, _u: User, pool: Pool) -> list[dict[str, Any]]:
+async def list_scripts(ws: str, _u: ListScripts, pool: Pool) -> list[dict[str, Any]]:
     return await scripts.list_scripts(pool, ws)

@@ -1,4 +1,5 @@
-"""Worker endpoints: the live workers, and the worker group configs (partial profiles)."""
+"""Worker endpoints: the live workers, and the worker group configs (partial profiles).
+The admin's only: a workspace token gets 403."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ from fastapi.responses import JSONResponse
 
 from sandmill.store import workers
 
-from ..deps import Pool, User
+from ..deps import Admin, Pool
 from ..models import GROUP_RE, validate_group_config
 from ..views import _worker_json
+from .errors import AUTHED, error
 
-router = APIRouter(tags=["workers"])
+router = APIRouter(tags=["workers"], responses=AUTHED)
 
 
 @router.get("/api/workers/list")
-async def list_workers(_u: User, pool: Pool) -> list[dict[str, Any]]:
+async def list_workers(_u: Admin, pool: Pool) -> list[dict[str, Any]]:
     return [_worker_json(w) for w in await workers.list_workers(pool)]
 
 
@@ -29,9 +31,9 @@ def group_of(name: str) -> str:
     return group
 
 
-@router.get("/api/configs/{name}")
+@router.get("/api/configs/{name}", responses={404: error("no such config")})
 @router.get("/api/configs/get/{name}", include_in_schema=False)
-async def get_config(name: str, _u: User, pool: Pool) -> Any:
+async def get_config(name: str, _u: Admin, pool: Pool) -> Any:
     """A worker group's config: a partial profile that overrides its YAML profile."""
     group = group_of(name)
     cfg = await workers.get_config(pool, name)
@@ -40,9 +42,9 @@ async def get_config(name: str, _u: User, pool: Pool) -> Any:
     return cfg
 
 
-@router.put("/api/configs/{name}")
+@router.put("/api/configs/{name}", responses={404: error("not a worker group's config name")})
 @router.post("/api/configs/update/{name}", include_in_schema=False)
-async def put_config(name: str, _u: User, pool: Pool, body: Any = Body(...)) -> Any:
+async def put_config(name: str, _u: Admin, pool: Pool, body: Any = Body(...)) -> Any:
     """Set a worker group's config (a partial profile, e.g. ``{"tags": [...]}``). Running
     workers of the group reload it at once (NOTIFY), without restart."""
     group = group_of(name)
