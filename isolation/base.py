@@ -49,6 +49,7 @@ class Backend(abc.ABC):
 CONFORMANCE_CASES: dict[str, str] = {
     "wall_timeout": "a job past limits.wall_s is killed: status timeout",
     "cpu_limit": "a busy loop past limits.cpu_s is killed: status cpu_limit",
+    "cpu_cores": "busy processes with limits.cpu_cores 0.5 get about half a core, all together",
     "memory_limit_children": "a child allocating past limits.memory_mb: status memory_limit",
     "fork_bomb": "forking stops at limits.pids; the host can still fork",
     "output_flood": "endless stdout is capped at limits.output_bytes: output_limit, truncated",

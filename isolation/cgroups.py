@@ -1,6 +1,7 @@
 """Per-job cgroups on cgroup v1 (memory, pids, cpuacct hierarchies) and v2 (unified).
 
-A job cgroup lives under a ``sandmill`` parent in each hierarchy. The caller puts the
+A job cgroup lives under a ``sandmill`` parent in each hierarchy (v1: memory, pids,
+cpuacct and, where mounted, cpu for the quota of ``Limits.cpu_cores``). The caller puts the
 job's first process in it *before* exec (see ``JobCgroup.procs_files``), so every
 descendant is counted for memory and pids and can be swept when the job ends.
 """
@@ -17,7 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+V1_CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
+CPU_PERIOD_US = 100_000  # the CFS period of a job's CPU quota (the kernel's default)
 
 
 class CgroupUnavailable(RuntimeError):
@@ -73,6 +75,20 @@ def probe_gap() -> str | None:
     except (CgroupUnavailable, OSError) as e:
         return f"cgroups unavailable: {e}"
     return None
+
+
+def cpu_quota_gap() -> str | None:
+    """None when job cgroups can bound a job's CPU rate (``Limits.cpu_cores``) here,
+    else the reason in words (v1 without a cpu hierarchy, v2 without the cpu controller)."""
+    gap = probe_gap()
+    if gap is not None:
+        return gap
+    host = detect()
+    if host.version == 1:
+        return None if "cpu" in host.mounts else "no cgroup v1 cpu hierarchy mounted"
+    parents = _ensure_parent(host, "sandmill")
+    have = (parents[0][1] / "cgroup.subtree_control").read_text().split()
+    return None if "cpu" in have else "cgroup v2 cpu controller not enabled for job cgroups"
 
 
 def _write(path: Path, value: str) -> None:
@@ -155,7 +171,7 @@ class JobCgroup:
 
     @classmethod
     def create(cls, memory_bytes: int | None, pids: int | None, parent: str = "sandmill",
-               prefix: str = "job") -> "JobCgroup":
+               prefix: str = "job", cpu_cores: float | None = None) -> "JobCgroup":
         """Make a fresh job cgroup with the given limits. Raises CgroupUnavailable/OSError."""
         host = detect()
         parents = _ensure_parent(host, parent)
@@ -176,22 +192,25 @@ class JobCgroup:
                     if ctrl not in dirs and host.mounts.get(ctrl) == host.mounts.get(key):
                         dirs[ctrl] = d
         try:
-            cg._limit(memory_bytes, pids)
+            cg._limit(memory_bytes, pids, cpu_cores)
         except BaseException:
             cg.remove()
             raise
         return cg
 
-    def set_limits(self, memory_bytes: int | None, pids: int | None) -> None:
-        """Set (or change) the memory and pids limits; None leaves one as it is."""
-        self._limit(memory_bytes, pids)
+    def set_limits(self, memory_bytes: int | None, pids: int | None,
+                   cpu_cores: float | None = None) -> None:
+        """Set (or change) the memory, pids and CPU-rate limits; None leaves one as it is."""
+        self._limit(memory_bytes, pids, cpu_cores)
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (not its existing children) into this cgroup."""
         for procs in self.procs_files():
             _write(Path(procs), str(pid))
 
-    def _limit(self, memory_bytes: int | None, pids: int | None) -> None:
+    def _limit(self, memory_bytes: int | None, pids: int | None, cpu_cores: float | None = None) -> None:
+        if cpu_cores is not None:
+            self._cpu_quota(cpu_cores)
         if self.host.version == 2:
             d = self.dirs["unified"]
             if memory_bytes is not None:
@@ -209,6 +228,21 @@ class JobCgroup:
                 _write(sw, str(memory_bytes))
         if pids is not None:
             _write(self.dirs["pids"] / "pids.max", str(pids))
+
+    def _cpu_quota(self, cores: float) -> None:
+        """CFS bandwidth: at most ``cores`` CPUs' worth of time per period, all the job's
+        processes together (v2 ``cpu.max``; v1 ``cpu.cfs_quota_us``). No-op where the cpu
+        controller is missing: the backend's probe declares that gap."""
+        quota = max(1000, int(cores * CPU_PERIOD_US))  # the kernel's minimum is 1 ms
+        if self.host.version == 2:
+            f = self.dirs["unified"] / "cpu.max"
+            if f.exists():
+                _write(f, f"{quota} {CPU_PERIOD_US}")
+            return
+        d = self.dirs.get("cpu")
+        if d is not None:
+            _write(d / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(d / "cpu.cfs_quota_us", str(quota))
 
     def procs_files(self) -> list[str]:
         """cgroup.procs paths to write "0" into from the child before exec."""

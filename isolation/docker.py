@@ -17,55 +17,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import logging
 import os
 import shutil
-import signal
-import socket
-import stat
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import docker
 import requests
 from docker.errors import DockerException, ImageNotFound, NotFound
-from docker.types import LogConfig, Ulimit
 
 from . import docker_cgroup as cg
 from .base import Backend, OutputCallback, Probe
-from .docker_stream import Demux, start_stdin_writer
+from .docker_config import WORKDIR, host_config
+from .docker_files import collect, make_workdir
+from .docker_job import Job, in_thread
+from .docker_status import classify, gaps
+from .docker_stream import Demux, in_loop, start_stdin_writer
+from .docker_sweep import LABEL, OWNER_LABEL, owner_value, sweep_at_start, sweep_stale
 from .spec import Outcome, RunSpec, Status
 
+__all__ = ["DEFAULT_IMAGE", "LABEL", "OWNER_LABEL", "DockerBackend", "sweep_stale"]
+
+log = logging.getLogger(__name__)
+
 DEFAULT_IMAGE = "sandmill/job:bookworm"
-WORKDIR = "/work"
-LABEL = "sandmill.job"
-MIB = 1024 * 1024
 # How often the CPU watchdog (and, under the systemd driver, the usage sampler) looks.
 POLL_S = 0.05
-
-
-@dataclass
-class _Job:
-    """State of one run, shared between the event loop and the I/O threads."""
-
-    job_id: str
-    workdir: str
-    container_id: str | None = None
-    sock: socket.socket | None = None
-    cgroup_rel: str | None = None  # where usage is read, if readable at all
-    own_parent: bool = False  # we created /sandmill-docker/<job> and must rmdir it
-    killed_for: Status | None = None  # the first limit that made us kill it
-    started: float = 0.0  # monotonic time of the start call
-    setup_done: threading.Event = field(default_factory=threading.Event)
-    setup_begun: bool = False  # under lock: _setup got past its abandon check
-    abandoned: bool = False  # under lock: cleanup ran first; _setup must create nothing
-    usage: cg.Usage = field(default_factory=cg.Usage)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+# Timeout of the kill and remove calls: short, and retried, so that a slow dockerd
+# cannot hold a cancel (the job's processes are killed through its cgroup first anyway).
+KILL_API_TIMEOUT_S = 10.0
+# How long a run waits for its clean-up (kill + remove) before it returns or re-raises;
+# the clean-up thread goes on (close() waits for it), retrying the removal this long.
+CLEANUP_WAIT_S = 5.0
+REMOVE_FOR_S = 120.0
 
 
 class DockerBackend(Backend):
@@ -101,20 +88,32 @@ class DockerBackend(Backend):
         self.labels = dict(labels or {})
         self.api_timeout_s = api_timeout_s
         self._client: docker.APIClient | None = None
+        self._kill_client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
         self._driver: str | None = None
+        self._cleanups: set[threading.Thread] = set()  # clean-ups still going on
 
-    # -- docker plumbing (blocking; called through asyncio.to_thread) -------------------
+    # -- docker plumbing (blocking; called in threads) ---------------------------------
+
+    def _new_client(self, timeout: float) -> docker.APIClient:
+        if self.docker_url:
+            return docker.APIClient(base_url=self.docker_url, timeout=timeout)
+        return docker.from_env(timeout=timeout).api
 
     @property
     def api(self) -> docker.APIClient:
         with self._client_lock:
             if self._client is None:
-                if self.docker_url:
-                    self._client = docker.APIClient(base_url=self.docker_url, timeout=self.api_timeout_s)
-                else:
-                    self._client = docker.from_env(timeout=self.api_timeout_s).api
+                self._client = self._new_client(self.api_timeout_s)
             return self._client
+
+    @property
+    def kill_api(self) -> docker.APIClient:
+        """A client with a short timeout, for kill and remove (retried by the caller)."""
+        with self._client_lock:
+            if self._kill_client is None:
+                self._kill_client = self._new_client(min(self.api_timeout_s, KILL_API_TIMEOUT_S))
+            return self._kill_client
 
     def _is_local(self) -> bool:
         """True when dockerd's cgroups are this host's (a unix socket here)."""
@@ -146,10 +145,11 @@ class DockerBackend(Backend):
         except DockerException as e:
             return Probe(self.name, False, f"docker info failed: {e}")
         self._driver = str(info.get("CgroupDriver") or "")
+        sweep_at_start(self.api)  # a starting worker removes dead workers' containers
         return Probe(self.name, True, f"dockerd {info.get('ServerVersion')}, image {self.image}",
-                     _gaps(info, self._is_local()))
+                     gaps(info, self._is_local()))
 
-    def _setup(self, spec: RunSpec, job: _Job) -> None:
+    def _setup(self, spec: RunSpec, job: Job) -> None:
         """Create, attach and start. Sets ``job.setup_done`` however it ends, so that a
         cleanup racing with a cancelled setup waits for the container id."""
         with job.lock:
@@ -159,41 +159,16 @@ class DockerBackend(Backend):
             job.setup_begun = True
         try:
             self._create(spec, job)
-            job.started = time.monotonic()
+            with job.lock:
+                if job.abandoned:  # cancelled while creating: the clean-up removes it
+                    raise asyncio.CancelledError()
+                job.started = time.monotonic()
             self.api.start(job.container_id)
         finally:
             job.setup_done.set()
 
-    def _create(self, spec: RunSpec, job: _Job) -> None:
-        lim = spec.limits
-        ulimits = [Ulimit(name="core", soft=0, hard=0)]  # no core files from SIGXCPU/XFSZ
-        if lim.cpu_s is not None:
-            # Soft: SIGXCPU (cpu_limit); hard one second later: SIGKILL if it is ignored.
-            soft = max(1, math.ceil(lim.cpu_s))
-            ulimits.append(Ulimit(name="cpu", soft=soft, hard=soft + 1))
-        if lim.file_size_mb is not None:
-            ulimits.append(Ulimit(name="fsize", soft=lim.file_size_mb * MIB, hard=lim.file_size_mb * MIB))
-        if lim.open_files is not None:
-            ulimits.append(Ulimit(name="nofile", soft=lim.open_files, hard=lim.open_files))
-        tmp_opts = "rw,nosuid,nodev,mode=1777"
-        if lim.tmp_mb is not None:
-            tmp_opts += f",size={lim.tmp_mb}m"
-        host: dict[str, Any] = dict(
-            binds={job.workdir: {"bind": WORKDIR, "mode": "rw"}},
-            network_mode="host" if spec.network == "host" else "none",
-            read_only=True,
-            tmpfs={"/tmp": tmp_opts},
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            init=True,
-            log_config=self._log_config(),
-            ulimits=ulimits,
-        )
-        if lim.pids is not None:
-            host["pids_limit"] = lim.pids + 1  # + docker-init, which is not the job's
-        if lim.memory_mb is not None:
-            host["mem_limit"] = lim.memory_mb * MIB
-            host["memswap_limit"] = lim.memory_mb * MIB  # no swap: memory+swap = memory
+    def _create(self, spec: RunSpec, job: Job) -> None:
+        host = host_config(spec, job.workdir, self.log_driver, self.log_max_size)
         if self._is_local() and self._cgroup_driver() == "cgroupfs":
             host["cgroup_parent"] = cg.job_parent(job.job_id)
             job.cgroup_rel = cg.job_parent(job.job_id)
@@ -212,8 +187,9 @@ class DockerBackend(Backend):
             network_disabled=spec.network != "host",
             stdin_open=True,
             detach=False,  # with stdin_open this sets StdinOnce: our half-close is EOF
-            name=f"sandmill-{job.job_id}",
-            labels={**self.labels, LABEL: "1", f"{LABEL}.id": job.job_id},
+            name=job.name,
+            # The owner label lets a later worker remove what we leave if we are SIGKILLed.
+            labels={**self.labels, LABEL: "1", f"{LABEL}.id": job.job_id, OWNER_LABEL: owner_value()},
             host_config=self.api.create_host_config(**host),
         )
         job.container_id = created["Id"]
@@ -222,22 +198,21 @@ class DockerBackend(Backend):
             "stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
         job.sock = attached._sock  # the raw socket: SocketIO cannot half-close
 
-    def _log_config(self) -> LogConfig:
-        if self.log_driver in ("json-file", "local"):
-            return LogConfig(type=self.log_driver, config={"max-size": self.log_max_size, "max-file": "1"})
-        return LogConfig(type=self.log_driver)
-
-    def _kill(self, job: _Job, reason: Status | None) -> None:
-        """SIGKILL the container (idempotent; 'not running' is fine)."""
+    def _kill(self, job: Job, reason: Status | None) -> None:
+        """Kill every process of the job (idempotent). Through its cgroup first, which
+        needs no dockerd (a fork bomb dies even while the API is slow), then ``docker
+        kill`` with a short timeout ('not running' is fine)."""
         with job.lock:
             if reason is not None and job.killed_for is None:
                 job.killed_for = reason
+        if job.cgroup_rel is not None:
+            cg.kill_all(job.cgroup_rel, timeout=1.0)
         if job.container_id is None:
             return
         with contextlib.suppress(DockerException, requests.RequestException):
-            self.api.kill(job.container_id)
+            self.kill_api.kill(job.container_id)
 
-    def _finish(self, job: _Job) -> dict[str, Any]:
+    def _finish(self, job: Job) -> dict[str, Any]:
         """Wait for the exit and return the container State."""
         assert job.container_id is not None
         # After the output's EOF it has usually exited already: one round trip, not two.
@@ -247,41 +222,86 @@ class DockerBackend(Backend):
             state = self.api.inspect_container(job.container_id)["State"]
         return state
 
-    async def _exit_state(self, job: _Job, deadline: float) -> dict[str, Any]:
+    async def _exit_state(self, job: Job, deadline: float) -> dict[str, Any]:
         """The State once the container exited. The output's EOF normally means that
         already (docker-init holds stdout/stderr until it exits), but the wall clock
         still applies should it not."""
-        finish = asyncio.ensure_future(asyncio.to_thread(self._finish, job))
+        finish = in_thread(self._finish, job)
         try:
-            return await asyncio.wait_for(asyncio.shield(finish), max(0.0, deadline - time.monotonic()))
+            state = await asyncio.wait_for(asyncio.shield(finish), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            await asyncio.to_thread(self._kill, job, Status.timeout)
-            return await finish
+            await in_thread(self._kill, job, Status.timeout)
+            state = await finish
+        job.exited = True
+        return state
 
-    def _cleanup(self, job: _Job) -> None:
-        """Remove container (killing it), socket, work dir and parent cgroup. Never
-        raises. Waits first for a setup still running in its thread; a setup that has
-        not begun (its executor job was cancelled, or is yet to run) is abandoned."""
+    def _cleanup(self, job: Job) -> None:
+        """Kill (unless it exited), remove the container, close the socket, remove the
+        work dir and parent cgroup. Never raises. A setup still in its thread is told to
+        stop (``abandoned``); the container is removed by name if its id is not known
+        yet, and 'no such container' counts as gone only once no setup is in flight."""
         with job.lock:
             begun = job.setup_begun
-            job.abandoned = not begun
-        if begun:
-            job.setup_done.wait(self.api_timeout_s * 3)
+            job.abandoned = True
+        if not job.exited:
+            self._kill(job, None)
+        deadline = time.monotonic() + REMOVE_FOR_S
+        while True:
+            settled = not begun or job.setup_done.is_set()
+            if job.container_id is None and settled:
+                break  # never created
+            try:
+                self.kill_api.remove_container(job.container_id or job.name, force=True, v=True)
+                gone = True
+            except NotFound:
+                gone = True
+            except Exception as e:  # slow or busy dockerd: retry; the work dir and cgroup must go too
+                gone = False
+                if time.monotonic() > deadline:
+                    log.error("container %s not removed after %.0f s: %s", job.name, REMOVE_FOR_S, e)
+                    break
+            if gone and settled:
+                break
+            job.setup_done.wait(0.2)
+            if gone:  # a create in flight may still make it: look again once setup ends
+                continue
+            time.sleep(0.2)
         if job.sock is not None:
             with contextlib.suppress(OSError):
                 job.sock.close()
-        if job.container_id is not None:
-            for _ in range(3):  # dockerd may still be tearing the task down
-                try:
-                    self.api.remove_container(job.container_id, force=True, v=True)
-                    break
-                except NotFound:
-                    break
-                except Exception:  # cleanup must go on: the work dir and cgroup too
-                    time.sleep(0.2)
         if job.own_parent:
+            cg.kill_all(cg.job_parent(job.job_id), timeout=1.0)
             cg.remove_parent(job.job_id)
         shutil.rmtree(job.workdir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait (a bounded time) for clean-ups still removing containers."""
+        deadline = time.monotonic() + REMOVE_FOR_S
+        for t in list(self._cleanups):
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    async def _clean(self, job: Job) -> None:
+        """Run ``_cleanup`` in its own thread and wait for it up to CLEANUP_WAIT_S, also
+        when cancelled again meanwhile: the job is dead by then (its cgroup is killed
+        first); a removal that dockerd is slow to do goes on in the thread."""
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                self._cleanup(job)
+            finally:
+                done.set()
+                self._cleanups.discard(threading.current_thread())
+
+        t = threading.Thread(target=target, name="sandmill-docker-cleanup", daemon=True)
+        self._cleanups.add(t)
+        t.start()
+        waiter = in_thread(done.wait, CLEANUP_WAIT_S)
+        while not waiter.done():
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                continue
 
     # -- the run ------------------------------------------------------------------------
 
@@ -289,27 +309,22 @@ class DockerBackend(Backend):
         """Run ``spec`` in a fresh container; see the module docstring for the setup."""
         loop = asyncio.get_running_loop()
         try:
-            workdir = _make_workdir(spec.files, self.uid, self.workdir_root)
+            workdir = make_workdir(spec.files, self.uid, self.workdir_root)
         except (OSError, ValueError) as e:
             return Outcome(Status.sandbox_error, detail=f"cannot prepare work dir: {e}")
-        job = _Job(job_id=uuid.uuid4().hex[:16], workdir=workdir)
+        job = Job(job_id=uuid.uuid4().hex[:16], workdir=workdir)
         try:
             return await self._run(spec, job, loop, on_output)
         finally:
-            # Shielded, and waited for even if cancelled again: the contract is that no
-            # container outlives the task that ran it.
-            cleanup = asyncio.ensure_future(asyncio.to_thread(self._cleanup, job))
-            while not cleanup.done():
-                try:
-                    await asyncio.shield(cleanup)
-                except asyncio.CancelledError:
-                    continue
+            # Waited for even if cancelled again: the contract is that no container
+            # outlives the task that ran it.
+            await self._clean(job)
 
-    async def _run(self, spec: RunSpec, job: _Job, loop: asyncio.AbstractEventLoop,
+    async def _run(self, spec: RunSpec, job: Job, loop: asyncio.AbstractEventLoop,
                    on_output: OutputCallback | None) -> Outcome:
         lim = spec.limits
         try:
-            await asyncio.to_thread(self._setup, spec, job)
+            await in_thread(self._setup, spec, job)
         except ImageNotFound:
             return Outcome(Status.sandbox_error,
                            detail=f"image {self.image} not found; build it with isolation/images/build.sh")
@@ -318,7 +333,7 @@ class DockerBackend(Backend):
         assert job.sock is not None and job.container_id is not None
         started = job.started
 
-        emit = _in_loop(loop, on_output) if on_output is not None else None
+        emit = in_loop(loop, on_output) if on_output is not None else None
         # Kill from another thread: dockerd's kill waits for the exit, and the exit waits
         # for the attach stream to drain, which is the reader's job; killing from the
         # reader thread would deadlock.
@@ -326,16 +341,14 @@ class DockerBackend(Backend):
             threading.Thread(target=self._kill, args=(job, Status.output_limit), daemon=True).start()
         demux = Demux(job.sock, lim.output_bytes, emit, overflow)
         start_stdin_writer(job.sock, spec.stdin)
-        reader = asyncio.ensure_future(asyncio.to_thread(demux.run))
+        reader = in_thread(demux.run)
         try:
             await self._watch(spec, job, reader, started)
             state = await self._exit_state(job, started + lim.wall_s + 1.0)
         except asyncio.CancelledError:
-            await asyncio.to_thread(self._kill, job, None)
-            await asyncio.gather(reader, return_exceptions=True)
-            raise
+            raise  # run()'s clean-up kills and removes it, in a thread of its own
         except (DockerException, requests.RequestException) as e:
-            await asyncio.to_thread(self._kill, job, None)
+            await in_thread(self._kill, job, None)
             await asyncio.gather(reader, return_exceptions=True)
             return Outcome(Status.sandbox_error, detail=f"docker failed during the run: {e}")
         wall_ms = int((time.monotonic() - started) * 1000)
@@ -353,11 +366,11 @@ class DockerBackend(Backend):
             stdout_truncated=demux.truncated["stdout"],
             stderr_truncated=demux.truncated["stderr"],
         )
-        _classify(out, state, job, spec)
-        out.files = _collect(job.workdir, spec.collect, lim.output_bytes)
+        classify(out, state, job.killed_for, job.usage.oom_kills, job.usage.cpu_ns, spec)
+        out.files = collect(job.workdir, spec.collect, lim.output_bytes)
         return out
 
-    async def _watch(self, spec: RunSpec, job: _Job, reader: asyncio.Future[None], started: float) -> None:
+    async def _watch(self, spec: RunSpec, job: Job, reader: asyncio.Future[None], started: float) -> None:
         """Until the output reaches EOF (the container exited): enforce the wall clock
         and the whole-job CPU limit, and sample usage where it is not kept for us."""
         lim = spec.limits
@@ -368,7 +381,7 @@ class DockerBackend(Backend):
         while not reader.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                await asyncio.to_thread(self._kill, job, Status.timeout)
+                await in_thread(self._kill, job, Status.timeout)
                 await reader
                 return
             await asyncio.wait({reader}, timeout=min(POLL_S, remaining) if sample else remaining)
@@ -381,145 +394,4 @@ class DockerBackend(Backend):
             job.usage.merge(cg.read_usage(job.cgroup_rel))
             # RLIMIT_CPU is per process; this catches a job that spreads over children.
             if cpu_ns_limit is not None and job.usage.cpu_ns > cpu_ns_limit:
-                await asyncio.to_thread(self._kill, job, Status.cpu_limit)
-
-
-def _host_has_swap() -> bool:
-    try:
-        with open("/proc/swaps") as f:
-            return len(f.read().splitlines()) > 1
-    except OSError:
-        return False
-
-
-def _gaps(info: dict[str, Any], local: bool) -> dict[str, str]:
-    """Conformance cases this dockerd cannot pass, with the reason (keys are
-    isolation.base.CONFORMANCE_CASES names)."""
-    gaps: dict[str, str] = {}
-    if not info.get("MemoryLimit", True):
-        gaps["memory_limit_children"] = "dockerd reports no memory cgroup support (MemoryLimit false)"
-    elif not info.get("SwapLimit", True) and (not local or _host_has_swap()):
-        gaps["memory_limit_children"] = ("no swap accounting (SwapLimit false; boot with swapaccount=1): "
-                                         "memswap_limit is ignored and a job can swap past its memory")
-    if not info.get("PidsLimit", True):
-        gaps["fork_bomb"] = "dockerd reports no pids cgroup support (PidsLimit false)"
-    # A dockerd whose cgroups we cannot read (not on a local socket) still passes
-    # cpu_limit through RLIMIT_CPU; only the whole-job watchdog and usage numbers are
-    # lost, which no case tests: documented in the README, not a gap.
-    return gaps
-
-
-def _in_loop(loop: asyncio.AbstractEventLoop, cb: OutputCallback) -> Callable[[str, bytes], None]:
-    """``cb`` called from the reader thread but run in the event loop, in order."""
-    def emit(name: str, chunk: bytes) -> None:
-        loop.call_soon_threadsafe(cb, name, chunk)
-    return emit
-
-
-def _classify(out: Outcome, state: dict[str, Any], job: _Job, spec: RunSpec) -> None:
-    """Status from why we killed it, then Docker's OOM flag, then the exit code.
-
-    docker-init (like the shell) reports a child killed by signal N as 128+N, and that
-    is all Docker tells us: an explicit ``exit(137)`` reads as SIGKILL here.
-    """
-    code = state.get("ExitCode")
-    out.exit_code = code
-    sig = _signal_of(code)
-    if sig is not None:
-        out.signal = sig.name
-    lim = spec.limits
-    if job.killed_for is not None:
-        out.status = job.killed_for
-        return
-    # An OOM kill of any process of the job counts, even when its parent then exited
-    # non-zero by itself (the cgroup's count: Docker's flag can lag on some versions).
-    if state.get("OOMKilled") or (code != 0 and job.usage.oom_kills > 0):
-        out.status = Status.memory_limit
-        return
-    if sig is signal.SIGXCPU:
-        out.status = Status.cpu_limit
-        return
-    if sig is signal.SIGKILL and lim.cpu_s is not None and job.usage.cpu_ns >= lim.cpu_s * 1e9:
-        out.status = Status.cpu_limit  # the RLIMIT_CPU hard limit
-        return
-    if sig is not None:
-        out.status = Status.signalled
-        return
-    out.status = Status.success if code == 0 else Status.exit_nonzero
-    if state.get("Error"):
-        out.detail = str(state["Error"])
-
-
-def _signal_of(code: int | None) -> signal.Signals | None:
-    if code is None or not 128 < code < 128 + 65:
-        return None
-    try:
-        return signal.Signals(code - 128)
-    except ValueError:
-        return None
-
-
-def _safe_rel(name: str) -> str:
-    rel = os.path.normpath(name)
-    if os.path.isabs(rel) or rel == "." or rel.startswith(".." + os.sep) or rel == "..":
-        raise ValueError(f"file name {name!r} escapes the work dir")
-    return rel
-
-
-def _make_workdir(files: dict[str, bytes], uid: int, root: str | None) -> str:
-    """A fresh, empty dir with ``files`` in it, owned by the job's uid (when we are
-    root) so the job can write next to them."""
-    d = tempfile.mkdtemp(prefix="sandmill-docker-", dir=root)
-    try:
-        for name, data in files.items():
-            path = os.path.join(d, _safe_rel(name))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        if os.geteuid() == 0:
-            for base, dirs, names in os.walk(d):
-                for n in [*dirs, *names]:
-                    os.lchown(os.path.join(base, n), uid, uid)
-            os.chown(d, uid, uid)
-        else:
-            os.chmod(d, 0o777)  # not root: cannot chown; let the job's uid write
-        return d
-    except BaseException:
-        shutil.rmtree(d, ignore_errors=True)
-        raise
-
-
-def _collect(workdir: str, names: list[str], cap: int) -> dict[str, bytes]:
-    """Read back ``names`` (missing ones are skipped), each capped at ``cap`` bytes.
-
-    We read as root what the job wrote: a symlink (even in a parent component) must not
-    lead outside the work dir, so resolve it and open with O_NOFOLLOW.
-    """
-    got: dict[str, bytes] = {}
-    real_root = os.path.realpath(workdir)
-    for name in names:
-        try:
-            path = os.path.join(workdir, _safe_rel(name))
-        except ValueError:
-            continue
-        real = os.path.realpath(path)
-        if os.path.commonpath([real, real_root]) != real_root:
-            continue
-        try:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue  # a FIFO or device would block or lie
-            chunks, left = [], cap
-            while left > 0:
-                b = os.read(fd, min(left, 1 << 20))
-                if not b:
-                    break
-                chunks.append(b)
-                left -= len(b)
-            got[name] = b"".join(chunks)
-        finally:
-            os.close(fd)
-    return got
+                await in_thread(self._kill, job, Status.cpu_limit)

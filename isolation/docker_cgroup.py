@@ -18,6 +18,8 @@ one poll reports 0). With a remote dockerd nothing is readable and everything re
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 ROOT = "/sys/fs/cgroup"
@@ -119,3 +121,53 @@ def scope_path(container_id: str, root: str = ROOT) -> str | None:
         elif os.path.isdir(os.path.join(root, "memory", rel)):
             return rel
     return None
+
+
+def _tree_dirs(rel: str, root: str) -> list[str]:
+    """Every cgroup dir of ``rel``'s subtree, in each hierarchy that has one."""
+    rel = rel.strip("/")
+    if cgroup_version(root) == 2:
+        bases = [os.path.join(root, rel)]
+    else:
+        try:
+            bases = [os.path.join(root, h, rel) for h in os.listdir(root)]
+        except OSError:
+            return []
+    out = []
+    for base in bases:
+        for d, _subdirs, _files in os.walk(base):
+            out.append(d)
+    return out
+
+
+def kill_all(rel: str, timeout: float = 2.0, root: str = ROOT) -> bool:
+    """SIGKILL every process in cgroup ``rel`` and below, from here, without dockerd: a
+    slow or hung API call must not keep a job (a fork bomb) running. Loops until no
+    process is left (a fork bomb adds some while we kill) or ``timeout``; True once empty.
+    The container then exits as if ``docker kill``ed (its init is gone)."""
+    if cgroup_version(root) == 2:
+        kill_file = os.path.join(root, rel.strip("/"), "cgroup.kill")
+        try:
+            with open(kill_file, "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    while True:
+        pids: set[int] = set()
+        for d in _tree_dirs(rel, root):
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids.update(int(x) for x in f.read().split())
+            except (OSError, ValueError):
+                pass
+        if not pids:
+            return True
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)

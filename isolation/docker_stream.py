@@ -7,6 +7,7 @@ output as ``[stream(1) 0 0 0 size(4, big endian)] payload``; 1 = stdout, 2 = std
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -119,3 +120,10 @@ class Demux:
                 del pending[:_HEADER.size + size]
                 if self.overflowed:
                     return
+
+
+def in_loop(loop: asyncio.AbstractEventLoop, cb: Callable[[str, bytes], None]) -> Callable[[str, bytes], None]:
+    """``cb`` called from the reader thread but run in the event loop, in order."""
+    def emit(name: str, chunk: bytes) -> None:
+        loop.call_soon_threadsafe(cb, name, chunk)
+    return emit

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import workdir
 from .base import Backend, OutputCallback, Probe
-from .cgroups import CgroupUnavailable, JobCgroup, probe_gap
+from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Outcome, RunSpec, Status
 from .supervise import KILL_TIMEOUT, Supervised, classify, supervise
 from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
@@ -86,6 +86,7 @@ class NsjailBackend(Backend):
         self.lo_up = lo_up
         self.root = os.geteuid() == 0
         self._cgroup_gap = probe_gap() if self.root else "not root"
+        self._cpu_gap = cpu_quota_gap() if self.root else "not root"
         self._static = self._static_args()
         self.log_dir = Path(tempfile.gettempdir()) / f"sandmill-nsjail-logs-{os.geteuid()}"
         self.warm_pool: WarmPool | None = None
@@ -106,6 +107,8 @@ class NsjailBackend(Backend):
             why = f"no job cgroup ({self._cgroup_gap})"
             gaps["memory_limit_children"] = why
             gaps["fork_bomb"] = why
+        if self._cpu_gap is not None:
+            gaps["cpu_cores"] = f"no CPU quota ({self._cpu_gap}): a job may use every core"
         return Probe(self.name, True, gaps=gaps)
 
     def _static_args(self) -> list[str]:
@@ -200,7 +203,7 @@ class NsjailBackend(Backend):
                     cgroup = JobCgroup.create(
                         memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
                         pids=limits.pids + 1 if limits.pids else None,  # +1: nsjail itself
-                        parent=self.cgroup_parent)
+                        parent=self.cgroup_parent, cpu_cores=limits.cpu_cores)
                 except (CgroupUnavailable, OSError) as e:
                     return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
                 env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import linux, workdir
 from .base import Backend, OutputCallback, Probe
-from .cgroups import CgroupUnavailable, JobCgroup, probe_gap
+from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Outcome, RunSpec, Status
 from .supervise import classify, job_rlimits, supervise
 from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
@@ -51,6 +51,7 @@ class ProcessBackend(Backend):
         self.hide = tuple(h for h in hide if os.path.isdir(h))
         self.namespaces = namespaces and self.root
         self._cgroup_gap: str | None = probe_gap() if self.root else "not root"
+        self._cpu_gap: str | None = cpu_quota_gap() if self.root else "not root"
         # Warm runs need what makes them as isolated as a cold one: root, namespaces
         # and job cgroups.
         self.warm_pool: WarmPool | None = None
@@ -68,6 +69,8 @@ class ProcessBackend(Backend):
             gaps["no_descendant_survives"] = (
                 f"no job cgroup ({cg}); a daemon that calls setsid escapes the process-group sweep")
             gaps["cancel"] = gaps["no_descendant_survives"]
+        if self._cpu_gap is not None:
+            gaps["cpu_cores"] = f"no CPU quota ({self._cpu_gap}): a job may use every core"
         if not self.root:
             gaps["no_network"] = "not root: no network namespace"
             gaps["tmp_size_limit"] = "not root: no tmpfs /tmp (TMPDIR is a per-job dir on disk)"
@@ -95,7 +98,7 @@ class ProcessBackend(Backend):
                 try:
                     cgroup = JobCgroup.create(
                         memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                        pids=limits.pids, parent=self.cgroup_parent)
+                        pids=limits.pids, parent=self.cgroup_parent, cpu_cores=limits.cpu_cores)
                 except (CgroupUnavailable, OSError) as e:
                     return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
             env = dict(spec.env)

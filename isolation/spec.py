@@ -20,6 +20,8 @@ class Limits(BaseModel):
 
     wall_s: float = Field(60.0, gt=0, description="wall-clock seconds")
     cpu_s: float | None = Field(None, gt=0, description="CPU seconds, children included")
+    # A bound on the rate, not the total: one job cannot starve its neighbours of CPU.
+    cpu_cores: float | None = Field(1.0, gt=0, description="CPU cores the whole job may use at once (a cgroup quota)")
     memory_mb: int | None = Field(512, gt=0, description="memory of the whole job, children included")
     pids: int | None = Field(128, gt=0, description="processes and threads at once")
     output_bytes: int = Field(8 * 1024 * 1024, gt=0, description="stdout+stderr bytes kept, each")

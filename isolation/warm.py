@@ -452,7 +452,7 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             # a raw clone the job process has a parent there: a job may then have one
             # process less than its limit, never more.
             cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                              limits.pids)
+                              limits.pids, limits.cpu_cores)
         except (WarmError, OSError) as e:
             z.broken = True
             return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")

@@ -96,7 +96,24 @@ def remove(wd: Path) -> None:
 
 def owner_root(root: Path) -> Path:
     """This process's own work dir root under the shared ``root``."""
-    return root / f"w-{_pid_ns()}-{os.getpid()}-{_start_time(os.getpid())}"
+    return root / f"w-{owner_id()}"
+
+
+def owner_id(pid: int | None = None) -> str:
+    """``<pid ns>-<pid>-<start time>`` of process ``pid`` (default: this one): names its
+    owner in a way that stays true after the pid is reused (work dirs, containers)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{_pid_ns()}-{pid}-{_start_time(pid)}"
+
+
+def owner_dead(owner: str) -> bool:
+    """True when ``owner`` (an ``owner_id``) names a process of our pid namespace that no
+    longer runs. False when it runs, or for another namespace's (its pids mean nothing
+    here) and for anything unparsable: only a sure death lets a sweep remove things."""
+    parts = owner.split("-")
+    if len(parts) != 3 or parts[0] != _pid_ns() or not parts[1].isdigit():
+        return False
+    return _start_time(int(parts[1])) != parts[2]
 
 
 def shared_root(root: Path) -> Path:

@@ -85,6 +85,30 @@ async def test_cpu_limit(backend: Backend) -> None:
     assert o.wall_ms < 10000
 
 
+async def test_cpu_cores(backend: Backend) -> None:
+    # Four busy processes for 2 s of wall: unbounded they take every core they can get
+    # (4 s on 2 idle cores; over 1 s even on this shared machine at load 10); with
+    # cpu_cores 0.25 the whole job gets about 0.5 s, however loaded the host.
+    code = (
+        "import os, time\n"
+        "end = time.monotonic() + 2.0\n"
+        "kids = []\n"
+        "for _ in range(4):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        while time.monotonic() < end: pass\n"
+        "        os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "for k in kids: os.waitpid(k, 0)\n"
+        "t = os.times()\n"
+        "print('cpu', t.children_user + t.children_system, flush=True)\n"
+    )
+    o = await backend.run(spec(code, cpu_cores=0.25, wall_s=30))
+    assert o.status is Status.success, explain(o)
+    cpu = float(o.stdout.split()[-1])
+    assert 0.15 <= cpu <= 0.8, f"{cpu:.2f} s of CPU in 2 s of wall with cpu_cores 0.25"
+
+
 async def test_memory_limit_children(backend: Backend) -> None:
     code = (
         "import subprocess, sys\n"
