@@ -4,7 +4,8 @@ profiles shipped with sandmill (``default``, ``native``, ``gpu``, ``highmem``)."
 from importlib import resources
 from pathlib import Path
 
-from .model import BackendConfig, Profile, ProfileError, load_profile, profile_from_dict
+from .model import (AutoBackend, BackendConfig, DockerBackend, NsjailBackend, ProcessBackend, Profile,
+                    ProfileError, load_profile, profile_from_dict)
 
 
 def shipped(name: str) -> Path:
@@ -24,5 +25,5 @@ def resolve(ref: str) -> Path:
     return Path(ref)
 
 
-__all__ = ["BackendConfig", "Profile", "ProfileError", "load_profile",
-           "profile_from_dict", "resolve", "shipped", "shipped_names"]
+__all__ = ["AutoBackend", "BackendConfig", "DockerBackend", "NsjailBackend", "ProcessBackend", "Profile",
+           "ProfileError", "load_profile", "profile_from_dict", "resolve", "shipped", "shipped_names"]

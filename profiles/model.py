@@ -5,29 +5,72 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandmill.isolation import Limits
+from sandmill.isolation.options import SHARED_NSJAIL_PROCESS, DockerOptions, NsjailOptions, ProcessOptions
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.\-$\[\]]+(\([A-Za-z0-9_\-+]+\))?$")
 
 
-class BackendConfig(BaseModel):
-    """Which isolation backend runs the group's jobs, and its options (passed through to
-    the backend's constructor, e.g. ``image`` for docker)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    kind: Literal["nsjail", "docker", "process", "auto"] = "auto"
-    # When the kind cannot run on this host: fall back to process (with a warning) or refuse.
-    fallback: Literal["process", "refuse"] = "process"
+class _Backend:
+    """A profile's ``backend`` (mixed into each kind's model): the kind, and that backend's
+    constructor options."""
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        """The backend constructor's keyword arguments (for ``auto``: nsjail's)."""
+        return self.model_dump(exclude={"kind"})
+
+
+class NsjailBackend(NsjailOptions, _Backend):
+    """``kind: nsjail``: jobs run in nsjail, or the worker does not start."""
+
+    kind: Literal["nsjail"]
+
+
+class ProcessBackend(ProcessOptions, _Backend):
+    """``kind: process``: jobs run as plain processes (rlimits, cgroups, namespaces as root)."""
+
+    kind: Literal["process"]
+
+
+class DockerBackend(DockerOptions, _Backend):
+    """``kind: docker``: a container per job through dockerd, or the worker does not start."""
+
+    kind: Literal["docker"]
+
+
+class AutoBackend(NsjailOptions, _Backend):
+    """``kind: auto``: nsjail where its probe says it works, else process. Takes nsjail's
+    options; when process is chosen it gets the ones the two share (``process_options``)."""
+
+    kind: Literal["auto"] = "auto"
+
+    def process_options(self) -> dict[str, Any]:
+        """What process takes of these options: nsjail's ``binary`` and ``lo_up`` do not apply."""
+        return {k: v for k, v in self.options.items() if k in SHARED_NSJAIL_PROCESS}
+
+
+BackendConfig = Annotated[Union[NsjailBackend, ProcessBackend, DockerBackend, AutoBackend],
+                          Field(discriminator="kind")]
+
+NO_FALLBACK = ("'fallback' is gone: an explicit kind (nsjail, docker, process) never falls back"
+               " to a weaker backend, the worker refuses to start where it cannot run; to let the"
+               " worker choose (nsjail where it works, else process) use kind: auto")
+
+
+def _backend_input(v: Any) -> Any:
+    """``kind`` defaults to ``auto``; the removed ``fallback`` gets an error that says why."""
+    if isinstance(v, dict):
+        if "fallback" in v:
+            raise ValueError(NO_FALLBACK)
+        if "kind" not in v:
+            return {**v, "kind": "auto"}
+    return v
 
 
 class Profile(BaseModel):
@@ -38,7 +81,7 @@ class Profile(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")
     tags: list[str] = Field(min_length=1)
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    backend: BackendConfig = Field(default_factory=AutoBackend)
     subworkers: int = Field(1, ge=1, le=256)
     native: bool = False  # run native jobs (postgresql, http) in-process
     # a busy subworker claims its next job while the current one runs, from a backlog only
@@ -53,6 +96,11 @@ class Profile(BaseModel):
     periodic_script: str | None = None                  # bash, run every periodic_interval_s
     periodic_interval_s: int = Field(3600, ge=1)
     requires_gpu: bool = False
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, v: Any) -> Any:
+        return _backend_input(v)
 
     @field_validator("tags")
     @classmethod
@@ -71,6 +119,18 @@ class Profile(BaseModel):
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n):
                 raise ValueError(f"bad environment variable name {n!r}")
         return names
+
+
+def _known_options(err: Any) -> str:
+    """For an unknown backend option (loc backend.<kind>.<name>): the options that kind takes."""
+    loc = err["loc"]
+    if err["type"] != "extra_forbidden" or len(loc) != 3 or loc[0] != "backend":
+        return ""
+    model = {"nsjail": NsjailBackend, "process": ProcessBackend, "docker": DockerBackend,
+             "auto": AutoBackend}.get(str(loc[1]))
+    if model is None:
+        return ""
+    return f" (backend {loc[1]} takes: {', '.join(sorted(n for n in model.model_fields if n != 'kind'))})"
 
 
 class ProfileError(Exception):
@@ -98,5 +158,5 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<config>") -> Profile:
         lines = []
         for err in e.errors():
             field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            lines.append(f"{source}: field '{field}': {err['msg']}")
+            lines.append(f"{source}: field '{field}': {err['msg']}{_known_options(err)}")
         raise ProfileError("\n".join(lines)) from None

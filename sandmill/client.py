@@ -132,4 +132,6 @@ def cmd_workers(args: argparse.Namespace) -> int:
                   str(w["cpus"]), str(w["memory_mb"]), ",".join(w["gpus"]) or "-", str(w["last_ping_s_ago"]),
                   str(w["jobs_done"]), f"{w['occupancy']:.0%}")
     Console().print(t)
+    for w in r.json():  # why each worker runs its jobs with that backend
+        print(f"{w['worker']}: backend {w['backend']}: {w.get('backend_reason') or 'reason not reported'}")
     return 0

@@ -54,6 +54,8 @@ def _worker_json(w: dict[str, Any]) -> dict[str, Any]:
     return {
         "worker": w["name"], "worker_group": w["worker_group"], "hostname": w["hostname"],
         "tags": w["tags"], "backend": w["backend"], "subworkers": w["subworkers"],
+        # why this backend: named by the profile, or what kind: auto chose and why
+        "backend_reason": info.get("backend_reason"),
         "cpus": info.get("cpus"), "memory_mb": info.get("memory_mb"), "gpus": info.get("gpus", []),
         "version": info.get("version"), "started_at": _iso(w["started_at"]),
         "last_ping": _iso(w["last_ping"]), "last_ping_s_ago": round(w["last_ping_s_ago"], 1),

@@ -60,6 +60,11 @@ BAD_PROFILES = {
     "zero_subworkers": ("name: a\ntags: [x]\nsubworkers: 0\n", "subworkers", "greater than or equal to 1"),
     "bad_limit": ("name: a\ntags: [x]\nlimits: {memory_mb: 0}\n", "limits.memory_mb", "greater than 0"),
     "not_yaml": ("name: a\ntags: [x\n  : - :\n", None, "not valid YAML"),
+    # a misspelled backend option used to pass, and the worker ran jobs on process
+    "backend_option": ("name: a\ntags: [x]\nbackend: {kind: nsjail, warmm: false}\n",
+                       "backend.nsjail.warmm", "Extra inputs are not permitted (backend nsjail takes:"),
+    "backend_fallback": ("name: a\ntags: [x]\nbackend: {kind: docker, fallback: process}\n",
+                         "backend", "never falls back"),
 }
 
 
@@ -94,20 +99,48 @@ def test_worker_with_bad_profile_exits_2_before_connecting(tmp_path):
     assert time.time() - t0 < 20
 
 
-def test_unavailable_backend_falls_back_to_process_with_the_reason(make_cluster, ws):
+def test_worker_with_misspelled_backend_option_exits_2_before_connecting(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("name: a\ntags: [x]\nbackend: {kind: nsjail, warmm: false}\n")
+    r = cli("worker", "--profile", str(f), env={"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "invalid profile" in r.stderr and "field 'backend.nsjail.warmm'" in r.stderr, r.stderr
+    assert "connect" not in r.stderr.lower()
+
+
+def test_explicit_backend_that_cannot_run_refuses_to_start_and_runs_nothing(make_cluster, ws):
     c = make_cluster()
-    tag = uid("dk")
-    group = uid("dockerless")
-    p = c.start_worker(profile_text=f"name: {group}\ntags: [{tag}]\n"
-                                    "backend: {kind: docker, docker_url: 'unix:///nonexistent/docker.sock'}\n")
+    tag, group = uid("dk"), uid("dockerless")
+    with c.client() as api:
+        jid = submit(api, ws, "def main():\n    return 'ran'\n", tag)  # waiting for this group
+        p = c.start_worker(profile_text=f"name: {group}\ntags: [{tag}]\n"
+                                        "backend: {kind: docker, docker_url: 'unix:///nonexistent/docker.sock'}\n")
+        assert p.wait(timeout=60) == 2, proc_log(c, p)
+        out = proc_log(c, p)
+        assert "cannot start" in out and "backend docker is not available here" in out, out
+        assert not [w for w in api.get("/api/workers/list").json() if w["worker_group"] == group]
+        j = api.get(f"/api/w/{ws}/jobs_u/get/{jid}").json()
+        assert j["type"] == "QueuedJob" and j["running"] is False, j
+        assert api.post(f"/api/w/{ws}/jobs_u/queue/cancel/{jid}", json={}).status_code == 200
+
+
+def test_auto_backend_says_what_it_chose_and_why(make_cluster, ws):
+    c = make_cluster()
+    tag, group = uid("auto"), uid("auto")
+    c.start_worker(profile_text=f"name: {group}\ntags: [{tag}]\nbackend: {{kind: auto}}\n")
     c.wait_workers(group)
     with c.client() as api:
         w = next(w for w in api.get("/api/workers/list").json() if w["worker_group"] == group)
-        assert w["backend"] == "process"
         jid = submit(api, ws, "def main():\n    return 'ran'\n", tag)
         assert wait_done(api, ws, jid)["result"] == "ran"
-    out = proc_log(c, p)
-    assert "backend docker" in out and "running jobs with the process backend instead" in out, out
+    if w["backend"] == "nsjail":
+        assert w["backend_reason"] == "kind: auto chose nsjail: its probe says it works here", w
+    else:  # a host where nsjail cannot run: the reason is its probe's
+        assert w["backend"] == "process" and w["backend_reason"].startswith(
+            "kind: auto chose process: backend nsjail"), w
+    r = cli("workers", "--url", c.base, env={"SANDMILL_TOKEN": TOKEN, "COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    assert f"{w['worker']}: backend {w['backend']}: {w['backend_reason']}" in r.stdout, r.stdout
 
 
 # ---- 2. group config in the DB ----------------------------------------------------------------
@@ -121,6 +154,9 @@ def test_unavailable_backend_falls_back_to_process_with_the_reason(make_cluster,
     ({"limits": {"memory_mb": -1}}, "limits.memory_mb"),
     ({"name": "other"}, "name"),
     (["tags"], "body"),
+    ({"backend": {"kind": "nsjail", "warmm": False}}, "backend.nsjail.warmm"),
+    ({"backend": {"warmm": False}}, "backend.auto.warmm"),
+    ({"backend": {"kind": "process", "fallback": "refuse"}}, "backend"),
 ])
 def test_group_config_refuses_bad_input_naming_the_field(api, body, field):
     r = api.put(f"/api/configs/worker__{uid('g')}", json=body)

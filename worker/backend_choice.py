@@ -33,30 +33,41 @@ def _own_options(name: str, options: dict[str, Any], own_root: Path | None) -> d
     return {**options, "workdir_root": str(own_root)}
 
 
-def resolve_backend(profile: Profile, own_root: Path | None = None) -> tuple[Backend, str | None]:
-    """The backend the profile names, or process with a warning that says why. With
-    ``own_root``, process and nsjail keep their work dirs there."""
-    kind = profile.backend.kind
-    options = profile.backend.options
-    candidates = ["nsjail"] if kind == "auto" else [kind]
-    reason = ""
-    for name in candidates:
-        try:
-            b = get_backend(name, **_own_options(name, options, own_root))
-            p = b.probe()
-        except (ImportError, OSError, ValueError, TypeError) as e:
-            p, b = None, None
-            reason = f"backend {name} cannot be loaded: {e}"
-        else:
-            if p.available:
-                return b, None
-            reason = f"backend {name} is not available here: {p.reason}"
-        if kind != "auto" and profile.backend.fallback == "refuse":
-            raise WorkerStartError(reason)
-    if kind == "process":
-        raise WorkerStartError(reason)
-    return (get_backend("process", **_own_options("process", {}, own_root)),
-            f"{reason}; running jobs with the process backend instead")
+def _try(name: str, options: dict[str, Any], own_root: Path | None) -> tuple[Backend | None, str]:
+    """The backend, built and probed, or None and why it cannot run here."""
+    try:
+        b = get_backend(name, **_own_options(name, options, own_root))
+        p = b.probe()
+    except (ImportError, OSError, ValueError, TypeError) as e:
+        return None, f"backend {name} cannot be loaded: {e}"
+    if not p.available:
+        b.close()  # nothing of a backend that will not run stays behind (warm pools)
+        return None, f"backend {name} is not available here: {p.reason}"
+    return b, p.reason
+
+
+def resolve_backend(profile: Profile, own_root: Path | None = None) -> tuple[Backend, str]:
+    """The backend that runs the group's jobs, and why it is that one (shown in
+    ``GET /api/workers/list``). An explicit kind runs jobs with that backend or raises
+    WorkerStartError with the probe's reason: it never falls back to a weaker one. Only
+    ``auto`` chooses: nsjail where it works, else process with the options the two share.
+    With ``own_root``, process and nsjail keep their work dirs there."""
+    cfg = profile.backend
+    if cfg.kind != "auto":
+        b, why = _try(cfg.kind, cfg.options, own_root)
+        if b is None:
+            raise WorkerStartError(f"{why} (the profile names kind: {cfg.kind}, which never falls"
+                                   " back; kind: auto chooses nsjail or process)")
+        return b, f"kind: {cfg.kind} (named by the profile)" + (f"; {why}" if why else "")
+    b, why = _try("nsjail", cfg.options, own_root)
+    if b is not None:
+        return b, "kind: auto chose nsjail: its probe says it works here"
+    b, why_process = _try("process", cfg.process_options(), own_root)
+    if b is None:
+        raise WorkerStartError(f"kind: auto: {why}; and {why_process}")
+    reason = f"kind: auto chose process: {why}"
+    log.warning("%s: %s", profile.name, reason)  # a weaker sandbox than nsjail: say so loudly
+    return b, reason
 
 
 async def sweep_loop(profile: Profile, settings: WorkerSettings) -> None:

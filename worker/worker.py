@@ -86,11 +86,12 @@ class Worker:
         await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
         await self.hot.prepare(lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags))
         p = self.profile
+        info["backend_reason"] = "native jobs only: they run in the worker process"
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
                 or p.init_script or p.periodic_script):
-            self.backend, warning = resolve_backend(self.profile, workdir.owner_root(work_root(self.profile)))
-            if warning:
-                log.warning("%s: %s", self.profile.name, warning)
+            # an explicit kind that cannot run here raises WorkerStartError (exit 2)
+            self.backend, backend_reason = resolve_backend(self.profile, workdir.owner_root(work_root(self.profile)))
+            info["backend_reason"] = backend_reason
             if self.backend.name in OWN_ROOT_BACKENDS:
                 self._spawn(sweep_loop(self.profile, self.settings))
         self.listener = await dbmod.connect(self.database_url)
@@ -102,8 +103,9 @@ class Worker:
             tags=self.tags, backend=self.backend.name if self.backend else "native",
             subworkers=self.profile.subworkers, info=info,
         )
-        log.info("worker %s up: tags %s, backend %s, %d subworker(s)", self.name, self.tags,
-                 self.backend.name if self.backend else "native", self.profile.subworkers)
+        log.info("worker %s up: tags %s, backend %s (%s), %d subworker(s)", self.name, self.tags,
+                 self.backend.name if self.backend else "native", info["backend_reason"],
+                 self.profile.subworkers)
         if self.profile.init_script:
             status, logs, job_id = await run_admin_script(self, "init", self.profile.init_script)
             if status != "success":
