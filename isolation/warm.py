@@ -9,25 +9,21 @@ cgroup (the worker moves the job process into the cgroup before it forks the job
 no capabilities.
 
 This module is the worker's side: a pool of zygotes per interpreter (one per job
-running at once), the socket protocol (see zygote.py), and a ``launch`` for
+running at once; each a ``warm_zygote.Zygote``, which speaks the socket protocol of
+zygote.py), and a ``launch`` for
 ``supervise.supervise_launch`` so that output caps, deadlines and the sweep are the
 same code as for a cold job.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
-import json
 import logging
 import os
 import shutil
-import signal
 import socket
-import struct
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -36,6 +32,10 @@ from .base import OutputCallback
 from .cgroups import CgroupUnavailable, JobCgroup
 from .spec import Outcome, RunSpec, Status
 from .supervise import Launched, classify, job_rlimits, supervise_launch
+from .warm_zygote import JobRequest, WarmError, WarmSetupError, Zygote
+
+__all__ = ["DEFAULT_PRELOAD", "JobRequest", "WarmError", "WarmPool", "WarmSetupError", "Zygote",
+           "run_warm", "warm_script"]
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,6 @@ DEFAULT_PRELOAD = ("json", "re", "traceback", "typing", "datetime", "collections
                    "functools", "itertools", "base64", "hashlib", "random", "math")
 START_TIMEOUT_S = 10.0
 PYTHON_FLAGS = ("-u", "-B")  # flags a warm run may carry: the zygote runs with them
-
-
-class WarmError(RuntimeError):
-    """The warm path failed before any job code ran: the caller may run the job cold."""
-
-
-class WarmSetupError(WarmError):
-    """A job process could not set itself up (e.g. the kernel forbids unprivileged user
-    namespaces): no warm run will work here."""
 
 
 # A backend's way of starting one zygote: (argv tail to run, zygote dir, socket fd to
@@ -73,227 +64,6 @@ def warm_script(spec: RunSpec) -> str | None:
     if not rest or rest[0] != spec.warm or spec.warm not in spec.files:
         return None
     return spec.warm
-
-
-def _set_once(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-@dataclass
-class JobRequest:
-    """What the job process needs to know (sent to the zygote's child, never to it)."""
-
-    dir: str  # the job's dir as the zygote sees it
-    mount: str  # the shared jobs dir, where the job dir is bound (its cwd)
-    argv: list[str]
-    env: dict[str, str]
-    rlimits: list[tuple[int, int, int]]
-    tmp_bytes: int | None
-    hostname: str | None = None
-    exec: list[str] | None = None  # exec this argv instead of running argv[0] in-process
-
-
-class Zygote:
-    """One warm interpreter; one job at a time.
-
-    Moving a process between cgroups is slow on some kernels (cgroup v1 waits for an RCU
-    grace period; docs/performance.md), so no job waits for it: while idle, the zygote
-    already sits in the cgroup its next job will use (``next_cgroup``), its job process
-    is forked straight into it, and the zygote moves on to a fresh one (``_moving``, in
-    a thread) while that job runs. The zygote's own memory stays charged to its home
-    cgroup, where it was first touched.
-    """
-
-    def __init__(self, key: tuple[str, bytes], proc: asyncio.subprocess.Process,
-                 sock: socket.socket, zdir: Path, home: JobCgroup, cgroup_parent: str) -> None:
-        self.key = key  # (interpreter, runtime script) it serves
-        self.proc = proc
-        self.sock = sock
-        self.dir = zdir
-        self.home = home
-        self.cgroup_parent = cgroup_parent
-        self.pid: int | None = None  # the interpreter's pid as we see it (not nsjail's)
-        self.next_cgroup: JobCgroup | None = None
-        self._moving: asyncio.Future[None] | None = None
-        self.job_pidfd: int | None = None  # the running job process (pid 1 of its namespaces)
-        self._reading: asyncio.AbstractEventLoop | None = None  # a reader is registered there
-        self._reaped = False  # the zygote reported its last child gone (Z)
-        self.pending: asyncio.Future[None] | None = None  # after-job work still running
-        self.broken = False
-
-    async def _recv(self) -> tuple[bytes, int | None]:
-        """One message and the sender's pid (in our pid namespace) when attached."""
-        loop = asyncio.get_running_loop()
-        fd = self.sock.fileno()
-        while True:
-            try:
-                data, anc, _flags, _ = self.sock.recvmsg(8192, socket.CMSG_SPACE(12))
-                break
-            except BlockingIOError:
-                readable: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _set_once, readable)
-                self._reading = loop
-                try:
-                    await readable
-                finally:
-                    self._stop_reading()
-        if not data:
-            self.broken = True
-            await asyncio.sleep(0.05)  # let the exit status arrive, for the message
-            raise WarmError(f"the warm interpreter exited (status {self.proc.returncode})")
-        pid = None
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("iII", payload[:12])[0]
-        return data, pid
-
-    def _stop_reading(self) -> None:
-        # Only while the socket is open: after close() its fd number may belong to
-        # another job's pipe, whose reader must not be removed.
-        if self._reading is not None:
-            self._reading.remove_reader(self.sock.fileno())
-            self._reading = None
-
-    def _move_to_next(self) -> None:
-        """(In a thread.) A fresh cgroup for the next job, with the zygote in it."""
-        assert self.pid is not None
-        cg = JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent)
-        try:
-            cg.add(self.pid)
-        except BaseException:
-            cg.remove()
-            raise
-        self.next_cgroup = cg
-
-    async def _advance(self, fork: bool) -> None:
-        await asyncio.to_thread(self._move_to_next)
-        if fork:
-            self.sock.send(b"F")
-
-    def advance(self, fork: bool) -> None:
-        """Start moving into the next job's cgroup (see the class docstring); with
-        ``fork``, then have the next job process forked there ahead of its job."""
-        self._moving = asyncio.ensure_future(self._advance(fork))
-
-    async def settle(self) -> None:
-        """Wait for the move: the zygote is out of the last job's cgroup (which may now
-        be swept) and in the next one."""
-        if self._moving is not None:
-            try:
-                await self._moving
-            except (OSError, CgroupUnavailable):
-                self.broken = True
-            self._moving = None
-
-    async def take_cgroup(self) -> JobCgroup:
-        """The cgroup the next job runs in (its process is already there, waiting)."""
-        await self.settle()
-        cg, self.next_cgroup = self.next_cgroup, None
-        if cg is None or self.broken:
-            self.broken = True
-            raise WarmError("no job cgroup prepared")
-        return cg
-
-    async def start_job(self, req: JobRequest, fds: list[int], cgroup: JobCgroup) -> None:
-        """Hand the waiting job process its job and fds (once it is sure to be in
-        ``cgroup``); the zygote moves on to the next cgroup meanwhile."""
-        try:
-            msg, pid = await self._recv()
-            if msg[:1] == b"E":
-                raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
-            if msg != b"W" or pid is None:
-                raise WarmError(f"unexpected message from the warm interpreter: {msg[:200]!r}")
-            self.job_pidfd = os.pidfd_open(pid)  # from here on, this very process
-            with open(f"/proc/{pid}/cgroup") as f:
-                if cgroup.unique_dirs()[0].name not in f.read():
-                    raise WarmError("the job process is not in its job cgroup")
-            payload = b"J" + json.dumps(req.__dict__).encode()
-            self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", fds))])
-        except (OSError, WarmError):
-            self.broken = True
-            raise
-        self.advance(fork=False)
-
-    def kill_job(self) -> None:
-        """SIGKILL the job process: pid 1 of its pid namespace, so every process of the
-        job dies with it. (Not the cgroup: the zygote may still be in it for a moment.)"""
-        if self.job_pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self.job_pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def _close_pidfd(self) -> None:
-        if self.job_pidfd is not None:
-            os.close(self.job_pidfd)
-            self.job_pidfd = None
-
-    async def job_done(self) -> None:
-        """After a job: once the zygote has reaped its child (Z) and is out of the job's
-        cgroup, have it fork the next job process."""
-        try:
-            while not self._reaped:
-                msg, _ = await self._recv()
-                self._reaped = msg[:1] == b"Z"
-            await self.settle()
-            if not self.broken:
-                self.sock.send(b"F")
-                self._reaped = False
-        except (OSError, WarmError):
-            self.broken = True
-
-    async def wait_job(self) -> int:
-        """The job's end, as asyncio reports a returncode (-N for signal N). Raises
-        WarmError when the setup failed before the job's code ran. Returns on the job
-        process's end (X): the zygote's note that the child is gone (Z) is read after."""
-        status: int | None = None
-        setup_error = ""
-        try:
-            while True:
-                msg, _ = await self._recv()
-                kind, body = msg[:1], msg[1:]
-                if kind == b"X":
-                    status = struct.unpack("i", body)[0]
-                    break
-                if kind == b"E":
-                    setup_error = body.decode(errors="replace")
-                elif kind == b"Z":
-                    self._reaped = True
-                    if not setup_error:
-                        status = struct.unpack("i", body)[0]  # the child was killed
-                    break
-        except BaseException:
-            self.broken = True
-            raise
-        finally:
-            self._close_pidfd()
-        if setup_error:
-            raise WarmSetupError(f"warm job setup failed: {setup_error}")
-        assert status is not None
-        return os.waitstatus_to_exitcode(status)
-
-    def close(self) -> None:
-        """Stop it: closing the socket ends the zygote (and any job, by parent death)."""
-        self.broken = True
-        self._stop_reading()
-        self._close_pidfd()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        if self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-        for cg in (self.next_cgroup, self.home):
-            if cg is not None:
-                cg.kill_all(timeout=0.5)
-                cg.remove()
-        self.next_cgroup = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class WarmPool:

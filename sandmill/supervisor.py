@@ -1,5 +1,6 @@
 """`sandmill up`: embedded PostgreSQL, the server and the worker groups as child processes.
-A child that dies is started again; Ctrl-C or SIGTERM stops them all."""
+A child that dies is started again; Ctrl-C or SIGTERM stops them all, and then removes
+whatever job containers its workers left (a worker killed after the grace cannot)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandmill.isolation import docker_sweep
 from sandmill.profiles import resolve
 from sandmill.server.settings import admin_token
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 
 log = logging.getLogger("sandmill.up")
+
+# How long stopping children get after SIGTERM before SIGKILL: a worker's own grace for
+# its jobs (SANDMILL_GRACE_S, 30 s) and its clean-up fit in it.
+STOP_GRACE_S = 40.0
 
 
 @dataclass
@@ -30,9 +36,36 @@ class Child:
     restarts: int = 0
     started: float = field(default_factory=time.monotonic)
 
+    pids: list[int] = field(default_factory=list)  # every process it ran (restarts too)
+
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(self.argv, env=env)
+        self.pids.append(self.proc.pid)
         self.started = time.monotonic()
+
+
+def stop_children(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S,
+                  owner_pids: set[int] | None = None) -> list[str]:
+    """SIGTERM every child, SIGKILL those still running after ``grace_s``; then remove
+    the job containers of ``owner_pids`` (default: the children's pids) that are left,
+    running or not. Returns the ids of the containers removed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d still running %.0f s after SIGTERM: killing it", p.pid, grace_s)
+            p.kill()
+            p.wait()
+    pids = owner_pids if owner_pids is not None else {p.pid for p in procs}
+    # All of them are dead now: their containers are leftovers (docker_sweep checks that).
+    removed = docker_sweep.sweep_stale(pids=pids)
+    if removed:
+        log.warning("removed %d job container(s) left by stopped workers", len(removed))
+    return removed
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -95,17 +128,8 @@ def run_up(args: argparse.Namespace) -> int:
                     c.start(env)
     finally:
         log.info("stopping %d process(es)", len(children))
-        for c in children:
-            if c.proc and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 40
-        for c in children:
-            if c.proc:
-                try:
-                    c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    c.proc.kill()
-                    c.proc.wait()
+        stop_children([c.proc for c in children if c.proc],
+                      owner_pids={pid for c in children for pid in c.pids})
         if pg is not None:
             pg.cleanup() if hasattr(pg, "cleanup") else None
     return 0
