@@ -72,16 +72,21 @@ def resolve_backend(profile: Profile, own_root: Path | None = None) -> tuple[Bac
 
 async def sweep_loop(profile: Profile, settings: WorkerSettings) -> None:
     """Now and then (at start first), remove what dead workers left on this host: the
-    work dirs of a worker that no longer runs, and job cgroups with no process."""
+    work dirs of a worker that no longer runs, job cgroups with no process, and job
+    containers whose owner is dead (a no-op where dockerd is not reachable)."""
+    from sandmill.isolation.docker_sweep import sweep_stale as sweep_containers  # no SDK needed to import
+
     root = work_root(profile)
     parent = profile.backend.options.get("cgroup_parent", "sandmill")
+    docker_url = profile.backend.options.get("docker_url") if profile.backend.kind == "docker" else None
     while True:
         try:
             dirs = await asyncio.to_thread(workdir.sweep_stale, root, settings.sweep_grace_s)
             cgs = await asyncio.to_thread(cgroups.sweep_stale, parent=parent)
-            if dirs or cgs:
-                log.info("removed %d work dir root(s) and %d cgroup(s) of dead workers",
-                         len(dirs), len(cgs))
+            cts = await asyncio.to_thread(sweep_containers, docker_url=docker_url)
+            if dirs or cgs or cts:
+                log.info("removed %d work dir root(s), %d cgroup(s) and %d container(s) of dead workers",
+                         len(dirs), len(cgs), len(cts))
         except OSError as e:
             log.warning("sweep of dead workers' leftovers failed: %s", e)
         await asyncio.sleep(settings.sweep_every_s)
