@@ -8,17 +8,18 @@ import contextlib
 import logging
 
 import asyncpg
+from asyncpg.exceptions import InternalClientError
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sandmill.store import db as dbmod
-from sandmill.store import queue
 
 from .monitor import monitor_loop
 from .routes import jobs, meta, scripts, users, workers
 from .settings import ServerSettings
-from .waiters import ResultWaiters
+from .waiters import ResultWaiters, listen_for_results
 
 log = logging.getLogger("sandmill.api")
 
@@ -33,15 +34,15 @@ async def lifespan(app: FastAPI):
     finally:
         await conn.close()
     app.state.pool = pool = await dbmod.create_pool(settings.database_url, min_size=2, max_size=10)
-    listener = await dbmod.connect(settings.database_url)
-    await listener.add_listener(queue.CH_DONE, app.state.waiters.on_done)
+    listener = asyncio.create_task(listen_for_results(settings.database_url, pool, app.state.waiters))
     mon = asyncio.create_task(monitor_loop(pool, settings.ping_timeout_s, settings.max_restarts,
                                            settings.monitor_every_s))
     try:
         yield
     finally:
         mon.cancel()
-        await listener.close()
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
         await pool.close()
 
 
@@ -56,9 +57,20 @@ async def _http(_req: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _pg(_req: Request, exc: asyncpg.PostgresError) -> JSONResponse:
-    log.error("database error: %s", exc)
-    return JSONResponse({"error": f"database unavailable: {type(exc).__name__}"}, status_code=503)
+async def _db(_req: Request, exc: Exception) -> JSONResponse:
+    """A database fault as a JSON answer: 503 (try again) while the database is down or
+    unreachable, or for any statement it failed; 400 when it refused a value of the
+    request (PostgreSQL's class 22, data exceptions, or one asyncpg cannot send)."""
+    if isinstance(exc, ValueError) or (  # asyncpg's own DataError: a value it cannot send
+            isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "").startswith("22")):
+        log.warning("database refused a value: %s", exc)
+        return JSONResponse({"error": f"invalid value: {exc}"}, status_code=400)
+    if dbmod.is_disconnect(exc):
+        log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"error": f"database unavailable ({type(exc).__name__}): try again shortly"},
+                            status_code=503, headers={"Retry-After": "1"})
+    log.error("database error: %s: %s", type(exc).__name__, exc)
+    return JSONResponse({"error": f"database error: {type(exc).__name__}"}, status_code=503)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -68,8 +80,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.waiters = ResultWaiters()
     app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(asyncpg.PostgresError, _pg)
+    # Starlette's own (unknown path, method not allowed) too: every 4xx is {"error": ...}
+    app.add_exception_handler(StarletteHTTPException, _http)
+    # database faults (an outage: refused, lost or closed connections, a server starting
+    # or shutting down, a failed pool acquire) answer 503 with a message, never a 500
+    # (and asyncpg's InternalClientError: a pooled connection left mid-operation by a cut)
+    for exc in (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, InternalClientError):
+        app.add_exception_handler(exc, _db)
     for r in (meta.router, scripts.router, jobs.router, workers.router, users.router):
         app.include_router(r)
     return app

@@ -17,7 +17,9 @@ class ServerSettings:
     data_dir: Path = field(default_factory=default_data_dir)
     admin_token: str = ""
     ping_timeout_s: float = float(os.environ.get("SANDMILL_PING_TIMEOUT_S", 6))
-    max_restarts: int = int(os.environ.get("SANDMILL_MAX_RESTARTS", 3))
+    # how many dead workers a job survives: it runs again after each of the first
+    # max_restarts deaths of its worker, and fails (WorkerDied) at the next one
+    max_restarts: int = int(os.environ.get("SANDMILL_MAX_RESTARTS", 1))
     monitor_every_s: float = float(os.environ.get("SANDMILL_MONITOR_EVERY_S", 2))
     wait_timeout_s: float = float(os.environ.get("SANDMILL_WAIT_TIMEOUT_S", 60))
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from typing import Any, Iterator
+
+import asyncpg
+
+from sandmill.store import db as dbmod
+from sandmill.store import jobs as store_jobs
+from sandmill.store import queue
+
+log = logging.getLogger("sandmill.api")
 
 
 class ResultWaiters:
@@ -20,6 +29,15 @@ class ResultWaiters:
             if not fut.done():
                 fut.set_result(True)
 
+    def waiting(self) -> list[uuid.UUID]:
+        """The ids of the jobs someone waits for."""
+        return list(self._by_job)
+
+    def resolve(self, job_ids: set[uuid.UUID]) -> None:
+        """Wake the waiters of ``job_ids`` (completed while their NOTIFY could not come)."""
+        for job_id in job_ids:
+            self.on_done(None, 0, "", str(job_id))
+
     @contextlib.contextmanager
     def register(self, job_id: uuid.UUID) -> Iterator[asyncio.Future]:
         """A future that resolves when ``job_id`` completes; unregistered on exit."""
@@ -33,3 +51,30 @@ class ResultWaiters:
                 lst.remove(fut)
                 if not lst:
                     self._by_job.pop(job_id, None)
+
+
+async def listen_for_results(url: str, pool: asyncpg.Pool, waiters: ResultWaiters,
+                             every_s: float = 0.25) -> None:
+    """Keep a LISTEN connection on queue.CH_DONE for ``waiters``, for good. When it is lost
+    (the database restarted) it is opened again, with backoff while the database is
+    unreachable; the waiters of jobs that completed meanwhile (their NOTIFY went nowhere)
+    are then woken from one read of completed_job."""
+    listener: asyncpg.Connection | None = None
+    backoff = dbmod.Backoff()
+    try:
+        while True:
+            if listener is None or listener.is_closed():
+                try:
+                    listener = await dbmod.connect(url)
+                    await listener.add_listener(queue.CH_DONE, waiters.on_done)
+                    if waiters.waiting():  # after a loss: their NOTIFYs may have gone nowhere
+                        waiters.resolve(await store_jobs.completed_among(pool, waiters.waiting()))
+                except Exception as e:  # noqa: BLE001 - keep trying until the database is back
+                    log.warning("LISTEN %s: %s; reconnecting", queue.CH_DONE, e)
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+            await asyncio.sleep(every_s)
+    finally:
+        if listener is not None:
+            await listener.close()

@@ -3,13 +3,19 @@ start (the embedded PostgreSQL is store/embedded.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import re
+import time
 from importlib import resources
+from typing import Awaitable, Callable, TypeVar
 
 import asyncpg
+from asyncpg import exceptions as pgx
 
 log = logging.getLogger("sandmill.db")
+T = TypeVar("T")
 
 # Any fixed number: it only has to be the same in every sandmill process.
 _MIGRATION_LOCK = 0x5A4D_0001
@@ -79,3 +85,61 @@ async def _init_conn(conn: asyncpg.Connection) -> None:
 
     for typ in ("json", "jsonb"):
         await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+# What a lost or unreachable database raises: the connection refused or cut (OSError,
+# ConnectionDoesNotExistError, class 08), the server shutting down or starting up (class
+# 57: admin_shutdown, cannot_connect_now), out of connections (class 53), a closed
+# connection or pool (InterfaceError). asyncpg's client-side DataError is an
+# InterfaceError too, but also a ValueError: a value it cannot send, not an outage.
+_DOWN = (OSError, asyncio.TimeoutError, pgx.PostgresConnectionError,
+         pgx.OperatorInterventionError, pgx.InsufficientResourcesError)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database could not be reached (down, restarting, the
+    connection lost), as opposed to a statement it refused (bad data, a constraint):
+    the first is worth retrying as it is, the second never is."""
+    if isinstance(exc, _DOWN):
+        return True
+    if isinstance(exc, pgx.InternalClientError):  # a connection left mid-operation by a cut
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, ValueError)
+
+
+class Backoff:
+    """Waits between retries while the database is unreachable: from ``first_s``,
+    doubling up to ``max_s``, with jitter (so that a cluster's workers do not reconnect in
+    step); ``elapsed_s`` since the first failure."""
+
+    def __init__(self, first_s: float = 0.05, max_s: float = 1.0):
+        self.first_s, self.max_s = first_s, max_s
+        self._next = first_s
+        self._since: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        return 0.0 if self._since is None else time.monotonic() - self._since
+
+    async def wait(self) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+        await asyncio.sleep(self._next * random.uniform(0.5, 1.0))
+        self._next = min(self.max_s, self._next * 2)
+
+    def reset(self) -> None:
+        self._next, self._since = self.first_s, None
+
+
+async def until_reachable(connect: Callable[[], Awaitable[T]], give_up_s: float = 60.0) -> T:
+    """``connect()``, tried again with backoff while the database is unreachable (it is
+    starting, or restarting), for up to ``give_up_s``; then its error is raised."""
+    backoff = Backoff()
+    while True:
+        try:
+            return await connect()
+        except Exception as e:  # noqa: BLE001 - only an outage is tried again
+            if not is_disconnect(e) or backoff.elapsed_s > give_up_s:
+                raise
+            log.warning("database unreachable (%s); trying again", e)
+            await backoff.wait()

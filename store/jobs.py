@@ -19,6 +19,8 @@ _PUSH = sql("push")
 _REQUEUE = sql("requeue")
 _STALE_JOBS = sql("stale_jobs")
 _COUNT_RESTART = sql("count_restart")
+_DB_UP_S = sql("db_up_s")
+_COMPLETED_AMONG = sql("completed_among")
 _CANCEL_QUEUED = sql("cancel_queued")
 _CANCEL_RUNNING = sql("cancel_running")
 _PING_JOB = sql("ping_job")
@@ -74,11 +76,17 @@ async def requeue(db: Executor, job_id: uuid.UUID, worker: str) -> bool:
     return await db.fetchrow(_REQUEUE, job_id, worker, 0) is not None
 
 
-async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) -> list[dict]:
+async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int,
+                        db_settle_s: float = 0.0) -> list[dict]:
     """Put back in the queue every running job whose heartbeat is older than the timeout,
-    counting the restart; a job past ``max_restarts`` fails with a message saying why.
+    counting the restart; a job whose worker died ``max_restarts`` times already (it
+    survives that many dead workers) fails instead, with a message saying why. Nothing
+    while the database has been up for less than ``db_settle_s`` (the monitor: the ping
+    timeout): a heartbeat is then stale because the database was down, not the worker.
     Returns what it did, one dict per job."""
     async with _tx(db) as conn:
+        if db_settle_s and await conn.fetchval(_DB_UP_S) < db_settle_s:
+            return []
         stale = await conn.fetch(_STALE_JOBS, float(ping_timeout_s))
         done = []
         for r in stale:
@@ -86,8 +94,10 @@ async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) 
                 await conn.fetchrow(_REQUEUE, r["id"], r["worker"], 0)
                 done.append({"id": r["id"], "action": "requeued", "worker": r["worker"]})
             elif r["restarts"] >= max_restarts:
-                msg = (f"worker {r['worker']} died while running this job"
-                       f" ({r['restarts'] + 1} times; restart limit {max_restarts} reached)")
+                dead = r["restarts"] + 1
+                msg = (f"worker {r['worker']} died while running this job, the {_nth(dead)} worker"
+                       f" to die running it; a job survives {max_restarts} dead worker(s)"
+                       f" (SANDMILL_MAX_RESTARTS), so it is not run again")
                 await conn.execute(_COUNT_RESTART, r["id"])
                 await complete(conn, r["id"], r["worker"], status="failure",
                                result={"error": {"name": "WorkerDied", "message": msg}}, error=msg,
@@ -101,6 +111,20 @@ async def requeue_stale(db: Executor, ping_timeout_s: float, max_restarts: int) 
                 )
                 done.append({"id": r["id"], "action": "requeued", "worker": r["worker"]})
         return done
+
+
+def _nth(n: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+
+
+async def db_up_s(db: Executor) -> float:
+    """Seconds since the database's postmaster started."""
+    return await db.fetchval(_DB_UP_S)
+
+
+async def completed_among(db: Executor, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``ids`` are jobs that have completed."""
+    return {r["id"] for r in await db.fetch(_COMPLETED_AMONG, ids)} if ids else set()
 
 
 class _tx:

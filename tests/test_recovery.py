@@ -96,7 +96,8 @@ async def test_restart_limit_fails_the_job_saying_why(pg_url, ws):
     finally:
         await conn.close()
     assert j["type"] == "CompletedJob" and j["status"] == "failure" and j["restarts"] == 3
-    assert "worker mortal-2 died while running this job (3 times; restart limit 2 reached)" in j["error"]
+    assert ("worker mortal-2 died while running this job, the 3rd worker to die running it;"
+            " a job survives 2 dead worker(s) (SANDMILL_MAX_RESTARTS)") in j["error"]
     assert j["result"]["error"]["name"] == "WorkerDied"
 
 

@@ -103,13 +103,25 @@ class HotConns:
         self._free: list[asyncpg.Connection] = []
 
     async def acquire(self) -> asyncpg.Connection:
-        return self._free.pop() if self._free else await self.pool.acquire()
+        while self._free:
+            conn = self._free.pop()
+            try:
+                if not conn.is_closed():
+                    return conn
+            except asyncpg.InterfaceError:
+                continue  # lost while kept, and taken back by the pool already
+            # lost while kept (the database restarted): the pool replaces it on acquire
+            await self.pool.release(conn)
+        return await self.pool.acquire()
 
     async def release(self, conn: asyncpg.Connection, ok: bool) -> None:
         if ok and len(self._free) < self.keep:
             self._free.append(conn)
         else:
-            await self.pool.release(conn)
+            try:
+                await self.pool.release(conn)
+            except asyncpg.InterfaceError:
+                pass  # the pool took it back when its connection was lost
 
     async def prepare(self, statements: Callable[[asyncpg.Connection], Awaitable[Any]]) -> None:
         """Open the ``keep`` connections now and run ``statements(conn)`` on each."""

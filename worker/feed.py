@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Callable, Coroutine
 
 import asyncpg
 
+from sandmill.store import db as dbmod
 from sandmill.store import queue
 
 from .batching import Batcher, HotConns
@@ -23,6 +25,30 @@ from .settings import Group, WorkerSettings
 log = logging.getLogger("sandmill.worker")
 
 COMPLETION_FAILED = "completion failed (%s); the monitor puts the job back"
+# How long a completion is sent again while the database is unreachable: past that the
+# monitor puts the job back. The wait between tries stays under a second, well inside the
+# monitor's settle time after the database comes back (SANDMILL_PING_TIMEOUT_S).
+COMPLETION_RETRY_S = float(os.environ.get("SANDMILL_COMPLETION_RETRY_S", 600))
+RETRY_MAX_WAIT_S = 1.0
+CAUSE_MAX = 500  # characters of an internal error's cause kept in the job's error
+
+
+def internal_error(c: queue.Completion, cause: str) -> queue.Completion:
+    """The completion of a job that something of sandmill's own failed (its completion
+    refused, its logs or heartbeat broken): a failure saying why, with nothing of the
+    job's own output in it, so that it is storable whatever the job returned."""
+    msg = f"internal error: {storable_text(cause)}"
+    return queue.Completion(c.job_id, c.worker, status="failure",
+                            result={"error": {"name": "InternalError", "message": msg}}, error=msg,
+                            duration_ms=c.duration_ms, cpu_ms=c.cpu_ms, mem_peak_kb=c.mem_peak_kb,
+                            outcome=None, started_at=c.started_at)
+
+
+def storable_text(text: str) -> str:
+    """``text`` cut to CAUSE_MAX characters, without what PostgreSQL's text and jsonb
+    refuse (NUL, lone surrogates): an error message may quote the job's hostile bytes."""
+    text = text[:CAUSE_MAX].replace("\x00", "\u2400")
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def log_failed_completion(fut: asyncio.Future) -> None:
@@ -152,7 +178,31 @@ class Feed:
     async def complete_batch(self, reqs: list[Done]) -> list[Answer]:
         """Complete a batch and, in the same statement, claim the next job of each slot
         that wants one, claim the jobs to hold ahead, and stamp the start of the held jobs
-        that start now: a busy slot makes one round trip per job."""
+        that start now: a busy slot makes one round trip per job.
+
+        While the database is unreachable the batch is sent again, with backoff, for up to
+        COMPLETION_RETRY_S (the jobs stay this worker's: a completion only lands for the
+        worker that holds the job, so one that did land is not written twice). A batch the
+        database refuses (one job's data) is completed job by job, the refused job failing
+        with an internal error (``complete_apart``)."""
+        backoff, apart = dbmod.Backoff(max_s=RETRY_MAX_WAIT_S), False
+        while True:
+            try:
+                return await (self.complete_apart(reqs) if apart else self._complete_together(reqs))
+            except Exception as e:  # noqa: BLE001 - sorted below: an outage or refused data
+                if not dbmod.is_disconnect(e):
+                    if apart:
+                        raise
+                    log.warning("a completion of %d job(s) was refused (%s); completing them one by one",
+                                len(reqs), e)
+                    apart = True
+                    continue
+                if backoff.elapsed_s > COMPLETION_RETRY_S:
+                    raise
+                log.warning("completion of %d job(s) failed (%s); retrying", len(reqs), e)
+                await backoff.wait()
+
+    async def _complete_together(self, reqs: list[Done]) -> list[Answer]:
         g = self.group
         done = [r.completion for r in reqs]
         want = sum(r.now for r in reqs)
@@ -170,6 +220,49 @@ class Feed:
             ok = True
         finally:
             await self.hot.release(conn, ok)
+        return self._answers(reqs, want, jobs)
+
+    async def complete_apart(self, reqs: list[Done]) -> list[Answer]:
+        """Complete the batch's jobs one statement each; a job whose completion is refused
+        fails with an internal error instead (once: should that be refused too, it is left
+        to the monitor); then claim and stamp for the batch in one statement. Sent again
+        whole after an outage, it completes nothing twice (a completed job is not queued)."""
+        g = self.group
+        want = sum(r.now for r in reqs)
+        ahead = sum(r.ahead for r in reqs)
+        starting = [r.starting for r in reqs if r.starting is not None]
+        conn, ok = await self.hot.acquire(), False
+        try:
+            for r in reqs:
+                await self._complete_alone(conn, r.completion)
+            jobs: list[dict[str, Any]] = []
+            if want or ahead or starting:
+                _, jobs = await queue.complete_and_pull(
+                    conn, [], g.name, g.tags, want, ahead=ahead,
+                    ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
+            ok = True
+        finally:
+            await self.hot.release(conn, ok)
+        return self._answers(reqs, want, jobs)
+
+    async def _complete_alone(self, conn: asyncpg.Connection, c: queue.Completion) -> None:
+        try:
+            await queue.complete_many(conn, [c])
+            return
+        except Exception as e:  # noqa: BLE001 - refused data fails this job, not the batch
+            if dbmod.is_disconnect(e):
+                raise
+            cause = f"its completion was refused by the database: {type(e).__name__}: {e}"
+        log.error("job %s: %s", c.job_id, cause)
+        try:
+            await queue.complete_many(conn, [internal_error(c, cause)])
+        except Exception as e:  # noqa: BLE001
+            if dbmod.is_disconnect(e):
+                raise
+            log.error("job %s: its internal-error completion was refused too (%s); the monitor"
+                      " will put it back", c.job_id, e)
+
+    def _answers(self, reqs: list[Done], want: int, jobs: list[dict[str, Any]]) -> list[Answer]:
         now, held = iter(jobs[:want]), iter(jobs[want:])  # the first `want` run now
         for job in jobs[want:]:
             self.held.add(job["id"])

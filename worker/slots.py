@@ -10,12 +10,11 @@ import time
 import uuid
 from typing import Any
 
-import asyncpg
 
 from sandmill.store import queue
 
 from .execute import Executor, Running, now
-from .feed import COMPLETION_FAILED, Done, Feed, Pace, SlotState, log_failed_completion
+from .feed import COMPLETION_FAILED, Done, Feed, Pace, SlotState, internal_error, log_failed_completion
 from .settings import Group, WorkerSettings
 from .watch import Stats, Watch
 
@@ -75,7 +74,7 @@ class Slots:
             if job is None:
                 try:
                     job, ahead_claim = await feed.next_job()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except Exception as e:  # noqa: BLE001 - a slot outlives any failed claim
                     log.warning("pull failed (%s); retrying", e)
                     await self._sleep_or_stop(1.0)
                     continue
@@ -92,13 +91,16 @@ class Slots:
             if st.ready or st.coming:  # the jobs held ahead go back if this one runs long
                 watch.holds[st] = t0 + hold_s
                 watch.arm()
+            started = now()
             try:
                 done = await self.executor.execute(current)
-            except Exception:  # noqa: BLE001 - one bad job must not kill the worker
+            except Exception as e:  # noqa: BLE001 - one bad job must not kill the worker
                 log.exception("job %s: internal error", current["id"])
-                done = None
+                done = self._failed(current, started, f"{type(e).__name__}: {e}")
             finally:
                 watch.holds.pop(st, None)
+            if (why := watch.failed.pop(current["id"], None)) is not None:  # its heartbeat broke
+                done = self._failed(current, started, why)
             ran_s = time.monotonic() - t0
             stats.busy_s += ran_s
             stats.jobs_done += 1
@@ -133,6 +135,12 @@ class Slots:
             await feed.give_back(job)
         while (held := await feed.next_held(st)) is not None:
             await feed.give_back(held)
+
+    def _failed(self, job: dict[str, Any], started: dt.datetime, cause: str) -> queue.Completion:
+        """The completion of a job that failed inside sandmill (not of itself)."""
+        ran_ms = int((now() - started).total_seconds() * 1000)
+        return internal_error(queue.Completion(job["id"], self.group.name, "failure", None, None,
+                                               duration_ms=ran_ms, started_at=started), cause)
 
     def _completion_wait_s(self, st: SlotState, ran: dict[str, Any], ran_s: float,
                            job: dict[str, Any] | None, stopping: bool) -> float:
@@ -175,7 +183,7 @@ class Slots:
             d = self._due = (wake, asyncio.ensure_future(queue.next_due(self.group.pool, self.group.tags)))
         try:
             return await asyncio.shield(d[1])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except Exception:  # noqa: BLE001 - read again at the next wake-up
             return None
 
     async def _sleep_or_stop(self, s: float) -> None:

@@ -11,8 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-import asyncpg
-
+from sandmill.store import db as dbmod
 from sandmill.store import queue
 
 from .settings import Group, WorkerSettings
@@ -36,6 +35,7 @@ class Watch:
         self.running = running
         self.release = release
         self.holds: dict[SlotState, float] = {}  # slot -> when its held jobs go back
+        self.failed: dict[uuid.UUID, str] = {}  # job -> why its heartbeat failed (it fails)
         self._timer: asyncio.TimerHandle | None = None
 
     def arm(self) -> None:
@@ -67,12 +67,24 @@ class Watch:
             r.heartbeat = asyncio.create_task(self._job_heartbeat(r))
 
     async def _job_heartbeat(self, r: Running) -> None:
+        """Ping the job every job_ping_s. While the database is unreachable, ping again with
+        backoff (under a second: the monitor gives a job away only once the database has
+        been up for the ping timeout); any other failure fails the job (``failed``)."""
+        backoff = dbmod.Backoff()
         while True:
             try:
                 state = await queue.ping_job(self.group.pool, r.job["id"], self.group.name)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("job ping failed: %s", e)
-                continue
+            except Exception as e:  # noqa: BLE001 - sorted: an outage, or this job's fault
+                if dbmod.is_disconnect(e):
+                    log.warning("job %s: ping failed (%s); retrying", r.job["id"], e)
+                    await backoff.wait()
+                    continue
+                log.error("job %s: heartbeat failed: %s", r.job["id"], e)
+                if not r.why:
+                    self.failed[r.job["id"]] = f"heartbeat failed: {type(e).__name__}: {e}"
+                    r.kill("internal")
+                return
+            backoff.reset()
             if state != "ok" and not r.why:
                 r.kill(state)
                 return
@@ -101,5 +113,5 @@ async def ping_loop(every_s: float, ping: Callable[[], Awaitable[None]]) -> None
         await asyncio.sleep(every_s)
         try:
             await ping()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except Exception as e:  # noqa: BLE001 - the worker outlives a failed ping
             log.warning("worker ping failed: %s", e)

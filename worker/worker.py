@@ -80,9 +80,10 @@ class Worker:
                 " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
         # A connection per subworker plus one for pings, and those that claims and
         # completions keep between statements: no slot waits for a connection.
-        self.pool = self.hot.pool = await dbmod.create_pool(
+        # (a worker started while the database restarts waits for it, as its running peers do)
+        self.pool = self.hot.pool = await dbmod.until_reachable(lambda: dbmod.create_pool(
             self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
-            settings=queue.CLAIM_SETTINGS)
+            settings=queue.CLAIM_SETTINGS))
         await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
         await self.hot.prepare(lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags))
         p = self.profile
@@ -94,10 +95,7 @@ class Worker:
             info["backend_reason"] = backend_reason
             if self.backend.name in OWN_ROOT_BACKENDS:
                 self._spawn(sweep_loop(self.profile, self.settings))
-        self.listener = await dbmod.connect(self.database_url)
-        await self.listener.add_listener(queue.CH_QUEUE, self._on_queue)
-        await self.listener.add_listener(queue.CH_CANCEL, self._on_cancel)
-        await self.listener.add_listener(workers.CH_CONFIG, self._on_config)
+        await self._listen()
         await workers.register(
             self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
             tags=self.tags, backend=self.backend.name if self.backend else "native",
@@ -123,6 +121,7 @@ class Worker:
         if on_started is not None:
             on_started()
         pinger = asyncio.create_task(ping_loop(self.settings.worker_ping_s, self.ping))
+        relisten = asyncio.create_task(self._keep_listening())
         periodic = asyncio.create_task(periodic_loop(self, self._stopping))
         slots = [asyncio.create_task(self.slots.run_slot(i)) for i in range(self.profile.subworkers)]
         await self._stopping.wait()
@@ -134,6 +133,7 @@ class Worker:
                 r.kill("shutdown")
             await asyncio.wait(pending)
         pinger.cancel()
+        relisten.cancel()
         await self.feed.completer.wait_idle()  # no completion is left behind in the batcher
         await self.close()
 
@@ -168,6 +168,41 @@ class Worker:
                            busy=len(self.running), occupancy=occupancy)
 
     # ---- notifications -------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Open the LISTEN connection and listen on the worker's channels."""
+        conn = await dbmod.connect(self.database_url)
+        try:
+            await conn.add_listener(queue.CH_QUEUE, self._on_queue)
+            await conn.add_listener(queue.CH_CANCEL, self._on_cancel)
+            await conn.add_listener(workers.CH_CONFIG, self._on_config)
+        except BaseException:
+            await conn.close()
+            raise
+        self.listener = conn
+
+    async def _keep_listening(self, every_s: float = 0.25) -> None:
+        """Reopen the LISTEN connection when it is lost (the database restarted), with
+        backoff while the database is unreachable; then wake every idle slot and reload the
+        group's config, since the NOTIFYs sent meanwhile were missed (a missed cancel is
+        caught by the job's next heartbeat). A closed connection is noticed without a round
+        trip (asyncpg marks it closed when its socket ends)."""
+        backoff = dbmod.Backoff()
+        while True:
+            await asyncio.sleep(every_s)
+            if self.listener is not None and not self.listener.is_closed():
+                continue
+            try:
+                await self._listen()
+            except Exception as e:  # noqa: BLE001 - keep trying until the database is back
+                log.warning("LISTEN connection lost; reconnecting (%s)", e)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            log.info("LISTEN connection back; listening again")
+            self.slots.wake_all()
+            self.feed.completer.flush()
+            self._spawn(self._reload_config())
 
     def _on_queue(self, _conn, _pid, _channel, payload: str) -> None:
         if payload.split("|", 1)[0] in self._bases:
@@ -221,6 +256,6 @@ class Worker:
                 return
             log.info("group config reloaded: tags %s -> %s", old, self.tags)
             await self.ping()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        except Exception as e:  # noqa: BLE001 - the worker keeps its config meanwhile
             log.warning("config reload failed: %s", e)
         self.slots.wake_all()

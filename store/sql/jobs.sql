@@ -40,6 +40,18 @@ SELECT id, worker, restarts, started_at IS NOT NULL AS started FROM queue WHERE 
    AND last_ping < now() - make_interval(secs => $1) FOR UPDATE SKIP LOCKED;
 
 
+-- name: db_up_s
+-- How long the database has been up (seconds since its postmaster started): heartbeats older than that are stale only because it was down.
+-- No parameters.
+SELECT extract(epoch FROM now() - pg_postmaster_start_time())::float8;
+
+
+-- name: completed_among
+-- The ids among $1 of jobs that have completed (for result waiters whose NOTIFY was missed while the server's LISTEN connection was down).
+-- $1 job ids (uuid[]).
+SELECT id FROM completed_job WHERE id = ANY($1::uuid[]);
+
+
 -- name: count_restart
 -- Count one more restart of a job (before it fails for its worker dying once too often).
 -- $1 job id.
