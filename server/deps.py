@@ -13,6 +13,7 @@ from typing import Annotated, Any, Callable
 
 import asyncpg
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sandmill.store import tokens
 
@@ -64,7 +65,13 @@ def _unauthorized(msg: str) -> HTTPException:
     return HTTPException(401, msg, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def auth(request: Request) -> Principal:
+# Declares the bearer scheme in the OpenAPI document; auth() answers a missing token itself.
+_BEARER = HTTPBearer(auto_error=False, description="the admin token, or a workspace token")
+
+
+async def auth(request: Request,
+               _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)] = None,
+               ) -> Principal:
     """The caller, from its bearer token: the admin token (no database read), else one
     primary-key lookup of a workspace token (no cache: a revocation holds at once)."""
     h = request.headers.get("authorization", "")
