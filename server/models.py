@@ -3,18 +3,75 @@
 from __future__ import annotations
 
 import ast
+import json
+import math
 import re
 from typing import Any
 
 from fastapi import HTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandmill.profiles import Profile  # the one profile model, shared with the workers
 
 from .routing import LANGUAGES
 
 
-class ScriptCreate(BaseModel):
+# What PostgreSQL cannot store: NUL (text and jsonb refuse it) and lone surrogates (not
+# UTF-8; a JSON body may carry "\ud800"). Refused at the door with the field named, where
+# the INSERT would fail (a 503) or the worker would fail the job later.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(s: str) -> str | None:
+    """Why PostgreSQL cannot store the string ``s``, or None."""
+    m = _UNSTORABLE.search(s)
+    if m is None:
+        return None
+    what = "a NUL character (U+0000)" if m.group() == "\x00" else f"a lone surrogate (U+{ord(m.group()):04X})"
+    return f"holds {what} at offset {m.start()}, which PostgreSQL cannot store"
+
+
+def json_problem(value: Any, path: str) -> str | None:
+    """``path: reason`` for the first string or key in ``value`` PostgreSQL cannot store
+    (NaN and Infinity too), or None. Iterative: any depth a JSON body has is walked."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            if problem := text_problem(v):
+                return f"{p}: {problem}"
+        elif isinstance(v, float) and not math.isfinite(v):
+            return f"{p}: {v} is not JSON PostgreSQL can store"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                kp = f"{p}.{k}" if _PLAIN_KEY.match(k) else f"{p}[{json.dumps(k[:40])}]"
+                if problem := text_problem(k):
+                    return f"{kp}: the key {problem}"
+                stack.append((item, kp))
+        elif isinstance(v, list):
+            stack.extend((item, f"{p}[{i}]") for i, item in enumerate(v))
+    return None
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Storable(BaseModel):
+    """A request body whose every string field must be storable (text_problem)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, str):
+            problem = text_problem(v)
+        else:
+            problem = json_problem(v, info.field_name) if isinstance(v, (dict, list)) else None
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+class ScriptCreate(_Storable):
     model_config = ConfigDict(extra="ignore")  # Windmill clients send more fields than we use
 
     path: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_\-./]+$")
@@ -36,7 +93,7 @@ class ScriptCreate(BaseModel):
         return self
 
 
-class Preview(BaseModel):
+class Preview(_Storable):
     model_config = ConfigDict(extra="ignore")
 
     content: str
@@ -45,7 +102,7 @@ class Preview(BaseModel):
     tag: str | None = None
 
 
-class CancelBody(BaseModel):
+class CancelBody(_Storable):
     reason: str | None = None
 
 
@@ -65,9 +122,19 @@ def check_code(language: str, content: str) -> None:
 
 
 def check_args(args: Any) -> dict[str, Any]:
+    """The job's args: a JSON object PostgreSQL can store, else HTTPException 422 naming
+    the arg and the reason."""
     if not isinstance(args, dict):
         raise HTTPException(422, f"args must be a JSON object, got {type(args).__name__}")
+    if problem := json_problem(args, "args"):
+        raise HTTPException(422, f"invalid args: {problem}")
     return args
+
+
+def check_text(field: str, value: str | None) -> None:
+    """Raise HTTPException 422 naming ``field`` when PostgreSQL cannot store ``value``."""
+    if value is not None and (problem := text_problem(value)):
+        raise HTTPException(422, f"{field} {problem}")
 
 
 GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -79,6 +146,9 @@ def validate_group_config(group: str, body: Any) -> tuple[dict[str, Any], list[d
     if not isinstance(body, dict):
         return {}, [{"field": "body", "reason": f"a group config is a JSON object of profile fields,"
                                                  f" got {type(body).__name__}"}]
+    if problem := json_problem(body, "config"):  # NUL, lone surrogates: the config table's jsonb refuses them
+        where, _, reason = problem.partition(": ")
+        return {}, [{"field": where.removeprefix("config.") or "(top level)", "reason": reason}]
     if body.get("name", group) != group:
         return {}, [{"field": "name", "reason": f"must be {group!r} (the group) or left out"}]
     try:

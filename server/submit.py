@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from sandmill.store import queue, scripts
 
-from .models import Preview, check_args, check_code
+from .models import Preview, check_args, check_code, check_text
 from .routing import RoutingError, interpolate, resolve_tag
 from .waiters import ResultWaiters
 
@@ -28,6 +28,9 @@ def concurrency_key(ws: str, s: dict[str, Any], args: dict[str, Any]) -> str | N
 
 async def script_or_404(pool: asyncpg.Pool, ws: str, path: str | None = None,
                         h: str | None = None) -> dict[str, Any]:
+    check_text("workspace", ws)  # a %00 in the URL would reach the SELECT
+    check_text("path", path)
+    check_text("hash", h)
     s = await (scripts.get_by_path(pool, ws, path) if path else scripts.get_by_hash(pool, ws, h))
     if not s:
         what = f"script {path}" if path else f"script version {h}"
@@ -40,6 +43,8 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
                       scheduled_in_secs: float, priority: int | None, wait: bool = False,
                       created_by: str = "admin") -> uuid.UUID:
     args = check_args(args)
+    check_text("workspace", ws)
+    check_text("tag", tag)
     try:
         job_tag = resolve_tag(s["language"], ws, args, explicit=tag, script_tag=s["tag"])
         key = concurrency_key(ws, s, args)
@@ -60,6 +65,8 @@ async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | No
                        scheduled_in_secs: float, priority: int | None, wait: bool = False,
                        created_by: str = "admin") -> uuid.UUID:
     check_code(body.language, body.content)
+    check_text("workspace", ws)
+    check_text("tag", tag)
     try:
         job_tag = resolve_tag(body.language, ws, body.args, explicit=tag or body.tag)
     except RoutingError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,11 +16,14 @@ from sandmill.store import queue
 
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
-from .runtimes import JobResult, build_spec, interpret
+from .runtimes import JobResult, build_spec, failure, interpret
 from .settings import Group
+from .storable import json_problem, storable_json, storable_text
 
 if TYPE_CHECKING:
     from .watch import Watch
+
+log = logging.getLogger("sandmill.worker")
 
 
 def now() -> dt.datetime:
@@ -106,7 +110,11 @@ class Executor:
         wall_ms = int((time.monotonic() - t0) * 1000)
         if isinstance(res, Outcome):
             outcome = res
-            result = interpret(job, outcome, limits)
+            try:
+                result = interpret(job, outcome, limits)
+            except Exception as e:  # noqa: BLE001 - a job's bytes must not cost its completion
+                log.exception("job %s: its outcome could not be read", job_id)
+                result = failure("ResultError", f"sandmill could not read the job's outcome: {e!r}")
         elif isinstance(res, JobResult):
             result = res
         else:
@@ -124,17 +132,32 @@ class Executor:
             sink.note("job canceled; killed")
             result = canceled("canceled")
         await sink.close()
+        result = storable_result(result)  # nothing a job wrote may fail the statement
         return queue.Completion(
             job_id, g.name, status=result.status, result=result.result, error=result.error,
             duration_ms=outcome.wall_ms if outcome else wall_ms,
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
-            outcome=outcome.to_json() if outcome else None, started_at=started,
+            outcome=storable_json(outcome.to_json()) if outcome else None, started_at=started,
         )
 
 
 async def _const(v: Any) -> Any:
     return v
+
+
+def storable_result(res: JobResult) -> JobResult:
+    """``res`` as the completion can store it, whoever built it (a sandbox job, a native
+    one): a result jsonb cannot hold fails the job with ResultNotStorable; the error text
+    gets NUL and lone surrogates replaced visibly (worker/storable.py)."""
+    problem = json_problem(res.result)
+    if problem:
+        return failure("ResultNotStorable", problem)
+    if res.error is not None:
+        error = storable_text(res.error)
+        if error is not res.error:
+            return JobResult(res.status, res.result, error)
+    return res
 
 
 def canceled(error: str) -> JobResult:

@@ -4,21 +4,38 @@ database in batches (one INSERT per flush, not per line)."""
 from __future__ import annotations
 
 import asyncio
+import codecs
+import logging
 import uuid
 
+import asyncpg
+
 from sandmill.store import queue
+
+from .storable import storable_text
+
+log = logging.getLogger("sandmill.worker")
+_utf8 = codecs.getincrementaldecoder("utf-8")
 
 FLUSH_EVERY_S = 0.25
 FLUSH_BYTES = 64 * 1024
 MAX_LOG_BYTES = 2 * 1024 * 1024  # stored per job; the rest is summarised in one line
+MAX_PARTIAL = 8192  # characters of a line without its end kept before it goes out in pieces
 
 
 class LogSink:
-    """Collects output chunks (the backend's on_output callback) and writes them out."""
+    """Collects output chunks (the backend's on_output callback) and writes them out.
+
+    What a job prints is hostile: it is decoded per stream with an incremental UTF-8
+    decoder (a character split across chunks stays whole), undecodable bytes become U+FFFD
+    and NUL becomes U+2400 "␀" (PostgreSQL's text cannot hold NUL; worker/storable.py).
+    At most MAX_LOG_BYTES (UTF-8) are kept; past that, chunks are only counted, not decoded,
+    so a 100 MB line costs bounded memory and time."""
 
     def __init__(self, db, job_id: uuid.UUID):
         self.db, self.job_id = db, job_id
         self._partial = {"stdout": "", "stderr": ""}
+        self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self._pending: list[str] = []
         self._pending_bytes = 0
         self._stored = 0
@@ -27,26 +44,39 @@ class LogSink:
         self._task: asyncio.Task | None = None
 
     def on_output(self, stream: str, chunk: bytes) -> None:
-        text = self._partial[stream] + chunk.decode(errors="replace")
+        if self._stored >= MAX_LOG_BYTES:  # full: count what is not stored, decode nothing
+            self._dropped += len(chunk)
+            return
+        dec = self._decoders.get(stream)
+        if dec is None:
+            dec = self._decoders[stream] = _utf8("replace")
+        text = self._partial[stream] + storable_text(dec.decode(chunk))
         head, sep, rest = text.rpartition("\n")
         self._partial[stream] = rest
         if sep:
             self._add(head + "\n")
-        if len(rest) > 8192:  # an endless line: emit it in pieces
+        if len(rest) > MAX_PARTIAL:  # an endless line: emit it in pieces
             self._add(rest)
             self._partial[stream] = ""
 
     def note(self, text: str) -> None:
-        """A line from sandmill itself (not the job)."""
-        self._add(f"[sandmill] {text}\n")
+        """A line from sandmill itself (not the job): kept even past the cap."""
+        self._add(f"[sandmill] {storable_text(text)}\n", capped=False)
 
-    def _add(self, text: str) -> None:
-        if self._stored + len(text) > MAX_LOG_BYTES:
-            self._dropped += len(text)
-            return
-        self._stored += len(text)
+    def _add(self, text: str, capped: bool = True) -> None:
+        size = len(text.encode())
+        if capped and self._stored + size > MAX_LOG_BYTES:
+            room = max(0, MAX_LOG_BYTES - self._stored)
+            kept = text.encode()[:room].decode(errors="ignore")  # whole characters only
+            self._dropped += size - len(kept.encode())
+            self._stored = MAX_LOG_BYTES  # full from now on
+            if not kept:
+                return
+            text, size = kept, len(kept.encode())
+        else:
+            self._stored += size
         self._pending.append(text)
-        self._pending_bytes += len(text)
+        self._pending_bytes += size
         if self._task is None:  # the flusher starts with the first line: most jobs print none
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
@@ -63,13 +93,19 @@ class LogSink:
             await self.flush()
 
     async def flush(self) -> None:
+        """Write what is pending. A failed write is logged and its text dropped: logs are
+        kept on a best effort basis, the job's completion must not depend on them."""
         if self._pending:
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
-            await queue.append_logs(self.db, self.job_id, chunks)
+            try:
+                await queue.append_logs(self.db, self.job_id, chunks)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("job %s: %d bytes of log not stored (%s)", self.job_id,
+                            sum(len(c) for c in chunks), e)
 
     async def close(self) -> None:
         """Stop the flusher and write whatever is left, partial lines included."""
-        if self._task is None and not (self._pending or self._dropped or any(self._partial.values())):
+        if self._task is None and not (self._pending or self._dropped or self._decoders):
             return  # nothing was logged (a native job's usual case): nothing to do
         if self._task:
             self._task.cancel()
@@ -78,9 +114,13 @@ class LogSink:
             except (asyncio.CancelledError, Exception):
                 pass
         for stream in ("stdout", "stderr"):
-            if self._partial[stream]:
-                self._add(self._partial[stream] + "\n")
-                self._partial[stream] = ""
+            dec = self._decoders.get(stream)
+            tail = self._partial[stream] + (storable_text(dec.decode(b"", final=True)) if dec else "")
+            if tail and self._stored < MAX_LOG_BYTES:
+                self._add(tail + "\n")
+            elif tail:
+                self._dropped += len(tail.encode())
+            self._partial[stream] = ""
         if self._dropped:
             self._pending.append(f"[sandmill] {self._dropped} more bytes of log not stored\n")
         await self.flush()

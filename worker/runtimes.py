@@ -13,6 +13,8 @@ from sandmill.isolation import Limits, Outcome, RunSpec, Status
 
 from sandmill.profiles import Profile
 
+from .storable import MAX_RESULT_JSON_BYTES, decode_output, json_problem, storable_text
+
 _PY_WRAPPER = resources.files("sandmill.worker").joinpath("templates/python_wrapper.py").read_bytes()
 # `name="$1"` / `name="${2:-default}"`: how a bash script declares its parameters.
 _BASH_PARAM = re.compile(r"""^\s*(?:local\s+|declare\s+)?([A-Za-z_]\w*)=["']?\$\{?(\d+)""", re.M)
@@ -81,37 +83,60 @@ def _bash_arg(v: Any) -> str:
 
 
 def interpret(job: dict[str, Any], outcome: Outcome, limits: Limits) -> JobResult:
-    """Turn the sandbox Outcome into the job's status, result and error."""
+    """Turn the sandbox Outcome into the job's status, result and error, all of it storable
+    (worker/storable.py): what the job wrote is hostile."""
     lang = job["language"]
     if lang == "python3":
         if outcome.status is Status.success and "result.json" in outcome.files:
-            try:
-                return JobResult("success", json.loads(outcome.files["result.json"]), None)
-            except ValueError:
-                return _failure("ResultError", "result.json is not valid JSON")
+            return _python_result(outcome.files["result.json"])
         if outcome.status is Status.exit_nonzero and "error.json" in outcome.files:
-            try:
-                err = json.loads(outcome.files["error.json"])
-                return _failure(err.get("name", "Error"), err.get("message", ""), err.get("stack"))
-            except ValueError:
-                pass
+            err = _loads(outcome.files["error.json"])
+            if isinstance(err, dict):
+                return failure(str(err.get("name", "Error")), str(err.get("message", "")),
+                                str(err["stack"]) if err.get("stack") else None)
         if outcome.status is Status.success:
-            return _failure("ResultError", "the job ended without writing a result")
-        return _failure(_outcome_name(outcome), _outcome_message(outcome, limits))
+            return failure("ResultError", "the job ended without writing a result")
+        return failure(_outcome_name(outcome), _outcome_message(outcome, limits))
     if lang == "bash":
         if outcome.status is Status.success:
             return JobResult("success", _last_line(outcome.stdout), None)
-        return _failure(_outcome_name(outcome), _outcome_message(outcome, limits))
+        return failure(_outcome_name(outcome), _outcome_message(outcome, limits))
     raise ValueError(lang)
 
 
-def _last_line(stdout: bytes) -> Any:
-    lines = stdout.decode(errors="replace").rstrip("\n").split("\n")
-    last = lines[-1] if lines else ""
+_NOT_JSON = object()
+
+
+def _loads(data: bytes) -> Any:
+    """JSON the job wrote, or _NOT_JSON (not UTF-8, not JSON, nested too deep)."""
     try:
-        return json.loads(last)
-    except ValueError:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return _NOT_JSON
+
+
+def _python_result(data: bytes) -> JobResult:
+    if len(data) > MAX_RESULT_JSON_BYTES:  # refused before it is parsed
+        return failure("ResultNotStorable", f"the result is {len(data)} bytes as JSON, over the"
+                                             f" {MAX_RESULT_JSON_BYTES} bytes a result may take")
+    value = _loads(data)
+    if value is _NOT_JSON:
+        return failure("ResultError", "result.json is not valid JSON")
+    problem = json_problem(value)
+    if problem:
+        return failure("ResultNotStorable", problem)
+    return JobResult("success", value, None)
+
+
+def _last_line(stdout: bytes) -> Any:
+    """A bash job's result: its last stdout line, as JSON when it is storable JSON, else as
+    text (NUL and undecodable bytes shown replaced)."""
+    lines = decode_output(stdout).rstrip("\n").split("\n")
+    last = lines[-1] if lines else ""
+    value = _loads(last.encode())
+    if value is _NOT_JSON or json_problem(value):
         return last
+    return value
 
 
 def _outcome_name(outcome: Outcome) -> str:
@@ -125,14 +150,16 @@ def _outcome_name(outcome: Outcome) -> str:
 def _outcome_message(outcome: Outcome, limits: Limits) -> str:
     msg = outcome.describe(limits)
     if outcome.status is Status.exit_nonzero:
-        tail = outcome.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        tail = decode_output(outcome.stderr[-4096:]).strip().splitlines()[-3:]
         if tail:
             msg += ": " + " | ".join(tail)
     return msg
 
 
-def _failure(name: str, message: str, stack: str | None = None) -> JobResult:
+def failure(name: str, message: str, stack: str | None = None) -> JobResult:
+    """A failed job's result and error text, made storable (the job may have written them)."""
+    name, message = storable_text(name), storable_text(message)
     err: dict[str, Any] = {"name": name, "message": message}
     if stack:
-        err["stack"] = stack
+        err["stack"] = storable_text(stack)
     return JobResult("failure", {"error": err}, f"{name}: {message}")

@@ -53,9 +53,16 @@ def _tb(exc=None):
     return traceback.format_exc()
 
 
+# A lone surrogate cannot be encoded as UTF-8: "backslashreplace" writes it as the JSON
+# escape \udXXX (it only ever occurs inside a JSON string here), so the worker reads the
+# exact value and says where it is (ResultNotStorable) instead of the wrapper crashing.
+def _write(name, text):
+    with open(name, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write(text)
+
+
 def _fail(name, message, tb=""):
-    with open("error.json", "w") as f:
-        f.write(_dumps({"name": str(name), "message": str(message), "stack": str(tb)}))
+    _write("error.json", _dumps({"name": str(name), "message": str(message), "stack": str(tb)}))
     sys.exit(1)
 
 
@@ -96,8 +103,7 @@ def _run():
     except (TypeError, ValueError, RecursionError) as e:
         _fail("ResultNotSerializable", f"the result of main() is not JSON-serializable: {e}")
     sys.stdout.flush()
-    with open("result.json", "w") as f:
-        f.write(data)
+    _write("result.json", data)
 
 
 _run()
