@@ -256,3 +256,10 @@ def test_group_config_with_nul_422(api):
                 json={"tags": ["a"], "env": {"X": "a\u0000b"}})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["field"] == "env.X" and "NUL" in r.json()["error"]
+
+
+def test_python_result_over_the_output_limit(api, ws):
+    """A result.json cut at the output limit (8 MiB here) is named so, not "not valid JSON"."""
+    j = run(api, ws, "def main():\n    return 'y' * (9 * 1024 * 1024)\n", timeout=120)
+    assert "larger than the output limit" in not_storable(j)
+    assert_ran_once_and_worker_serves(api, ws, j)

@@ -88,7 +88,7 @@ def interpret(job: dict[str, Any], outcome: Outcome, limits: Limits) -> JobResul
     lang = job["language"]
     if lang == "python3":
         if outcome.status is Status.success and "result.json" in outcome.files:
-            return _python_result(outcome.files["result.json"])
+            return _python_result(outcome.files["result.json"], limits)
         if outcome.status is Status.exit_nonzero and "error.json" in outcome.files:
             err = _loads(outcome.files["error.json"])
             if isinstance(err, dict):
@@ -115,7 +115,10 @@ def _loads(data: bytes) -> Any:
         return _NOT_JSON
 
 
-def _python_result(data: bytes) -> JobResult:
+def _python_result(data: bytes, limits: Limits) -> JobResult:
+    if len(data) >= limits.output_bytes:  # collected up to the limit: cut short, not JSON
+        return failure("ResultNotStorable", f"the result is larger than the output limit of"
+                                            f" {limits.output_bytes} bytes")
     if len(data) > MAX_RESULT_JSON_BYTES:  # refused before it is parsed
         return failure("ResultNotStorable", f"the result is {len(data)} bytes as JSON, over the"
                                              f" {MAX_RESULT_JSON_BYTES} bytes a result may take")
