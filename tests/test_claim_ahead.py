@@ -586,7 +586,9 @@ async def test_a_job_costs_the_event_loop_one_timer(pg_url):
         finally:
             del loop.call_at
         assert w.stats.jobs_done == 200
-    assert timers < 1.5 * len(ids), timers
+    # the test's own 10 ms polls count too, more of them on a loaded machine; two timers
+    # set and cancelled per job (the old way) came to 3.4 per job
+    assert timers < 2 * len(ids), timers
     await pool.close()
 
 
