@@ -34,7 +34,10 @@ async def lifespan(app: FastAPI):
     finally:
         await conn.close()
     app.state.pool = pool = await dbmod.create_pool(settings.database_url, min_size=2, max_size=10)
-    listener = asyncio.create_task(listen_for_results(settings.database_url, pool, app.state.waiters))
+    listening = asyncio.Event()  # before the first request: a waiter's NOTIFY is not missed
+    listener = asyncio.create_task(listen_for_results(settings.database_url, pool, app.state.waiters,
+                                                      listening))
+    await asyncio.wait([listener, asyncio.create_task(listening.wait())], return_when=asyncio.FIRST_COMPLETED)
     mon = asyncio.create_task(monitor_loop(pool, settings.ping_timeout_s, settings.max_restarts,
                                            settings.monitor_every_s))
     try:

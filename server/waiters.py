@@ -54,27 +54,33 @@ class ResultWaiters:
 
 
 async def listen_for_results(url: str, pool: asyncpg.Pool, waiters: ResultWaiters,
-                             every_s: float = 0.25) -> None:
+                             ready: asyncio.Event | None = None) -> None:
     """Keep a LISTEN connection on queue.CH_DONE for ``waiters``, for good. When it is lost
-    (the database restarted) it is opened again, with backoff while the database is
-    unreachable; the waiters of jobs that completed meanwhile (their NOTIFY went nowhere)
-    are then woken from one read of completed_job."""
+    (the database restarted; asyncpg calls its termination listener) it is opened again,
+    with backoff while the database is unreachable; the waiters of jobs that completed
+    meanwhile (their NOTIFY went nowhere) are then woken from one read of completed_job.
+    ``ready`` is set once it first listens."""
     listener: asyncpg.Connection | None = None
     backoff = dbmod.Backoff()
+    lost = asyncio.Event()
     try:
         while True:
-            if listener is None or listener.is_closed():
-                try:
-                    listener = await dbmod.connect(url)
-                    await listener.add_listener(queue.CH_DONE, waiters.on_done)
-                    if waiters.waiting():  # after a loss: their NOTIFYs may have gone nowhere
-                        waiters.resolve(await store_jobs.completed_among(pool, waiters.waiting()))
-                except Exception as e:  # noqa: BLE001 - keep trying until the database is back
-                    log.warning("LISTEN %s: %s; reconnecting", queue.CH_DONE, e)
-                    await backoff.wait()
-                    continue
-                backoff.reset()
-            await asyncio.sleep(every_s)
+            if listener is not None and not listener.is_closed():
+                await lost.wait()
+            try:
+                lost = asyncio.Event()
+                listener = await dbmod.connect(url)
+                listener.add_termination_listener(lambda _conn, ev=lost: ev.set())
+                await listener.add_listener(queue.CH_DONE, waiters.on_done)
+                if waiters.waiting():  # after a loss: their NOTIFYs may have gone nowhere
+                    waiters.resolve(await store_jobs.completed_among(pool, waiters.waiting()))
+            except Exception as e:  # noqa: BLE001 - keep trying until the database is back
+                log.warning("LISTEN %s: %s; reconnecting", queue.CH_DONE, e)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            if ready is not None:
+                ready.set()
     finally:
         if listener is not None:
             await listener.close()

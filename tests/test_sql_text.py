@@ -219,6 +219,18 @@ def _scenarios(q, w, s):
     ]
 
 
+async def _sent_since() -> set[str]:
+    """The statements added after BEFORE (none to compare with): the monitor's and the
+    result waiters' after a database outage."""
+    from sandmill.store import jobs
+    db = Recorder([0.0])
+    await jobs.db_up_s(db)
+    await jobs.completed_among(db, [J1])
+    db.answers = [100.0]  # up long enough: the stale jobs are read
+    await jobs.requeue_stale(db, 30, 3, db_settle_s=30)
+    return {sql for _, sql, _ in db.sent}
+
+
 async def _record(q, w, s) -> dict[str, list]:
     out = {}
     for name, answers, call in _scenarios(q, w, s):
@@ -261,10 +273,14 @@ async def test_every_statement_sent_is_the_one_sent_before(before, monkeypatch):
             sql = sql.replace(", dedicated_worker)", ")").replace(", $13)", ")")
             assert args[2] != n[0][2][2]  # so is it from the hash
             o = [(m, sql, args[:2] + n[0][2][2:3] + args[3:-1])]
+        if name == "requeue_stale":  # the WorkerDied message says what SANDMILL_MAX_RESTARTS means now
+            assert "the 4th worker to die running it; a job survives 3 dead worker(s)" in n[3][2][4][0]
+            o = o[:3] + [(o[3][0], o[3][1], o[3][2][:3] + n[3][2][3:5] + o[3][2][5:])] + o[4:]
         assert [(m, a) for m, _, a in n] == [(m, a) for m, _, a in o], name
         for (_, ns, _), (_, os_, _) in zip(n, o):
             assert norm(ns) == norm(os_), f"{name}:\n{ns}\n----- before:\n{os_}"
     sent = {sql for calls in new.values() for _, sql, _ in calls}
+    sent |= await _sent_since()
     assert {q.sql for q in QUERIES.values()} <= sent, "a statement the scenarios never send"
 
 

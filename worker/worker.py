@@ -51,6 +51,7 @@ class Worker:
         self.env = job_env(profile)
         self.pool: asyncpg.Pool | None = None
         self.listener: asyncpg.Connection | None = None
+        self._listener_lost = asyncio.Event()  # set when the LISTEN connection ends
         self.running: dict[uuid.UUID, Running] = {}
         self.held: set[uuid.UUID] = set()  # jobs claimed ahead, not started yet
         self._canceled_held: set[uuid.UUID] = set()  # of those, the ones canceled meanwhile
@@ -84,8 +85,10 @@ class Worker:
         self.pool = self.hot.pool = await dbmod.until_reachable(lambda: dbmod.create_pool(
             self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
             settings=queue.CLAIM_SETTINGS))
-        await self._apply_config(await workers.get_config(self.pool, f"worker__{self.profile.name}"))
-        await self.hot.prepare(lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags))
+        await self._apply_config(await dbmod.until_reachable(
+            lambda: workers.get_config(self.pool, f"worker__{self.profile.name}")))
+        await dbmod.until_reachable(lambda: self.hot.prepare(
+            lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags)))
         p = self.profile
         info["backend_reason"] = "native jobs only: they run in the worker process"
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
@@ -95,12 +98,12 @@ class Worker:
             info["backend_reason"] = backend_reason
             if self.backend.name in OWN_ROOT_BACKENDS:
                 self._spawn(sweep_loop(self.profile, self.settings))
-        await self._listen()
-        await workers.register(
+        await dbmod.until_reachable(self._listen)
+        await dbmod.until_reachable(lambda: workers.register(
             self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
             tags=self.tags, backend=self.backend.name if self.backend else "native",
             subworkers=self.profile.subworkers, info=info,
-        )
+        ))
         log.info("worker %s up: tags %s, backend %s (%s), %d subworker(s)", self.name, self.tags,
                  self.backend.name if self.backend else "native", info["backend_reason"],
                  self.profile.subworkers)
@@ -179,19 +182,20 @@ class Worker:
         except BaseException:
             await conn.close()
             raise
+        lost = self._listener_lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())  # its socket ended
         self.listener = conn
 
-    async def _keep_listening(self, every_s: float = 0.25) -> None:
+    async def _keep_listening(self) -> None:
         """Reopen the LISTEN connection when it is lost (the database restarted), with
         backoff while the database is unreachable; then wake every idle slot and reload the
         group's config, since the NOTIFYs sent meanwhile were missed (a missed cancel is
-        caught by the job's next heartbeat). A closed connection is noticed without a round
-        trip (asyncpg marks it closed when its socket ends)."""
+        caught by the job's next heartbeat). No timer and no round trip while it lasts:
+        asyncpg calls the termination listener when the connection's socket ends."""
         backoff = dbmod.Backoff()
         while True:
-            await asyncio.sleep(every_s)
             if self.listener is not None and not self.listener.is_closed():
-                continue
+                await self._listener_lost.wait()
             try:
                 await self._listen()
             except Exception as e:  # noqa: BLE001 - keep trying until the database is back
