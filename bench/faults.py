@@ -65,7 +65,8 @@ class Run:
     ids: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     unavailable: int = 0  # 503 answers (retried)
-    other_errors: list[str] = field(default_factory=list)
+    other_errors: list[str] = field(default_factory=list)  # answers other than 201 and 503
+    transport_errors: list[str] = field(default_factory=list)  # no answer at all (retried)
     faults: list[str] = field(default_factory=list)
     total_s: float = 0.0
     completions: dict[str, int] = field(default_factory=dict)  # job id -> completed_job rows
@@ -86,8 +87,8 @@ async def _client(http: httpx.AsyncClient, ws: str, tag: str, sleep_s: float, to
             try:
                 r = await http.post(f"/api/w/{ws}/jobs/run/preview", params={"tag": tag},
                                     json={"language": "sleep", "content": "", "args": {"seconds": sleep_s}})
-            except httpx.HTTPError as e:  # the server itself never goes down here
-                run.other_errors.append(f"{type(e).__name__}: {e}")
+            except httpx.HTTPError as e:  # the connection closed with no answer: retried
+                run.transport_errors.append(f"{type(e).__name__}: {e}")
                 await asyncio.sleep(0.05)
                 continue
             if r.status_code == 503 and "error" in r.json():
@@ -217,8 +218,9 @@ def table(run: Run) -> str:
         f"| statuses | {', '.join(f'{k} {v:,}' for k, v in sorted(run.statuses.items()))} |",
         f"| faults injected | {len(run.faults)}: {'; '.join(run.faults)} |",
     ]
+    lines.append(f"| requests closed with no answer (retried) | {len(run.transport_errors)} |")
     if run.other_errors:
-        lines.append(f"| other errors | {len(run.other_errors)}: {run.other_errors[:3]} |")
+        lines.append(f"| other answers (not 201 or 503) | {len(run.other_errors)}: {run.other_errors[:3]} |")
     return "| | |\n|---|---|\n" + "\n".join(lines)
 
 
