@@ -221,13 +221,19 @@ def _scenarios(q, w, s):
 
 async def _sent_since() -> set[str]:
     """The statements added after BEFORE (none to compare with): the monitor's and the
-    result waiters' after a database outage."""
+    result waiters' after a database outage, the tokens'."""
     from sandmill.store import jobs
     db = Recorder([0.0])
     await jobs.db_up_s(db)
     await jobs.completed_among(db, [J1])
     db.answers = [100.0]  # up long enough: the stale jobs are read
     await jobs.requeue_stale(db, 30, 3, db_settle_s=30)
+    from sandmill.store import tokens  # the workspace tokens' statements
+    db.answers = [{"prefix": "p"}]
+    await tokens.create(db, label="l", workspace="ws", scopes=["jobs:run"], expires_at=None)
+    await tokens.authenticate(db, "smt_0123456789ab_" + "s" * 43)
+    await tokens.list_tokens(db, "ws")
+    await tokens.delete(db, "0123456789ab")
     return {sql for _, sql, _ in db.sent}
 
 
