@@ -347,6 +347,23 @@ def test_init_script_runs_before_the_first_job(make_cluster, ws):
     assert init["completed_at"] <= job["started_at"]
 
 
+def test_an_init_script_printing_nul_and_binary_is_recorded_and_the_worker_serves(make_cluster, ws):
+    """The group's own scripts print hostile bytes as jobs can: stored visibly, not fatal."""
+    c = make_cluster()
+    group, tag = uid("nulinit"), uid("nulinit")
+    with c.client() as api:
+        jid = submit(api, ws, "def main():\n    return 1\n", tag)
+        c.start_worker(profile_text=(
+            f"name: {group}\ntags: [{tag}]\nbackend: {{kind: process}}\n"
+            "init_script: |\n  printf 'a\\000b\\377\\n'\n  printf 'last\\000line'\n"))
+        job = wait_done(api, ws, jid, timeout=30)
+        inits = admin_jobs(api, "init", group)
+        init = api.get(f"/api/w/admins/jobs_u/get/{inits[0]['id']}").json()
+    assert job["success"] is True
+    assert init["success"] is True and "a\u2400b\ufffd" in init["logs"], init["logs"]
+    assert init["result"] == "last\u2400line"
+
+
 def test_failing_init_script_stops_the_worker_with_its_logs(make_cluster):
     c = make_cluster()
     group = uid("badinit")

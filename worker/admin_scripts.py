@@ -11,8 +11,10 @@ import uuid
 from sandmill.isolation import Outcome
 from sandmill.store import queue
 
+from .execute import storable_result
 from .runtimes import JobResult, build_spec, interpret
 from .settings import Group
+from .storable import decode_output, storable_json
 
 log = logging.getLogger("sandmill.worker")
 
@@ -31,8 +33,9 @@ async def run_admin_script(group: Group, kind: str, script: str) -> tuple[str, s
         result = JobResult("failure", None, "no sandbox backend to run the script with")
     else:
         spec = build_spec(job, group.profile, group.env)
-        outcome = await group.backend.run(spec, lambda _s, b: chunks.append(b.decode(errors="replace")))
-        result = interpret(job, outcome, group.profile.limits)
+        # the script's output is as hostile as a job's: stored the same way
+        outcome = await group.backend.run(spec, lambda _s, b: chunks.append(decode_output(b)))
+        result = storable_result(interpret(job, outcome, group.profile.limits))
     logs = "".join(chunks)
     if result.status != "success":
         logs += f"\n[sandmill] {kind} script failed: {result.error}\n"
@@ -42,7 +45,7 @@ async def run_admin_script(group: Group, kind: str, script: str) -> tuple[str, s
         result=result.result, error=result.error, logs=logs,
         duration_ms=outcome.wall_ms if outcome else 0, cpu_ms=outcome.cpu_ms if outcome else 0,
         mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
-        outcome=outcome.to_json() if outcome else None,
+        outcome=storable_json(outcome.to_json()) if outcome else None,
     )
     return result.status, logs, job_id
 

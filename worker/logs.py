@@ -8,7 +8,6 @@ import codecs
 import logging
 import uuid
 
-import asyncpg
 
 from sandmill.store import queue
 
@@ -99,7 +98,7 @@ class LogSink:
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
             try:
                 await queue.append_logs(self.db, self.job_id, chunks)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever it is, it must not cost the job
                 log.warning("job %s: %d bytes of log not stored (%s)", self.job_id,
                             sum(len(c) for c in chunks), e)
 
