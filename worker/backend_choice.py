@@ -87,6 +87,6 @@ async def sweep_loop(profile: Profile, settings: WorkerSettings) -> None:
             if dirs or cgs or cts:
                 log.info("removed %d work dir root(s), %d cgroup(s) and %d container(s) of dead workers",
                          len(dirs), len(cgs), len(cts))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - the next sweep may work; the worker goes on
             log.warning("sweep of dead workers' leftovers failed: %s", e)
         await asyncio.sleep(settings.sweep_every_s)

@@ -23,7 +23,7 @@ from sandmill.store import db as dbmod
 from sandmill.store import queue, workers
 
 from .admin_scripts import ADMIN_WORKSPACE, periodic_loop, run_admin_script
-from .backend_choice import OWN_ROOT_BACKENDS, resolve_backend, sweep_loop, work_root
+from .backend_choice import resolve_backend, sweep_loop, work_root
 from .batching import HotConns
 from .execute import Executor, Running
 from .feed import Feed, Pace
@@ -96,8 +96,7 @@ class Worker:
             # an explicit kind that cannot run here raises WorkerStartError (exit 2)
             self.backend, backend_reason = resolve_backend(self.profile, workdir.owner_root(work_root(self.profile)))
             info["backend_reason"] = backend_reason
-            if self.backend.name in OWN_ROOT_BACKENDS:
-                self._spawn(sweep_loop(self.profile, self.settings))
+            self._spawn(sweep_loop(self.profile, self.settings))  # docker workers too: dead owners' containers
         await dbmod.until_reachable(self._listen)
         await dbmod.until_reachable(lambda: workers.register(
             self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
