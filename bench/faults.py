@@ -14,6 +14,7 @@ latency of a submission is that of its accepted request, and the 503s are counte
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import asyncio
 import signal
 import subprocess
@@ -218,7 +219,9 @@ def table(run: Run) -> str:
         f"| statuses | {', '.join(f'{k} {v:,}' for k, v in sorted(run.statuses.items()))} |",
         f"| faults injected | {len(run.faults)}: {'; '.join(run.faults)} |",
     ]
-    lines.append(f"| requests closed with no answer (retried) | {len(run.transport_errors)} |")
+    kinds = Counter(e.split(":", 1)[0] for e in run.transport_errors)
+    lines.append(f"| requests closed with no answer (retried) | {len(run.transport_errors)}"
+                 f"{': ' + ', '.join(f'{k} {v}' for k, v in kinds.most_common()) if kinds else ''} |")
     if run.other_errors:
         lines.append(f"| other answers (not 201 or 503) | {len(run.other_errors)}: {run.other_errors[:3]} |")
     return "| | |\n|---|---|\n" + "\n".join(lines)
