@@ -27,16 +27,7 @@ import httpx
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 
-from .common import BenchPG, pct, wait_registered
-
-PROFILE = """
-name: {name}
-tags: [{tag}]
-native: true
-subworkers: {subworkers}
-limits: {{wall_s: 300}}
-"""
-
+from .common import NATIVE_PROFILE, BenchPG, pct, wait_registered
 
 class FaultPG(BenchPG):
     """The run's embedded PostgreSQL, which it may stop, start and restart."""
@@ -159,7 +150,7 @@ def run_faults(jobs: int = 10_000, clients: int = 50, kills: int = 3, restarts: 
         group, ws = f"g{tag}", f"ws{tag}"
         cluster = pg.cluster(url, "faults", env={"SANDMILL_PING_TIMEOUT_S": "3",
                                                  "SANDMILL_MONITOR_EVERY_S": "0.5"})
-        text = PROFILE.format(name=group, tag=tag, subworkers=subworkers)
+        text = NATIVE_PROFILE.format(name=group, tag=tag, subworkers=subworkers)
         try:
             cluster.start_server()
             workers = [cluster.start_worker(group, profile_text=text) for _ in range(processes)]

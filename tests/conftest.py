@@ -13,7 +13,7 @@ import pytest
 
 from sandmill.store import db as dbmod
 from sandmill.localcluster import LocalCluster
-from support import TOKEN
+from support import TOKEN, recreate_database
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +36,7 @@ def pg_url(pg_server) -> str:
     name = "sandmill_" + os.environ.get("PYTEST_XDIST_WORKER", "main")
 
     async def setup() -> None:
-        admin = await dbmod.connect(pg_server.get_uri())
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-        conn = await dbmod.connect(pg_server.get_uri(name))
+        conn = await dbmod.connect(await recreate_database(pg_server, name))
         await dbmod.migrate(conn)
         await conn.close()
 

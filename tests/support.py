@@ -28,3 +28,16 @@ def wait_done(api: httpx.Client, ws: str, job_id: str, timeout: float = 30) -> d
             return j
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not complete in {timeout}s: {j}")
+
+
+async def recreate_database(pg_server, name: str) -> str:
+    """Drop and create database ``name`` on the embedded PostgreSQL ``pg_server``; its URL."""
+    from sandmill.store import db as dbmod
+
+    admin = await dbmod.connect(pg_server.get_uri())
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return pg_server.get_uri(name)

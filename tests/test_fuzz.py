@@ -15,8 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from sandmill.store import db as dbmod
-from support import TOKEN
+from support import TOKEN, recreate_database
 
 EXAMPLES = int(os.environ.get("SANDMILL_FUZZ_EXAMPLES", 80))  # per operation, positive and negative each
 BUDGET_S = 150  # past this, the examples left are not sent (a slow machine stays bounded)
@@ -47,13 +46,7 @@ def fuzz_cluster(pg_server, make_cluster):
     with any tag, which must not reach the other tests' workers."""
     name = "sandmill_fuzz_" + os.environ.get("PYTEST_XDIST_WORKER", "main")
 
-    async def fresh() -> None:
-        admin = await dbmod.connect(pg_server.get_uri())
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-
-    asyncio.run(fresh())
+    asyncio.run(recreate_database(pg_server, name))
     # a short wait: a fuzzed run_wait_result on a tag no worker serves answers 408 quickly
     c = make_cluster(env={"SANDMILL_WAIT_TIMEOUT_S": "1"}, db_url=pg_server.get_uri(name))
     c.start_worker("default", subworkers=1)
