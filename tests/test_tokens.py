@@ -14,7 +14,6 @@ import uuid
 
 import asyncpg
 import httpx
-import pytest
 
 from support import REPO, TOKEN, wait_done
 
@@ -56,7 +55,7 @@ def test_a_token_runs_and_reads_jobs_in_its_workspace(cluster, api, ws):
             "path": "f/a", "content": "def main():\n    return 'a'\n", "language": "python3"}).status_code == 201
         r = c.post(f"/api/w/{ws}/jobs/run_wait_result/p/f/a", json={})
         assert r.status_code == 200 and r.json() == "a"
-        assert c.get(f"/api/version").status_code == 200
+        assert c.get("/api/version").status_code == 200
 
 
 def test_a_token_on_another_workspace_gets_the_404_of_a_missing_thing(cluster, api, ws):
@@ -69,7 +68,7 @@ def test_a_token_on_another_workspace_gets_the_404_of_a_missing_thing(cluster, a
     h = api.get(f"/api/w/{other}/scripts/get/p/f/secret").json()["hash"]
     missing = str(uuid.uuid4())
     with as_token(cluster, make_token(api, ws)) as c:
-        for path in (f"jobs_u/get/{{}}", "jobs_u/completed/get_result/{}",
+        for path in ("jobs_u/get/{}", "jobs_u/completed/get_result/{}",
                      "jobs_u/completed/get_result_maybe/{}", "jobs_u/get_logs/{}",
                      "jobs_u/getupdate/{}"):
             real, fake = c.get(f"/api/w/{other}/" + path.format(jid)), c.get(f"/api/w/{other}/" + path.format(missing))
@@ -78,7 +77,7 @@ def test_a_token_on_another_workspace_gets_the_404_of_a_missing_thing(cluster, a
             assert real.json() == {"error": fake.json()["error"].replace(missing, jid)}
         r = c.post(f"/api/w/{other}/jobs_u/queue/cancel/{jid}")
         assert r.status_code == 404 and r.json()["error"] == f"queued or running job {jid} not found in workspace {other}"
-        for real, fake in ((f"scripts/get/p/f/secret", "scripts/get/p/f/nothing"),
+        for real, fake in (("scripts/get/p/f/secret", "scripts/get/p/f/nothing"),
                            (f"scripts/get/h/{h}", "scripts/get/h/0000")):
             a, b = c.get(f"/api/w/{other}/{real}"), c.get(f"/api/w/{other}/{fake}")
             assert a.status_code == b.status_code == 404
