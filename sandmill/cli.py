@@ -44,7 +44,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     settings = ServerSettings(database_url=url, data_dir=data_dir, admin_token=admin_token(data_dir))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
-                access_log=False)
+                access_log=False, timeout_keep_alive=settings.keep_alive_s)
     return 0
 
 

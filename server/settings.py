@@ -22,6 +22,9 @@ class ServerSettings:
     max_restarts: int = int(os.environ.get("SANDMILL_MAX_RESTARTS", 1))
     monitor_every_s: float = float(os.environ.get("SANDMILL_MONITOR_EVERY_S", 2))
     wait_timeout_s: float = float(os.environ.get("SANDMILL_WAIT_TIMEOUT_S", 60))
+    # an idle kept-alive HTTP connection stays open this long: longer than clients keep
+    # theirs (httpx and others: 5 s), or a request sent as the server closes one is lost
+    keep_alive_s: float = float(os.environ.get("SANDMILL_KEEP_ALIVE_S", 75))
 
 
 def admin_token(data_dir: Path) -> str:
