@@ -68,14 +68,7 @@ class BenchPG:
         self.pg.psql(f"CREATE DATABASE {name};")
         url = self.url.replace("/postgres?", f"/{name}?")
 
-        async def mig() -> None:
-            conn = await dbmod.connect(url)
-            try:
-                await dbmod.migrate(conn)
-            finally:
-                await conn.close()
-
-        asyncio.run(mig())
+        asyncio.run(dbmod.migrate_url(url))
         return url
 
     def drop(self, url: str) -> None:

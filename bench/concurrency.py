@@ -51,9 +51,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="sandmill-cbench-"))
     tmp.chmod(0o755)
     pg = pgserver.get_server(tmp / "pg", cleanup_mode="delete")
-    conn = await dbmod.connect(pg.get_uri())
-    await dbmod.migrate(conn)
-    await conn.close()
+    await dbmod.migrate_url(pg.get_uri())
     cluster = LocalCluster(pg.get_uri(), tmp / "cluster")
     out = {}
     try:

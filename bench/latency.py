@@ -97,9 +97,7 @@ async def run(args: argparse.Namespace) -> dict:
     tmp = scratch_dir()
     pg = pgserver.get_server(tmp / "pg", cleanup_mode="delete")
     url = pg.get_uri()
-    conn = await dbmod.connect(url)
-    await dbmod.migrate(conn)
-    await conn.close()
+    await dbmod.migrate_url(url)
     cluster = LocalCluster(url, tmp / "cluster")
     try:
         cluster.start_server()

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -162,6 +163,24 @@ def _make_parent(host: CgroupHost, name: str) -> tuple[tuple[str, Path], ...]:
     return tuple(pairs)
 
 
+def kill_until_empty(pids: Callable[[], Iterable[int]], timeout: float, pause_s: float = 0.002) -> bool:
+    """SIGKILL every pid ``pids()`` gives, again and again (a fork bomb adds some while we
+    kill), until it gives none (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = list(pids())
+        if not found:
+            return True
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause_s)
+
+
 class JobCgroup:
     """One job's cgroup (one directory per v1 hierarchy, or one on v2)."""
 
@@ -306,19 +325,7 @@ class JobCgroup:
                 _write(self.dirs["unified"] / "cgroup.kill", "1")
             except OSError:
                 pass
-        deadline = time.monotonic() + timeout
-        while True:
-            pids = self.pids()
-            if not pids:
-                return True
-            for pid in pids:  # loop: a fork bomb may add pids while we kill
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.002)
+        return kill_until_empty(self.pids, timeout)
 
     def remove(self) -> None:
         """Remove the job cgroup dirs (after kill_all). Retries briefly: the kernel

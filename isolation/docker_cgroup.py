@@ -18,9 +18,9 @@ one poll reports 0). With a remote dockerd nothing is readable and everything re
 from __future__ import annotations
 
 import os
-import signal
-import time
 from dataclasses import dataclass
+
+from .cgroups import kill_until_empty
 
 ROOT = "/sys/fs/cgroup"
 PARENT = "sandmill-docker"
@@ -94,18 +94,21 @@ def job_parent(job_id: str) -> str:
     return f"/{PARENT}/{job_id}"
 
 
-def remove_parent(job_id: str, root: str = ROOT) -> None:
-    """rmdir the job's parent cgroup in every hierarchy (v1 has one per controller).
-    Best effort: an rmdir that fails leaves an empty cgroup, nothing else."""
-    rel = job_parent(job_id).strip("/")
+def _in_each_hierarchy(rel: str, root: str) -> list[str]:
+    """The dir of cgroup ``rel`` in each hierarchy (v1 has one per controller, v2 one)."""
+    rel = rel.strip("/")
     if cgroup_version(root) == 2:
-        dirs = [os.path.join(root, rel)]
-    else:
-        try:
-            dirs = [os.path.join(root, h, rel) for h in os.listdir(root)]
-        except OSError:
-            return
-    for d in dirs:
+        return [os.path.join(root, rel)]
+    try:
+        return [os.path.join(root, h, rel) for h in os.listdir(root)]
+    except OSError:
+        return []
+
+
+def remove_parent(job_id: str, root: str = ROOT) -> None:
+    """rmdir the job's parent cgroup in every hierarchy. Best effort: an rmdir that fails
+    leaves an empty cgroup, nothing else."""
+    for d in _in_each_hierarchy(job_parent(job_id), root):
         try:
             os.rmdir(d)
         except OSError:
@@ -125,16 +128,8 @@ def scope_path(container_id: str, root: str = ROOT) -> str | None:
 
 def _tree_dirs(rel: str, root: str) -> list[str]:
     """Every cgroup dir of ``rel``'s subtree, in each hierarchy that has one."""
-    rel = rel.strip("/")
-    if cgroup_version(root) == 2:
-        bases = [os.path.join(root, rel)]
-    else:
-        try:
-            bases = [os.path.join(root, h, rel) for h in os.listdir(root)]
-        except OSError:
-            return []
     out = []
-    for base in bases:
+    for base in _in_each_hierarchy(rel, root):
         for d, _subdirs, _files in os.walk(base):
             out.append(d)
     return out
@@ -152,22 +147,15 @@ def kill_all(rel: str, timeout: float = 2.0, root: str = ROOT) -> bool:
                 f.write("1")
         except OSError:
             pass
-    deadline = time.monotonic() + timeout
-    while True:
-        pids: set[int] = set()
+
+    def pids() -> set[int]:
+        found: set[int] = set()
         for d in _tree_dirs(rel, root):
             try:
                 with open(os.path.join(d, "cgroup.procs")) as f:
-                    pids.update(int(x) for x in f.read().split())
+                    found.update(int(x) for x in f.read().split())
             except (OSError, ValueError):
                 pass
-        if not pids:
-            return True
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
+        return found
+
+    return kill_until_empty(pids, timeout, pause_s=0.005)

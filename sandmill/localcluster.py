@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import httpx
+
+from .supervisor import stop_children
 
 PROCESS_PROFILE = """
 name: {name}
@@ -96,12 +97,6 @@ class LocalCluster:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp.glob("proc-*.log")))
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """Stop every process as `sandmill up` does (SIGKILL after 15 s), and remove the
+        job containers they left."""
+        stop_children(self.procs, grace_s=15)

@@ -78,14 +78,7 @@ def run_up(args: argparse.Namespace) -> int:
         pg = embedded.start_embedded(data_dir, verbose=getattr(args, "verbose", False))
         url = embedded.embedded_url(pg)
 
-    async def _migrate() -> None:
-        conn = await dbmod.connect(url)
-        try:
-            await dbmod.migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(_migrate())
+    asyncio.run(dbmod.migrate_url(url))
     token = admin_token(data_dir)
     env = {**os.environ, "DATABASE_URL": url, "SANDMILL_ADMIN_TOKEN": token}
     py = [sys.executable, "-m", "sandmill"]

@@ -28,11 +28,7 @@ log = logging.getLogger("sandmill.api")
 async def lifespan(app: FastAPI):
     """Migrate, open the pool, listen for completions (result waiters), run the monitor."""
     settings: ServerSettings = app.state.settings
-    conn = await dbmod.connect(settings.database_url)
-    try:
-        await dbmod.migrate(conn)
-    finally:
-        await conn.close()
+    await dbmod.migrate_url(settings.database_url)
     app.state.pool = pool = await dbmod.create_pool(settings.database_url, min_size=2, max_size=10)
     listening = asyncio.Event()  # before the first request: a waiter's NOTIFY is not missed
     listener = asyncio.create_task(listen_for_results(settings.database_url, pool, app.state.waiters,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ast
-import json
-import math
 import re
 from typing import Any
 
@@ -12,48 +10,28 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandmill.profiles import Profile  # the one profile model, shared with the workers
+from sandmill.store.storable import describe_text, find_unstorable
 
 from .routing import LANGUAGES
 
 
-# What PostgreSQL cannot store: NUL (text and jsonb refuse it) and lone surrogates (not
-# UTF-8; a JSON body may carry "\ud800"). Refused at the door with the field named, where
-# the INSERT would fail (a 503) or the worker would fail the job later.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
+# What PostgreSQL cannot store (NUL, lone surrogates, NaN: sandmill.store.storable) is
+# refused at the door with the field named, where the INSERT would fail (a 503) or the
+# worker would fail the job later.
 def text_problem(s: str) -> str | None:
     """Why PostgreSQL cannot store the string ``s``, or None."""
-    m = _UNSTORABLE.search(s)
-    if m is None:
-        return None
-    what = "a NUL character (U+0000)" if m.group() == "\x00" else f"a lone surrogate (U+{ord(m.group()):04X})"
-    return f"holds {what} at offset {m.start()}, which PostgreSQL cannot store"
+    what = describe_text(s)
+    return f"holds {what}, which PostgreSQL cannot store" if what else None
 
 
 def json_problem(value: Any, path: str) -> str | None:
-    """``path: reason`` for the first string or key in ``value`` PostgreSQL cannot store
-    (NaN and Infinity too), or None. Iterative: any depth a JSON body has is walked."""
-    stack = [(value, path)]
-    while stack:
-        v, p = stack.pop()
-        if isinstance(v, str):
-            if problem := text_problem(v):
-                return f"{p}: {problem}"
-        elif isinstance(v, float) and not math.isfinite(v):
-            return f"{p}: {v} is not JSON PostgreSQL can store"
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                kp = f"{p}.{k}" if _PLAIN_KEY.match(k) else f"{p}[{json.dumps(k[:40])}]"
-                if problem := text_problem(k):
-                    return f"{kp}: the key {problem}"
-                stack.append((item, kp))
-        elif isinstance(v, list):
-            stack.extend((item, f"{p}[{i}]") for i, item in enumerate(v))
-    return None
-
-
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """``path: reason`` for the first string, key or number in ``value`` PostgreSQL cannot
+    store, or None."""
+    found = find_unstorable(value, path)
+    if found is None:
+        return None
+    what, where = found
+    return f"{where}: holds {what}, which PostgreSQL cannot store"
 
 
 class _Storable(BaseModel):

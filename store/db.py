@@ -58,6 +58,15 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
+async def migrate_url(url: str) -> list[int]:
+    """migrate() the database at ``url``, on a connection of its own."""
+    conn = await connect(url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
 async def connect(url: str) -> asyncpg.Connection:
     """One connection with sandmill's codecs (jsonb as Python objects)."""
     conn = await asyncpg.connect(url)

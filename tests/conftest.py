@@ -35,13 +35,12 @@ def pg_url(pg_server) -> str:
     """A fresh, migrated database for this xdist worker."""
     name = "sandmill_" + os.environ.get("PYTEST_XDIST_WORKER", "main")
 
-    async def setup() -> None:
-        conn = await dbmod.connect(await recreate_database(pg_server, name))
-        await dbmod.migrate(conn)
-        await conn.close()
+    async def setup() -> str:
+        url = await recreate_database(pg_server, name)
+        await dbmod.migrate_url(url)
+        return url
 
-    asyncio.run(setup())
-    return pg_server.get_uri(name)
+    return asyncio.run(setup())
 
 
 class Cluster(LocalCluster):

@@ -14,6 +14,8 @@ from sandmill.store import queue
 from sandmill.profiles import profile_from_dict
 from sandmill.worker.worker import Worker
 
+from support import recreate_database
+
 
 def _push(pool, tag: str, **kw):
     return queue.push(pool, workspace="w", language="noop", content="", args={}, tag=tag, **kw)
@@ -66,14 +68,8 @@ async def test_complete_and_pull_stops_at_a_keyed_job(pg_url):
 
 
 async def _fresh_db(pg_server) -> str:
-    name = "claims_" + uuid.uuid4().hex[:8]
-    admin = await dbmod.connect(pg_server.get_uri())
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = pg_server.get_uri(name)
-    conn = await dbmod.connect(url)
-    await dbmod.migrate(conn)
-    await conn.close()
+    url = await recreate_database(pg_server, "claims_" + uuid.uuid4().hex[:8])
+    await dbmod.migrate_url(url)
     return url
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from sandmill.store import db as dbmod
 from sandmill.worker.logs import MAX_LOG_BYTES, LogSink
-from sandmill.worker.storable import (
+from sandmill.store.storable import (
     MAX_RESULT_JSON_BYTES, NUL_SHOWN, decode_output, json_problem, storable_json, storable_text,
 )
 from support import wait_done

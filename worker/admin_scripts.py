@@ -14,7 +14,7 @@ from sandmill.store import queue
 from .execute import storable_result
 from .runtimes import JobResult, build_spec, interpret
 from .settings import Group
-from .storable import decode_output, storable_json
+from sandmill.store.storable import decode_output, storable_json
 
 log = logging.getLogger("sandmill.worker")
 

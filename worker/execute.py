@@ -18,7 +18,7 @@ from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
 from .runtimes import JobResult, build_spec, failure, interpret
 from .settings import Group
-from .storable import json_problem, storable_json, storable_text
+from sandmill.store.storable import json_problem, storable_json, storable_text
 
 if TYPE_CHECKING:
     from .watch import Watch
@@ -149,7 +149,7 @@ async def _const(v: Any) -> Any:
 def storable_result(res: JobResult) -> JobResult:
     """``res`` as the completion can store it, whoever built it (a sandbox job, a native
     one): a result jsonb cannot hold fails the job with ResultNotStorable; the error text
-    gets NUL and lone surrogates replaced visibly (worker/storable.py)."""
+    gets NUL and lone surrogates replaced visibly (store/storable.py)."""
     problem = json_problem(res.result)
     if problem:
         return failure("ResultNotStorable", problem)

@@ -18,6 +18,7 @@ import asyncpg
 
 from sandmill.store import db as dbmod
 from sandmill.store import queue
+from sandmill.store.storable import storable_text
 
 from .batching import Batcher, HotConns
 from .settings import Group, WorkerSettings
@@ -37,18 +38,11 @@ def internal_error(c: queue.Completion, cause: str) -> queue.Completion:
     """The completion of a job that something of sandmill's own failed (its completion
     refused, its logs or heartbeat broken): a failure saying why, with nothing of the
     job's own output in it, so that it is storable whatever the job returned."""
-    msg = f"internal error: {storable_text(cause)}"
+    msg = f"internal error: {storable_text(cause[:CAUSE_MAX])}"  # it may quote hostile bytes
     return queue.Completion(c.job_id, c.worker, status="failure",
                             result={"error": {"name": "InternalError", "message": msg}}, error=msg,
                             duration_ms=c.duration_ms, cpu_ms=c.cpu_ms, mem_peak_kb=c.mem_peak_kb,
                             outcome=None, started_at=c.started_at)
-
-
-def storable_text(text: str) -> str:
-    """``text`` cut to CAUSE_MAX characters, without what PostgreSQL's text and jsonb
-    refuse (NUL, lone surrogates): an error message may quote the job's hostile bytes."""
-    text = text[:CAUSE_MAX].replace("\x00", "\u2400")
-    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def log_failed_completion(fut: asyncio.Future) -> None:

@@ -11,7 +11,7 @@ import uuid
 
 from sandmill.store import queue
 
-from .storable import storable_text
+from sandmill.store.storable import storable_text
 
 log = logging.getLogger("sandmill.worker")
 _utf8 = codecs.getincrementaldecoder("utf-8")
@@ -27,7 +27,7 @@ class LogSink:
 
     What a job prints is hostile: it is decoded per stream with an incremental UTF-8
     decoder (a character split across chunks stays whole), undecodable bytes become U+FFFD
-    and NUL becomes U+2400 "␀" (PostgreSQL's text cannot hold NUL; worker/storable.py).
+    and NUL becomes U+2400 "␀" (PostgreSQL's text cannot hold NUL; store/storable.py).
     At most MAX_LOG_BYTES (UTF-8) are kept; past that, chunks are only counted, not decoded,
     so a 100 MB line costs bounded memory and time."""
 

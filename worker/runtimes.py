@@ -13,7 +13,7 @@ from sandmill.isolation import Limits, Outcome, RunSpec, Status
 
 from sandmill.profiles import Profile
 
-from .storable import MAX_RESULT_JSON_BYTES, decode_output, json_problem, storable_text
+from sandmill.store.storable import MAX_RESULT_JSON_BYTES, decode_output, json_problem, storable_text
 
 _PY_WRAPPER = resources.files("sandmill.worker").joinpath("templates/python_wrapper.py").read_bytes()
 # `name="$1"` / `name="${2:-default}"`: how a bash script declares its parameters.
@@ -84,7 +84,7 @@ def _bash_arg(v: Any) -> str:
 
 def interpret(job: dict[str, Any], outcome: Outcome, limits: Limits) -> JobResult:
     """Turn the sandbox Outcome into the job's status, result and error, all of it storable
-    (worker/storable.py): what the job wrote is hostile."""
+    (store/storable.py): what the job wrote is hostile."""
     lang = job["language"]
     if lang == "python3":
         if outcome.status is Status.success and "result.json" in outcome.files:
@@ -125,10 +125,7 @@ def _python_result(data: bytes, limits: Limits) -> JobResult:
     value = _loads(data)
     if value is _NOT_JSON:
         return failure("ResultError", "result.json is not valid JSON")
-    problem = json_problem(value)
-    if problem:
-        return failure("ResultNotStorable", problem)
-    return JobResult("success", value, None)
+    return JobResult("success", value, None)  # what jsonb refuses: execute.storable_result
 
 
 def _last_line(stdout: bytes) -> Any:

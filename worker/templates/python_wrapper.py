@@ -53,9 +53,10 @@ def _tb(exc=None):
     return traceback.format_exc()
 
 
-# A lone surrogate cannot be encoded as UTF-8: "backslashreplace" writes it as the JSON
-# escape \udXXX (it only ever occurs inside a JSON string here), so the worker reads the
-# exact value and says where it is (ResultNotStorable) instead of the wrapper crashing.
+# A lone surrogate cannot be encoded as UTF-8: "backslashreplace" writes it as its JSON
+# escape (U+D800 as \ud800; it only ever occurs inside a JSON string here), so the worker
+# reads the exact value and says where it is (ResultNotStorable) instead of the wrapper
+# crashing.
 def _write(name, text):
     with open(name, "w", encoding="utf-8", errors="backslashreplace") as f:
         f.write(text)

@@ -69,14 +69,15 @@ def json_problem(value: Any, what: str = "the result") -> str | None:
                 f" a result may take")
     if _SUSPECT_JSON.search(text) is None:  # the usual case: no walk
         return None
-    found = _find(value)
+    found = find_unstorable(value)
     if found is None:
         return None
     problem, path = found
     return f"{what} holds {problem} at {path}; PostgreSQL's JSON cannot store it"
 
 
-def _describe_text(s: str) -> str | None:
+def describe_text(s: str) -> str | None:
+    """What in ``s`` PostgreSQL's text cannot hold (the first), in words, or None."""
     m = _BAD_TEXT.search(s)
     if m is None:
         return None
@@ -92,14 +93,14 @@ def _key_path(path: str, key: str) -> str:
     return f"{path}[{shown}]"
 
 
-def _find(value: Any) -> tuple[str, str] | None:
-    """(the problem, its path) of the first thing jsonb refuses, depth first; iterative, so
-    that any depth json.loads produced is walked."""
-    stack: list[tuple[Any, str]] = [(value, "$")]
+def find_unstorable(value: Any, root: str = "$") -> tuple[str, str] | None:
+    """(the problem, its path from ``root``) of the first thing jsonb refuses, depth first;
+    iterative, so that any depth json.loads produced is walked."""
+    stack: list[tuple[Any, str]] = [(value, root)]
     while stack:
         v, path = stack.pop()
         if isinstance(v, str):
-            problem = _describe_text(v)
+            problem = describe_text(v)
             if problem:
                 return problem, path
         elif isinstance(v, float):
@@ -110,7 +111,7 @@ def _find(value: Any) -> tuple[str, str] | None:
             for k, item in v.items():
                 k = str(k)
                 p = _key_path(path, k)
-                problem = _describe_text(k)
+                problem = describe_text(k)
                 if problem:
                     return f"{problem} in a key", p
                 items.append((item, p))
