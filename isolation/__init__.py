@@ -2,9 +2,9 @@
 
 from .base import Backend, OutputCallback, Probe
 from .registry import BACKENDS, get_backend
-from .spec import Limits, Network, Outcome, RunSpec, Status
+from .spec import Limits, Mount, Network, Outcome, RunSpec, Status
 
 __all__ = [
-    "BACKENDS", "Backend", "Limits", "Network", "Outcome", "OutputCallback", "Probe",
+    "BACKENDS", "Backend", "Limits", "Mount", "Network", "Outcome", "OutputCallback", "Probe",
     "RunSpec", "Status", "get_backend",
 ]

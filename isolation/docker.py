@@ -37,7 +37,7 @@ from .docker_job import Job, in_thread
 from .docker_status import classify, gaps
 from .docker_stream import Demux, in_loop, start_stdin_writer
 from .docker_sweep import LABEL, OWNER_LABEL, owner_value, sweep_at_start, sweep_stale
-from .spec import Outcome, RunSpec, Status
+from .spec import Outcome, RunSpec, Status, mounts_problem
 
 __all__ = ["DEFAULT_IMAGE", "LABEL", "OWNER_LABEL", "DockerBackend", "sweep_stale"]
 
@@ -307,6 +307,8 @@ class DockerBackend(Backend):
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` in a fresh container; see the module docstring for the setup."""
+        if why := mounts_problem(spec.mounts):
+            return Outcome(Status.sandbox_error, detail=why)
         loop = asyncio.get_running_loop()
         try:
             workdir = make_workdir(spec.files, self.uid, self.workdir_root)

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from docker.types import LogConfig, Ulimit
+from docker.types import Mount as DockerMount
 
 from .spec import RunSpec
 
@@ -16,7 +17,7 @@ MIB = 1024 * 1024
 
 def host_config(spec: RunSpec, workdir: str, log_driver: str, log_max_size: str) -> dict[str, Any]:
     """Keyword arguments of ``create_host_config`` for one job: ``workdir`` bound rw at
-    /work, tmpfs /tmp, read-only root, no network (unless host), no capabilities,
+    /work, the spec's mounts (read-only unless writable), tmpfs /tmp, read-only root, no network (unless host), no capabilities,
     no-new-privileges, docker-init, the job's limits (CPU quota, memory = memory+swap,
     pids, rlimits)."""
     lim = spec.limits
@@ -34,6 +35,9 @@ def host_config(spec: RunSpec, workdir: str, log_driver: str, log_max_size: str)
         tmp_opts += f",size={lim.tmp_mb}m"
     host: dict[str, Any] = dict(
         binds={workdir: {"bind": WORKDIR, "mode": "rw"}},
+        # The mount API, not "src:dst:mode" strings: a path may hold a colon.
+        mounts=[DockerMount(m.target, m.source, type="bind", read_only=not m.writable)
+                for m in spec.mounts],
         network_mode="host" if spec.network == "host" else "none",
         read_only=True,
         tmpfs={"/tmp": tmp_opts},

@@ -27,7 +27,7 @@ from pathlib import Path
 from . import workdir
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
-from .spec import Limits, Outcome, RunSpec, Status
+from .spec import Limits, Outcome, RunSpec, Status, mounts_problem
 from .supervise import KILL_TIMEOUT, Supervised, classify, supervise
 from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
 
@@ -147,6 +147,8 @@ class NsjailBackend(Backend):
                     a += ["-R", f]
         elif not self.lo_up:
             a.append("--iface_no_lo")
+        for m in spec.mounts:
+            a += ["-B" if m.writable else "-R", f"{m.source}:{m.target}"]
         for k, v in spec.env.items():
             a += ["-E", f"{k}={v}"]
         return a + ["--", _resolve(spec.argv[0], spec.env), *spec.argv[1:]]
@@ -180,7 +182,10 @@ class NsjailBackend(Backend):
         """Run ``spec`` under nsjail; see the module docstring."""
         if not self.binary:
             return Outcome(Status.sandbox_error, detail="nsjail binary not found")
-        if self.warm_pool is not None and spec.argv:
+        if why := mounts_problem(spec.mounts):
+            return Outcome(Status.sandbox_error, detail=why)
+        # A warm interpreter's jail is made before the job: its mounts are not the job's.
+        if self.warm_pool is not None and spec.argv and not spec.mounts:
             program = _resolve(spec.argv[0], spec.env)
             # A warm exec sees what a cold job sees: only programs in the bound system dirs.
             visible = any(program.startswith(d + "/") for d in SYSTEM_DIRS)

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import linux, workdir
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
-from .spec import Limits, Outcome, RunSpec, Status
+from .spec import Limits, Mount, Outcome, RunSpec, Status, mounts_problem
 from .supervise import classify, job_rlimits, supervise
 from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
 
@@ -82,7 +82,10 @@ class ProcessBackend(Backend):
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
-        if self.warm_pool is not None and spec.argv:
+        if why := self._mounts_problem(spec.mounts):
+            return Outcome(Status.sandbox_error, detail=why)
+        # A warm interpreter's namespaces are made before the job: its mounts are not the job's.
+        if self.warm_pool is not None and spec.argv and not spec.mounts:
             program = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
             out = await run_warm(self.warm_pool, spec, on_output, program)
             if out is not None:
@@ -108,7 +111,7 @@ class ProcessBackend(Backend):
                 if self.uid is not None:
                     os.chown(tmp, self.uid, self.gid if self.gid is not None else -1)
                 env.setdefault("TMPDIR", str(tmp))
-            preexec = self._preexec(wd, limits, spec.network, cgroup)
+            preexec = self._preexec(wd, limits, spec.network, cgroup, spec.mounts)
             try:
                 sup = await supervise(spec.argv, env=env, cwd=str(wd), stdin=spec.stdin,
                                       limits=limits, cgroup=cgroup, preexec=preexec,
@@ -142,7 +145,25 @@ class ProcessBackend(Backend):
             pass_fds=(fd,), start_new_session=True,
             preexec_fn=self._preexec(zdir, zlimits, "none", cgroup))
 
-    def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None):
+    def _mounts_problem(self, mounts: list[Mount]) -> str | None:
+        """Why ``mounts`` cannot be made here: binds need our mount namespace, and land on
+        paths that exist on the host and that no mask of ours covers."""
+        if not mounts:
+            return None
+        if why := mounts_problem(mounts):
+            return why
+        if not self.namespaces:
+            return "the process backend binds mounts only as root with namespaces"
+        masked = ("/tmp", "/dev/shm", str(workdir.shared_root(self.workdir_root)), *self.hide)
+        for m in mounts:
+            if not os.path.lexists(m.target):
+                return f"mount target {m.target!r} does not exist on the host (the process backend binds onto existing paths)"
+            if any(m.target == d or m.target.startswith(d + "/") for d in masked):
+                return f"mount target {m.target!r} is under {next(d for d in masked if m.target == d or m.target.startswith(d + '/'))!r}, which the sandbox masks"
+        return None
+
+    def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None,
+                 mounts: list[Mount] = ()):
         """Build the fork-to-exec hook. Everything is computed here, in the parent: the
         child only makes syscalls."""
         procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
@@ -167,6 +188,9 @@ class ProcessBackend(Backend):
         uid, gid = self.uid, self.gid
         do_mounts = self.namespaces
         nosuid_nodev = linux.MS_NOSUID | linux.MS_NODEV
+        binds = [(m.source.encode(), m.target.encode(),
+                  linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID | (0 if m.writable else linux.MS_RDONLY))
+                 for m in mounts]
 
         def preexec() -> None:
             for p in procs:  # join the job cgroup before exec: children inherit it
@@ -178,6 +202,8 @@ class ProcessBackend(Backend):
             if do_mounts:
                 linux.mount(None, b"/", None, linux.MS_REC | linux.MS_PRIVATE)
                 here = os.open(b".", os.O_RDONLY | os.O_DIRECTORY)  # the work dir (cwd)
+                # Sources are opened before the masks, which may cover them.
+                srcs = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src, _, _ in binds]
                 linux.mount(b"tmpfs", b"/tmp", b"tmpfs", nosuid_nodev, tmp_opt)
                 linux.mount(b"tmpfs", b"/dev/shm", b"tmpfs", nosuid_nodev, tmp_opt)
                 for h in hide:
@@ -187,6 +213,10 @@ class ProcessBackend(Backend):
                 linux.mount(b"tmpfs", jobs_root, b"tmpfs", nosuid_nodev, b"size=64k,mode=711")
                 os.makedirs(wd_b, 0o700)
                 linux.mount(b"/proc/self/fd/%d" % here, wd_b, None, linux.MS_BIND)
+                for fd, (_, target, flags) in zip(srcs, binds):
+                    linux.mount(b"/proc/self/fd/%d" % fd, target, None, linux.MS_BIND)
+                    linux.mount(None, target, None, flags)  # read-only unless writable
+                    os.close(fd)
                 linux.mount(None, b"/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
                 os.chdir(wd_b)
                 os.close(here)

@@ -6,6 +6,7 @@ These are the only types that cross the boundary between the worker and a backen
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +41,41 @@ class Limits(BaseModel):
 Network = Literal["none", "host"]
 
 
+@dataclass(frozen=True)
+class Mount:
+    """A host path the job sees at ``target``: a directory, a file or a device node,
+    read-only unless ``writable``. Backends refuse (sandbox_error) a mount they cannot
+    make rather than run the job without it."""
+
+    source: str
+    target: str
+    writable: bool = False
+
+    def problem(self) -> str | None:
+        """Why this mount cannot be made, or None."""
+        for what, p in (("source", self.source), ("target", self.target)):
+            if not p.startswith("/") or os.path.normpath(p) != p or "//" in p:
+                return f"mount {what} {p!r} is not an absolute, normalised path"
+        if self.target in RESERVED_TARGETS:
+            return f"mount target {self.target!r} is the sandbox's own"
+        if not os.path.lexists(self.source):
+            return f"mount source {self.source!r} does not exist"
+        return None
+
+
+# The sandbox's own mount points: a job mount never replaces them.
+RESERVED_TARGETS = frozenset({"/", "/tmp", "/job", "/work", "/proc", "/dev"})
+
+
+def mounts_problem(mounts: list[Mount]) -> str | None:
+    """The first reason one of ``mounts`` cannot be made, or None."""
+    for m in mounts:
+        why = m.problem()
+        if why:
+            return why
+    return None
+
+
 @dataclass
 class RunSpec:
     """One command to run in a fresh sandbox.
@@ -53,6 +89,7 @@ class RunSpec:
     pre-started ``argv[0]`` instead of exec'ing it (isolation/warm.py), same sandbox.
     That file must be runtime code, the same for many jobs (a language wrapper), never
     job data: warm interpreters keep it compiled, and every job forks from them.
+    ``mounts`` are host paths bound into the sandbox (``Mount``), read-only by default.
     """
 
     argv: list[str]
@@ -63,6 +100,7 @@ class RunSpec:
     limits: Limits = field(default_factory=Limits)
     network: Network = "none"
     warm: str | None = None
+    mounts: list[Mount] = field(default_factory=list)
 
 
 class Status(str, enum.Enum):
