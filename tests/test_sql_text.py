@@ -60,6 +60,7 @@ def test_a_missing_name_fails_loudly():
 def test_every_statement_is_used_and_described():
     # importing the store's modules took every statement they use
     import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads, sandmill.store.tokens  # noqa: F401,E401
+    import sandmill.store.dashboard  # noqa: F401 (the dashboard's and the metrics' reads)
     assert set(QUERIES) == queries._used
     for q in QUERIES.values():
         assert q.doc.strip() and not q.sql.rstrip().endswith(";"), q.name
@@ -234,6 +235,15 @@ async def _sent_since() -> set[str]:
     await tokens.authenticate(db, "smt_0123456789ab_" + "s" * 43)
     await tokens.list_tokens(db, "ws")
     await tokens.delete(db, "0123456789ab")
+    from sandmill.store import dashboard  # the dashboard's and the metrics' reads
+    for call in (dashboard.queue_by_tag, dashboard.throughput, dashboard.group_names, dashboard.db_now,
+                 dashboard.running_started):
+        await call(db)
+    await dashboard.active_jobs(db, workspace=None, script_path=None, tag=None, state=None, limit=5)
+    await dashboard.completed_jobs(db, workspace=None, script_path=None, tag=None, status=None, limit=5)
+    await dashboard.running_jobs_of(db, ["w"])
+    await dashboard.last_admin_runs(db, ["w"])
+    await dashboard.fold_completed(db, dt.datetime.now(dt.timezone.utc), dt.datetime.now(dt.timezone.utc), [1])
     return {sql for _, sql, _ in db.sent}
 
 

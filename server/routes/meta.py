@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from sandmill.store import queue
-
+from .. import metrics as prom
 from ..deps import Admin, Pool, User
 from .errors import AUTHED
 
@@ -24,6 +24,7 @@ async def version(_u: User) -> str:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=AUTHED)
-async def metrics(_u: Admin, pool: Pool) -> str:
-    r = await queue.counts(pool)
-    return "".join(f"sandmill_{k} {v}\n" for k, v in r.items())
+async def metrics(_u: Admin, pool: Pool, request: Request) -> Response:
+    """Prometheus metrics (text exposition format), read from the database per scrape
+    (server/metrics.py)."""
+    return Response(await prom.render(request.app.state, pool), media_type=CONTENT_TYPE_LATEST)
