@@ -31,7 +31,7 @@ from docker.errors import DockerException, ImageNotFound, NotFound
 
 from . import docker_cgroup as cg
 from .base import Backend, OutputCallback, Probe
-from .docker_config import WORKDIR, host_config
+from .docker_config import GPU_MODE_WORDS, WORKDIR, gpu_mode, host_config
 from .docker_files import collect, make_workdir
 from .docker_job import Job, in_thread
 from .docker_status import classify, gaps
@@ -91,6 +91,7 @@ class DockerBackend(Backend):
         self._kill_client: docker.APIClient | None = None
         self._client_lock = threading.Lock()
         self._driver: str | None = None
+        self._gpu_mode: str | None = None  # how GPUs pass (docker_config.gpu_mode), from the probe
         self._cleanups: set[threading.Thread] = set()  # clean-ups still going on
 
     # -- docker plumbing (blocking; called in threads) ---------------------------------
@@ -144,10 +145,10 @@ class DockerBackend(Backend):
             info = self.api.info()
         except DockerException as e:
             return Probe(self.name, False, f"docker info failed: {e}")
-        self._driver = str(info.get("CgroupDriver") or "")
+        self._driver, self._gpu_mode = str(info.get("CgroupDriver") or ""), gpu_mode(info)
         sweep_at_start(self.api)  # a starting worker removes dead workers' containers
-        return Probe(self.name, True, f"dockerd {info.get('ServerVersion')}, image {self.image}",
-                     gaps(info, self._is_local()))
+        return Probe(self.name, True, f"dockerd {info.get('ServerVersion')}, image {self.image},"
+                     f" {GPU_MODE_WORDS[self._gpu_mode]}", gaps(info, self._is_local()))
 
     def _setup(self, spec: RunSpec, job: Job) -> None:
         """Create, attach and start. Sets ``job.setup_done`` however it ends, so that a
@@ -168,7 +169,9 @@ class DockerBackend(Backend):
             job.setup_done.set()
 
     def _create(self, spec: RunSpec, job: Job) -> None:
-        host = host_config(spec, job.workdir, self.log_driver, self.log_max_size)
+        if spec.gpu is not None and self._gpu_mode is None:
+            self._gpu_mode = gpu_mode(self.api.info())
+        host = host_config(spec, job.workdir, self.log_driver, self.log_max_size, self._gpu_mode or "devices")
         if self._is_local() and self._cgroup_driver() == "cgroupfs":
             host["cgroup_parent"] = cg.job_parent(job.job_id)
             job.cgroup_rel = cg.job_parent(job.job_id)

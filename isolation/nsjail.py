@@ -149,6 +149,12 @@ class NsjailBackend(Backend):
             a.append("--iface_no_lo")
         for m in spec.mounts:
             a += ["-B" if m.writable else "-R", f"{m.source}:{m.target}"]
+        if spec.gpu is not None:  # its own GPU nodes rw; driver files not already bound, ro
+            for m in spec.gpu.devices:
+                a += ["-B", f"{m.source}:{m.target}"]
+            for m in spec.gpu.files:
+                if not any(m.target.startswith(d + "/") for d in SYSTEM_DIRS):
+                    a += ["-R", f"{m.source}:{m.target}"]
         for k, v in spec.env.items():
             a += ["-E", f"{k}={v}"]
         return a + ["--", _resolve(spec.argv[0], spec.env), *spec.argv[1:]]
@@ -182,10 +188,10 @@ class NsjailBackend(Backend):
         """Run ``spec`` under nsjail; see the module docstring."""
         if not self.binary:
             return Outcome(Status.sandbox_error, detail="nsjail binary not found")
-        if why := mounts_problem(spec.mounts):
+        if why := mounts_problem(spec.mounts) or (spec.gpu and mounts_problem([*spec.gpu.devices, *spec.gpu.files])):
             return Outcome(Status.sandbox_error, detail=why)
         # A warm interpreter's jail is made before the job: its mounts are not the job's.
-        if self.warm_pool is not None and spec.argv and not spec.mounts:
+        if self.warm_pool is not None and spec.argv and not spec.mounts and spec.gpu is None:
             program = _resolve(spec.argv[0], spec.env)
             # A warm exec sees what a cold job sees: only programs in the bound system dirs.
             visible = any(program.startswith(d + "/") for d in SYSTEM_DIRS)

@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 
 from . import linux, workdir
+from .devfs import PrivateDev
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Mount, Outcome, RunSpec, Status, mounts_problem
@@ -82,10 +83,10 @@ class ProcessBackend(Backend):
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
-        if why := self._mounts_problem(spec.mounts):
+        if why := self._mounts_problem(spec.mounts) or self._gpu_problem(spec):
             return Outcome(Status.sandbox_error, detail=why)
         # A warm interpreter's namespaces are made before the job: its mounts are not the job's.
-        if self.warm_pool is not None and spec.argv and not spec.mounts:
+        if self.warm_pool is not None and spec.argv and not spec.mounts and spec.gpu is None:
             program = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
             out = await run_warm(self.warm_pool, spec, on_output, program)
             if out is not None:
@@ -111,7 +112,8 @@ class ProcessBackend(Backend):
                 if self.uid is not None:
                     os.chown(tmp, self.uid, self.gid if self.gid is not None else -1)
                 env.setdefault("TMPDIR", str(tmp))
-            preexec = self._preexec(wd, limits, spec.network, cgroup, spec.mounts)
+            preexec = self._preexec(wd, limits, spec.network, cgroup, spec.mounts,
+                                    PrivateDev(spec.gpu) if spec.gpu is not None else None)
             try:
                 sup = await supervise(spec.argv, env=env, cwd=str(wd), stdin=spec.stdin,
                                       limits=limits, cgroup=cgroup, preexec=preexec,
@@ -162,8 +164,17 @@ class ProcessBackend(Backend):
                 return f"mount target {m.target!r} is under {next(d for d in masked if m.target == d or m.target.startswith(d + '/'))!r}, which the sandbox masks"
         return None
 
+    def _gpu_problem(self, spec: RunSpec) -> str | None:
+        """Why the GPUs of ``spec`` cannot be passed: hiding the host's other GPU nodes
+        takes a private /dev, which takes our mount namespace."""
+        if spec.gpu is None:
+            return None
+        if not self.namespaces:
+            return "the process backend passes GPUs only as root with namespaces (a private /dev)"
+        return mounts_problem(list(spec.gpu.devices)) or PrivateDev(spec.gpu).problem()
+
     def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None,
-                 mounts: list[Mount] = ()):
+                 mounts: list[Mount] = (), dev: PrivateDev | None = None):
         """Build the fork-to-exec hook. Everything is computed here, in the parent: the
         child only makes syscalls."""
         procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
@@ -204,8 +215,13 @@ class ProcessBackend(Backend):
                 here = os.open(b".", os.O_RDONLY | os.O_DIRECTORY)  # the work dir (cwd)
                 # Sources are opened before the masks, which may cover them.
                 srcs = [os.open(src, os.O_PATH | os.O_CLOEXEC) for src, _, _ in binds]
+                dev_fds = dev.open_sources() if dev is not None else []
                 linux.mount(b"tmpfs", b"/tmp", b"tmpfs", nosuid_nodev, tmp_opt)
+                if dev is not None:  # a GPU job: only its own GPU nodes in its /dev
+                    dev.make(dev_fds)
                 linux.mount(b"tmpfs", b"/dev/shm", b"tmpfs", nosuid_nodev, tmp_opt)
+                if dev is not None:
+                    dev.seal()
                 for h in hide:
                     linux.mount(b"tmpfs", h, b"tmpfs", nosuid_nodev | linux.MS_RDONLY,
                                 b"size=4k,mode=755")

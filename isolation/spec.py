@@ -76,6 +76,19 @@ def mounts_problem(mounts: list[Mount]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class GpuGrant:
+    """The GPUs one job was given (isolation/gpu.py builds it). ``indexes`` are the host's
+    (the N of /dev/nvidia<N>); ``devices`` the nodes the job opens read/write (its own
+    /dev/nvidia<N>, then /dev/nvidiactl and /dev/nvidia-uvm*), each at /dev/<name>;
+    ``files`` the driver libraries and nvidia-smi, read-only, at their host paths. A
+    backend passes exactly these through, or refuses the job (sandbox_error)."""
+
+    indexes: tuple[int, ...]
+    devices: tuple[Mount, ...]
+    files: tuple[Mount, ...] = ()
+
+
 @dataclass
 class RunSpec:
     """One command to run in a fresh sandbox.
@@ -90,6 +103,7 @@ class RunSpec:
     That file must be runtime code, the same for many jobs (a language wrapper), never
     job data: warm interpreters keep it compiled, and every job forks from them.
     ``mounts`` are host paths bound into the sandbox (``Mount``), read-only by default.
+    ``gpu``: the GPUs passed through to the job (``GpuGrant``); None for most jobs.
     """
 
     argv: list[str]
@@ -101,6 +115,7 @@ class RunSpec:
     network: Network = "none"
     warm: str | None = None
     mounts: list[Mount] = field(default_factory=list)
+    gpu: GpuGrant | None = None
 
 
 class Status(str, enum.Enum):
@@ -131,6 +146,8 @@ class Outcome:
     files: dict[str, bytes] = field(default_factory=dict)
     detail: str = ""  # sandbox_error reason, or backend notes
     warm: bool = False  # ran by fork from a warm interpreter (not a fresh exec)
+    # the job's GPUs, set by the worker: {"index", "peak_memory_bytes", "busy_ms", ...}
+    gpu: dict | None = None
 
     def describe(self, limits: Limits) -> str:
         """The error a user reads: which limit was hit and its value, in words."""
@@ -164,4 +181,5 @@ class Outcome:
             "stderr_truncated": self.stderr_truncated,
             "detail": self.detail,
             "warm": self.warm,
+            **({"gpu": self.gpu} if self.gpu is not None else {}),  # GPU jobs only
         }

@@ -96,11 +96,28 @@ class Profile(BaseModel):
     periodic_script: str | None = None                  # bash, run every periodic_interval_s
     periodic_interval_s: int = Field(3600, ge=1)
     requires_gpu: bool = False
+    # GPUs handed to each running job, its own (worker/gpus.py); unset: the group's jobs get none
+    gpus_per_job: int | None = Field(None, strict=True)
+    gpu_sharing: bool = False  # a GPU may serve several jobs at once (least busy first)
 
     @field_validator("backend", mode="before")
     @classmethod
     def _backend(cls, v: Any) -> Any:
         return _backend_input(v)
+
+    @field_validator("gpus_per_job")
+    @classmethod
+    def _gpus_per_job(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 16:
+            raise ValueError(f"gpus_per_job must be 1 to 16 (leave it unset for jobs without a GPU), got {v}")
+        return v
+
+    @field_validator("gpu_sharing")
+    @classmethod
+    def _gpu_sharing(cls, v: bool, info: Any) -> bool:
+        if v and info.data.get("gpus_per_job") is None:
+            raise ValueError("gpu_sharing needs gpus_per_job: a group whose jobs get no GPU has none to share")
+        return v
 
     @field_validator("tags")
     @classmethod

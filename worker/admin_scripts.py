@@ -9,7 +9,6 @@ import logging
 import uuid
 
 from sandmill.isolation import Outcome
-from sandmill.store import queue
 
 from .execute import storable_result
 from .runtimes import JobResult, build_spec, interpret
@@ -39,7 +38,7 @@ async def run_admin_script(group: Group, kind: str, script: str) -> tuple[str, s
     logs = "".join(chunks)
     if result.status != "success":
         logs += f"\n[sandmill] {kind} script failed: {result.error}\n"
-    job_id = await queue.insert_completed(
+    job_id = await group.q.insert_completed(
         group.pool, workspace=ADMIN_WORKSPACE, kind=kind, language="bash", content=script,
         tag=f"{kind}-{group.name}", worker=group.name, started_at=started, status=result.status,
         result=result.result, error=result.error, logs=logs,

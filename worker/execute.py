@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sandmill.isolation import Outcome
 from sandmill.store import queue
 
+from . import pydeps
+from .gpus import run_on_gpus
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
 from .runtimes import JobResult, build_spec, failure, interpret
@@ -69,7 +71,7 @@ class Executor:
         to the queue)."""
         g = self.group
         job_id: uuid.UUID = job["id"]
-        sink = LogSink(g.pool, job_id)
+        sink = LogSink(g.pool, job_id, g.q)
         if job["restarts"]:
             sink.note(f"restart {job['restarts']} of this job, on worker {g.name}")
         lang = job["language"]
@@ -85,7 +87,12 @@ class Executor:
             coro = run_native(job, limits.wall_s)
         elif lang in ("python3", "bash") and g.backend is not None:
             spec = build_spec(job, profile, g.env)
-            coro = g.backend.run(spec, sink.on_output)
+            if lang == "python3" and pydeps.worker_deps().needs_env(job):  # requirements
+                coro = pydeps.run(job, spec, g, sink)
+            elif g.gpus is not None:  # a GPU group: the job's own GPUs, passed through
+                coro = run_on_gpus(g.gpus, g.backend, spec, sink.on_output, job_id)
+            else:
+                coro = g.backend.run(spec, sink.on_output)
         else:
             coro = _const(JobResult("failure", {"error": {"name": "UnsupportedLanguage",
                           "message": f"worker group {profile.name} cannot run {lang} jobs"}},
@@ -126,7 +133,7 @@ class Executor:
         if r.why == "shutdown":
             sink.note(f"worker {g.name} shutting down; job put back in the queue")
             await sink.close()
-            await queue.requeue(g.pool, job_id, g.name)
+            await g.q.requeue(g.pool, job_id, g.name)
             return None
         if r.why == "canceled":
             sink.note("job canceled; killed")

@@ -140,9 +140,9 @@ class Feed:
         conn, ok = await self.hot.acquire(), False
         try:
             if n > 1:
-                jobs = await queue.pull_many(conn, g.name, g.tags, n)
+                jobs = await g.q.pull_many(conn, g.name, g.tags, n)
             while len(jobs) < n:  # one at a time: jobs with a concurrency key, or a lone slot
-                job = await queue.pull(conn, g.name, g.tags)
+                job = await g.q.pull(conn, g.name, g.tags)
                 if job is None:
                     break
                 jobs.append(job)
@@ -159,7 +159,7 @@ class Feed:
         g = self.group
         conn, ok = await self.hot.acquire(), False
         try:
-            held = await queue.pull_many(conn, g.name, g.tags, 0, ahead=sum(depths),
+            held = await g.q.pull_many(conn, g.name, g.tags, 0, ahead=sum(depths),
                                          ahead_after_s=self.settings.claim_ahead_after_s)
             ok = True
         finally:
@@ -205,11 +205,11 @@ class Feed:
         conn, ok = await self.hot.acquire(), False
         try:
             if want or ahead or starting:
-                _, jobs = await queue.complete_and_pull(
+                _, jobs = await g.q.complete_and_pull(
                     conn, done, g.name, g.tags, want, ahead=ahead,
                     ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
             else:
-                await queue.complete_many(conn, done)
+                await g.q.complete_many(conn, done)
                 jobs = []
             ok = True
         finally:
@@ -231,7 +231,7 @@ class Feed:
                 await self._complete_alone(conn, r.completion)
             jobs: list[dict[str, Any]] = []
             if want or ahead or starting:
-                _, jobs = await queue.complete_and_pull(
+                _, jobs = await g.q.complete_and_pull(
                     conn, [], g.name, g.tags, want, ahead=ahead,
                     ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
             ok = True
@@ -241,7 +241,7 @@ class Feed:
 
     async def _complete_alone(self, conn: asyncpg.Connection, c: queue.Completion) -> None:
         try:
-            await queue.complete_many(conn, [c])
+            await self.group.q.complete_many(conn, [c])
             return
         except Exception as e:  # noqa: BLE001 - refused data fails this job, not the batch
             if dbmod.is_disconnect(e):
@@ -249,7 +249,7 @@ class Feed:
             cause = f"its completion was refused by the database: {type(e).__name__}: {e}"
         log.error("job %s: %s", c.job_id, cause)
         try:
-            await queue.complete_many(conn, [internal_error(c, cause)])
+            await self.group.q.complete_many(conn, [internal_error(c, cause)])
         except Exception as e:  # noqa: BLE001
             if dbmod.is_disconnect(e):
                 raise
@@ -316,6 +316,6 @@ class Feed:
         self.held.discard(job["id"])
         self.canceled_held.discard(job["id"])
         try:
-            await queue.requeue(self.group.pool, job["id"], self.group.name)
+            await self.group.q.requeue(self.group.pool, job["id"], self.group.name)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("could not give job %s back (%s); the monitor will", job["id"], e)

@@ -31,8 +31,9 @@ class LogSink:
     At most MAX_LOG_BYTES (UTF-8) are kept; past that, chunks are only counted, not decoded,
     so a 100 MB line costs bounded memory and time."""
 
-    def __init__(self, db, job_id: uuid.UUID):
+    def __init__(self, db, job_id: uuid.UUID, store=queue):
         self.db, self.job_id = db, job_id
+        self.store = store  # sandmill.store.queue, or an agent's (HTTP) store
         self._partial = {"stdout": "", "stderr": ""}
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}
         self._pending: list[str] = []
@@ -97,7 +98,7 @@ class LogSink:
         if self._pending:
             chunks, self._pending, self._pending_bytes = self._pending, [], 0
             try:
-                await queue.append_logs(self.db, self.job_id, chunks)
+                await self.store.append_logs(self.db, self.job_id, chunks)
             except Exception as e:  # noqa: BLE001 - whatever it is, it must not cost the job
                 log.warning("job %s: %d bytes of log not stored (%s)", self.job_id,
                             sum(len(c) for c in chunks), e)

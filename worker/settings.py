@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncpg
 
     from sandmill.isolation import Backend
     from sandmill.profiles import Profile
+
+    from .gpus import GpuPool
 
 
 def _env_float(name: str, default: float) -> float:
@@ -79,3 +81,6 @@ class Group(Protocol):
     env: dict[str, str]
     backend: Backend | None
     pool: asyncpg.Pool | None
+    gpus: GpuPool | None  # a GPU group's GPUs (worker/gpus.py), set at start
+    # the store's functions: sandmill.store.queue, or an agent's over HTTP (worker/agent_store.py)
+    q: Any

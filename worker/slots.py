@@ -180,7 +180,7 @@ class Slots:
         has passed, or a failed read, is read again."""
         d = self._due
         if d is None or d[0] is not wake or _due_stale(d[1]):
-            d = self._due = (wake, asyncio.ensure_future(queue.next_due(self.group.pool, self.group.tags)))
+            d = self._due = (wake, asyncio.ensure_future(self.group.q.next_due(self.group.pool, self.group.tags)))
         try:
             return await asyncio.shield(d[1])
         except Exception:  # noqa: BLE001 - read again at the next wake-up

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from sandmill.store import db as dbmod
-from sandmill.store import queue
 
 from .settings import Group, WorkerSettings
 
@@ -73,7 +72,7 @@ class Watch:
         backoff = dbmod.Backoff()
         while True:
             try:
-                state = await queue.ping_job(self.group.pool, r.job["id"], self.group.name)
+                state = await self.group.q.ping_job(self.group.pool, r.job["id"], self.group.name)
             except Exception as e:  # noqa: BLE001 - sorted: an outage, or this job's fault
                 if dbmod.is_disconnect(e):
                     log.warning("job %s: ping failed (%s); retrying", r.job["id"], e)

@@ -50,6 +50,10 @@ class Worker:
         self.backend: Backend | None = None
         self.env = job_env(profile)
         self.pool: asyncpg.Pool | None = None
+        # the store's functions (the job SQL, the worker table): an agent swaps in its own
+        # over HTTP (worker/agent_worker.py); the call sites are the same
+        self.q: Any = queue
+        self.w: Any = workers
         self.listener: asyncpg.Connection | None = None
         self._listener_lost = asyncio.Event()  # set when the LISTEN connection ends
         self.running: dict[uuid.UUID, Running] = {}
@@ -79,16 +83,7 @@ class Worker:
                 f"group {self.profile.name} requires a GPU (requires_gpu: true) and none was found"
                 " on this host (no nvidia-smi GPU, no /dev/nvidia<N>); start it with --allow-no-gpu"
                 " or SANDMILL_ALLOW_NO_GPU=1 to run it anyway")
-        # A connection per subworker plus one for pings, and those that claims and
-        # completions keep between statements: no slot waits for a connection.
-        # (a worker started while the database restarts waits for it, as its running peers do)
-        self.pool = self.hot.pool = await dbmod.until_reachable(lambda: dbmod.create_pool(
-            self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
-            settings=queue.CLAIM_SETTINGS))
-        await self._apply_config(await dbmod.until_reachable(
-            lambda: workers.get_config(self.pool, f"worker__{self.profile.name}")))
-        await dbmod.until_reachable(lambda: self.hot.prepare(
-            lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags)))
+        await self._open_store()
         p = self.profile
         info["backend_reason"] = "native jobs only: they run in the worker process"
         if (not p.native or any(t in ("python3", "bash") for t in self.tags)
@@ -98,7 +93,7 @@ class Worker:
             info["backend_reason"] = backend_reason
             self._spawn(sweep_loop(self.profile, self.settings))  # docker workers too: dead owners' containers
         await dbmod.until_reachable(self._listen)
-        await dbmod.until_reachable(lambda: workers.register(
+        await dbmod.until_reachable(lambda: self.w.register(
             self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
             tags=self.tags, backend=self.backend.name if self.backend else "native",
             subworkers=self.profile.subworkers, info=info,
@@ -111,6 +106,19 @@ class Worker:
             if status != "success":
                 raise WorkerInitError(f"init script failed (job {job_id} in workspace {ADMIN_WORKSPACE})", logs)
             log.info("init script done (job %s)", job_id)
+
+    async def _open_store(self) -> None:
+        """Connect (the pool, the hot connections), read the group's DB config."""
+        # A connection per subworker plus one for pings, and those that claims and
+        # completions keep between statements: no slot waits for a connection.
+        # (a worker started while the database restarts waits for it, as its running peers do)
+        self.pool = self.hot.pool = await dbmod.until_reachable(lambda: dbmod.create_pool(
+            self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
+            settings=queue.CLAIM_SETTINGS))
+        await self._apply_config(await dbmod.until_reachable(
+            lambda: workers.get_config(self.pool, f"worker__{self.profile.name}")))
+        await dbmod.until_reachable(lambda: self.hot.prepare(
+            lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags)))
 
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Start, then serve jobs until ``stop()``; then finish (or after the grace period,
@@ -153,7 +161,7 @@ class Worker:
     async def close(self) -> None:
         try:
             if self.pool:
-                await workers.unregister(self.pool, self.name)
+                await self.w.unregister(self.pool, self.name)
         finally:
             if self.backend is not None:
                 self.backend.close()  # warm interpreters stop now, not at process exit
@@ -166,7 +174,7 @@ class Worker:
     async def ping(self) -> None:
         """The worker's heartbeat: its tags, jobs done, busy slots and occupancy."""
         occupancy = self.stats.take_occupancy(self.profile.subworkers)
-        await workers.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
+        await self.w.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
                            busy=len(self.running), occupancy=occupancy)
 
     # ---- notifications -------------------------------------------------------------------
@@ -253,7 +261,7 @@ class Worker:
 
     async def _reload_config(self) -> None:
         try:
-            cfg = await workers.get_config(self.pool, f"worker__{self.file_profile.name}")
+            cfg = await self.w.get_config(self.pool, f"worker__{self.file_profile.name}")
             old = self.tags
             if not await self._apply_config(cfg):
                 return
