@@ -134,4 +134,8 @@ def cmd_workers(args: argparse.Namespace) -> int:
     Console().print(t)
     for w in r.json():  # why each worker runs its jobs with that backend
         print(f"{w['worker']}: backend {w['backend']}: {w.get('backend_reason') or 'reason not reported'}")
+    for w in r.json():  # each GPU a GPU worker hands out, and the job(s) holding it now
+        for g in w.get("gpu_jobs") or []:
+            print(f"{w['worker']}: GPU {g['index']}{' (' + g['name'] + ')' if g.get('name') else ''}:"
+                  f" {', '.join('job ' + j for j in g['jobs']) or 'free'}")
     return 0

@@ -37,6 +37,8 @@ def _job_json(j: dict[str, Any], logs: str) -> dict[str, Any]:
     if completed:
         out.update(status=j["status"], error=j["error"], cpu_ms=j["cpu_ms"], outcome=j["outcome"],
                    completed_at=_iso(j["completed_at"]))
+        # a GPU job's GPUs, peak GPU memory and busy time (beside mem_peak; worker/gpus.py)
+        out["gpu"] = (j["outcome"] or {}).get("gpu") if isinstance(j["outcome"], dict) else None
     else:
         out["last_ping"] = _iso(j["last_ping"])
     return out
@@ -57,6 +59,8 @@ def _worker_json(w: dict[str, Any]) -> dict[str, Any]:
         # why this backend: named by the profile, or what kind: auto chose and why
         "backend_reason": info.get("backend_reason"),
         "cpus": info.get("cpus"), "memory_mb": info.get("memory_mb"), "gpus": info.get("gpus", []),
+        # a GPU worker's GPUs and the jobs holding each now ([{"index", "name", "jobs"}])
+        "gpu_jobs": w.get("gpu_jobs") or [],
         "version": info.get("version"), "started_at": _iso(w["started_at"]),
         "last_ping": _iso(w["last_ping"]), "last_ping_s_ago": round(w["last_ping_s_ago"], 1),
         "jobs_done": w["jobs_done"], "busy": w["busy"], "occupancy": w["occupancy"],

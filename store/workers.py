@@ -14,6 +14,7 @@ _UNREGISTER = sql("unregister_worker")
 _LIST = sql("list_workers")
 _GET_CONFIG = sql("get_config")
 _PUT_CONFIG = sql("put_config")
+_SET_GPU_JOBS = sql("set_worker_gpu_jobs")
 
 
 async def register(db: Executor, *, name: str, group: str, hostname: str, tags: list[str],
@@ -45,3 +46,8 @@ async def put_config(db: Executor, name: str, config: dict[str, Any]) -> None:
     """Store a config and, for a worker group's (``worker__<group>``), tell its running
     workers in the same statement (NOTIFY on CH_CONFIG with the group name)."""
     await db.execute(_PUT_CONFIG, name, config)
+
+
+async def set_gpu_jobs(db: Executor, name: str, gpus: list[dict[str, Any]]) -> None:
+    """A GPU worker's GPUs and the jobs that hold each now (worker/gpus.py)."""
+    await db.execute(_SET_GPU_JOBS, name, gpus)

@@ -244,6 +244,7 @@ async def _sent_since() -> set[str]:
     await dashboard.running_jobs_of(db, ["w"])
     await dashboard.last_admin_runs(db, ["w"])
     await dashboard.fold_completed(db, dt.datetime.now(dt.timezone.utc), dt.datetime.now(dt.timezone.utc), [1])
+    await workers.set_gpu_jobs(db, "w", [{"index": 0, "name": "", "jobs": []}])  # a GPU worker's GPUs
     return {sql for _, sql, _ in db.sent}
 
 

@@ -27,6 +27,7 @@ from .backend_choice import resolve_backend, sweep_loop, work_root
 from .batching import HotConns
 from .execute import Executor, Running
 from .feed import Feed, Pace
+from .gpus import GpuPool, Publisher, gpu_pool
 from .runtimes import job_env
 from .settings import WorkerInitError, WorkerSettings, WorkerStartError
 from .slots import Slots
@@ -50,6 +51,7 @@ class Worker:
         self.backend: Backend | None = None
         self.env = job_env(profile)
         self.pool: asyncpg.Pool | None = None
+        self.gpus: GpuPool | None = None  # a GPU group's GPUs (gpus_per_job), set at start
         # the store's functions (the job SQL, the worker table): an agent swaps in its own
         # over HTTP (worker/agent_worker.py); the call sites are the same
         self.q: Any = queue
@@ -78,6 +80,7 @@ class Worker:
         """Check the host, connect, apply the group's DB config, pick the backend, register,
         run the init script. Raises WorkerStartError / WorkerInitError when it cannot."""
         info = host_info()
+        self.gpus = gpu_pool(self.profile, info)  # a GPU group: info["gpus"] are the ones it hands out
         if self.profile.requires_gpu and not info["gpus"] and not self.settings.allow_no_gpu:
             raise WorkerStartError(
                 f"group {self.profile.name} requires a GPU (requires_gpu: true) and none was found"
@@ -98,6 +101,8 @@ class Worker:
             tags=self.tags, backend=self.backend.name if self.backend else "native",
             subworkers=self.profile.subworkers, info=info,
         ))
+        if self.gpus is not None and hasattr(self.w, "set_gpu_jobs"):  # each GPU's jobs, as they change
+            Publisher(self.gpus, lambda st: self.w.set_gpu_jobs(self.pool, self.name, st), self._spawn).changed()
         log.info("worker %s up: tags %s, backend %s (%s), %d subworker(s)", self.name, self.tags,
                  self.backend.name if self.backend else "native", info["backend_reason"],
                  self.profile.subworkers)

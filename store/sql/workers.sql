@@ -42,3 +42,9 @@ SELECT config FROM config WHERE name = $1;
 WITH c AS (INSERT INTO config (name, config) VALUES ($1, $2)
  ON CONFLICT (name) DO UPDATE SET config = $2, updated_at = now() RETURNING name)
  SELECT pg_notify('sandmill_config', substr(name, 9)) FROM c WHERE name LIKE 'worker\_\_%';
+
+
+-- name: set_worker_gpu_jobs
+-- A GPU worker's GPUs and the jobs holding each now (written when an assignment changes).
+-- $1 name, $2 GPUs (jsonb: [{"index", "name", "jobs": [job id...]}]).
+UPDATE worker SET gpu_jobs = $2 WHERE name = $1;
