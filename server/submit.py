@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sandmill.store import queue, scripts
 
 from .models import Preview, check_args, check_code, check_text
+from .pydeps import check_requirements
 from .routing import RoutingError, interpolate, resolve_tag
 from .waiters import ResultWaiters
 
@@ -65,6 +66,7 @@ async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | No
                        scheduled_in_secs: float, priority: int | None, wait: bool = False,
                        created_by: str = "admin") -> uuid.UUID:
     check_code(body.language, body.content)
+    check_requirements(body.language, body.content)  # resolved by the worker that runs it
     check_text("workspace", ws)
     check_text("tag", tag)
     try:

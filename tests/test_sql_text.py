@@ -61,6 +61,7 @@ def test_every_statement_is_used_and_described():
     # importing the store's modules took every statement they use
     import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads, sandmill.store.tokens  # noqa: F401,E401
     import sandmill.store.dashboard  # noqa: F401 (the dashboard's and the metrics' reads)
+    import sandmill.store.pydeps  # noqa: F401 (python dependencies' locks)
     assert set(QUERIES) == queries._used
     for q in QUERIES.values():
         assert q.doc.strip() and not q.sql.rstrip().endswith(";"), q.name
@@ -235,6 +236,11 @@ async def _sent_since() -> set[str]:
     await tokens.authenticate(db, "smt_0123456789ab_" + "s" * 43)
     await tokens.list_tokens(db, "ws")
     await tokens.delete(db, "0123456789ab")
+    from sandmill.store import pydeps  # python dependencies' locks (migration 0011)
+    db.answers = ["0123456789abcdef"]
+    await pydeps.request_lock(db, "ws", "0123456789abcdef", "six\n", "t", {"content": "x", "path": "f/x"})
+    await pydeps.script_lock(db, "ws", "0123456789abcdef")
+    await pydeps.store_lock(db, "ws", "0123456789abcdef", "six==1.17.0", None)
     from sandmill.store import dashboard  # the dashboard's and the metrics' reads
     for call in (dashboard.queue_by_tag, dashboard.throughput, dashboard.group_names, dashboard.db_now,
                  dashboard.running_started):

@@ -11,6 +11,7 @@ from sandmill.store import scripts
 
 from ..deps import ListScripts, Pool, ReadScripts, WriteScripts
 from ..models import ScriptCreate, check_code
+from ..pydeps import after_create, check_requirements
 from ..submit import script_or_404
 from ..views import _script_json
 from .errors import IN_WORKSPACE
@@ -22,9 +23,12 @@ router = APIRouter(prefix="/api/w/{ws}/scripts", tags=["scripts"], responses=IN_
 @router.post("/create", response_class=PlainTextResponse, status_code=201)
 async def create_script(ws: str, body: ScriptCreate, _u: WriteScripts, pool: Pool) -> str:
     check_code(body.language, body.content)
+    check_requirements(body.language, body.content)
     fields = body.model_dump()
     fields["timeout_s"] = fields.pop("timeout")
-    return await scripts.create(pool, ws, body.path, fields)
+    h = await scripts.create(pool, ws, body.path, fields)
+    await after_create(pool, ws, h, fields, body.path, _u.name)  # its dependency job
+    return h
 
 
 @router.get("/get/p/{path:path}")

@@ -67,6 +67,22 @@ def _fail(name, message, tb=""):
     sys.exit(1)
 
 
+# The job's dependencies (worker/pydeps): a read-only environment the worker mounted;
+# first on sys.path, since a warm interpreter started before PYTHONPATH named it; its .pth
+# files processed as site-packages' are.
+def _deps():
+    import os
+
+    path = os.environ.get("SANDMILL_PYDEPS")
+    if path:
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(1, path)
+        import site
+
+        site.addsitedir(path)
+
+
 def _run():
     with open("args.json") as f:
         args = _loads(f.read())
@@ -78,6 +94,7 @@ def _run():
         _fail("SyntaxError", f"line {e.lineno}: {e.msg}", _tb(e))
     module = {"__name__": "__sandmill_main__", "__file__": "main.py"}
     sys.path.insert(0, ".")
+    _deps()
     try:
         exec(code, module)
     except BaseException as e:  # noqa: BLE001 - any error at import is the job's error
