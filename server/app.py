@@ -18,6 +18,7 @@ from sandmill.store import db as dbmod
 
 from .monitor import monitor_loop
 from .routes import jobs, meta, scripts, users, workers
+from .routes import dashboard, dashboard_api
 from .settings import ServerSettings
 from .waiters import ResultWaiters, listen_for_results
 
@@ -88,4 +89,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.add_exception_handler(exc, _db)
     for r in (meta.router, scripts.router, jobs.router, workers.router, users.router):
         app.include_router(r)
+    app.include_router(dashboard.router), app.include_router(dashboard_api.router)  # the web dashboard at /
     return app
