@@ -13,7 +13,7 @@ from pathlib import Path
 from sandmill.profiles import shipped, shipped_names
 from sandmill.store.embedded import default_data_dir
 
-from . import client, tokens_cli
+from . import agent_cli, client, tokens_cli
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -44,7 +44,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     settings = ServerSettings(database_url=url, data_dir=data_dir, admin_token=admin_token(data_dir))
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning",
-                access_log=False, timeout_keep_alive=settings.keep_alive_s)
+                access_log=False, timeout_keep_alive=settings.keep_alive_s, **agent_cli.tls_kwargs(args))
     return 0
 
 
@@ -60,6 +60,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ProfileError as e:
         print(f"sandmill worker: invalid profile\n{e}", file=sys.stderr)
         return 2
+    if args.agent:  # over HTTP(S) with an agent token, no database
+        return agent_cli.run_agent_worker(args, profile, WorkerSettings(allow_no_gpu=True) if args.allow_no_gpu else None)
     url = args.database_url or os.environ.get("DATABASE_URL")
     if not url:
         print("sandmill worker: set DATABASE_URL (or --database-url): the queue's PostgreSQL", file=sys.stderr)
@@ -114,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="default-group workers (default: cores)")
     up.add_argument("--profile", action="append", default=None,
                     help="profiles to start, files or shipped names (default: default and native)")
+    agent_cli.add_tls_options(up)
 
     sv = command("server", cmd_server, "the HTTP API and the monitor")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--database-url", default=None)
+    agent_cli.add_tls_options(sv)
 
     wk = command("worker", cmd_worker, "one worker of a group")
     wk.add_argument("--profile", default="default",
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--database-url", default=None)
     wk.add_argument("--allow-no-gpu", action="store_true",
                     help="start a requires_gpu group even where no GPU is found")
+    agent_cli.add_worker_options(wk)
 
     run = command("run", client.cmd_run, "run a .py or .sh file as a job and print its result")
     run.add_argument("file")
@@ -139,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         client.add_client_options(p)
 
     tokens_cli.add_commands(sub, common)
+    agent_cli.add_commands(sub, common)
 
     pr = sub.add_parser("profiles", help="worker group profiles")
     prs = pr.add_subparsers(dest="pcmd", required=True)

@@ -21,6 +21,8 @@ from sandmill.server.settings import admin_token
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 
+from .agent_cli import tls_argv
+
 log = logging.getLogger("sandmill.up")
 
 # How long stopping children get after SIGTERM before SIGKILL: a worker's own grace for
@@ -83,7 +85,7 @@ def run_up(args: argparse.Namespace) -> int:
     env = {**os.environ, "DATABASE_URL": url, "SANDMILL_ADMIN_TOKEN": token}
     py = [sys.executable, "-m", "sandmill"]
     children = [Child("server", py + ["server", "--data-dir", str(data_dir), "--host", args.host,
-                                      "--port", str(args.port)])]
+                                      "--port", str(args.port), *tls_argv(args)])]
     profiles = [str(resolve(p)) for p in (args.profile or ["default", "native"])]
     for prof in profiles:
         count = args.workers if Path(prof).name == "default.yaml" else 1

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sandmill.store import db as dbmod
 
 from .monitor import monitor_loop
-from .routes import jobs, meta, scripts, users, workers
+from .routes import agent, jobs, meta, scripts, users, workers
 from .routes import dashboard, dashboard_api
 from .settings import ServerSettings
 from .waiters import ResultWaiters, listen_for_results
@@ -87,7 +87,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # (and asyncpg's InternalClientError: a pooled connection left mid-operation by a cut)
     for exc in (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, InternalClientError):
         app.add_exception_handler(exc, _db)
-    for r in (meta.router, scripts.router, jobs.router, workers.router, users.router):
+    for r in (meta.router, scripts.router, jobs.router, workers.router, users.router, agent.router):
         app.include_router(r)
     app.include_router(dashboard.router), app.include_router(dashboard_api.router)  # the web dashboard at /
     return app

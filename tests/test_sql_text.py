@@ -60,6 +60,7 @@ def test_a_missing_name_fails_loudly():
 def test_every_statement_is_used_and_described():
     # importing the store's modules took every statement they use
     import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads, sandmill.store.tokens  # noqa: F401,E401
+    import sandmill.store.agent  # noqa: F401 (agent workers': tokens, their checked writes)
     import sandmill.store.dashboard  # noqa: F401 (the dashboard's and the metrics' reads)
     import sandmill.store.pydeps  # noqa: F401 (python dependencies' locks)
     assert set(QUERIES) == queries._used
@@ -251,6 +252,14 @@ async def _sent_since() -> set[str]:
     await dashboard.last_admin_runs(db, ["w"])
     await dashboard.fold_completed(db, dt.datetime.now(dt.timezone.utc), dt.datetime.now(dt.timezone.utc), [1])
     await workers.set_gpu_jobs(db, "w", [{"index": 0, "name": "", "jobs": []}])  # a GPU worker's GPUs
+    from sandmill.store import agent  # agent workers' (migration 0008)
+    db.answers = []
+    await agent.secret(db, "s")
+    await agent.blacklist(db, "jti", "g", T0)
+    await agent.blacklisted(db)
+    await agent.completed_by(db, [J1], "w")
+    await agent.append_log_if_held(db, J1, ["a\n"], "w")
+    await agent.ping_workers(db, [("w", 1, 2, 0.5)])
     return {sql for _, sql, _ in db.sent}
 
 

@@ -1,0 +1,436 @@
+"""Agent workers' routes (``/api/agent_workers/...``): what a worker does with the database,
+done over HTTP by a worker that has none. Each takes an agent token (``server.agent_auth``)
+and nothing else: the admin token and workspace tokens are refused here, and an agent token
+is refused everywhere else. The group and tags come from the token only; a worker name must
+end with the token's ``@<id>`` suffix, so an agent completes, pings and logs only the jobs
+of its own workers. Token management (create, blacklist) is the admin's."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import PlainTextResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from sandmill.store import agent as store_agent
+from sandmill.store import queue, workers
+
+from ..agent_auth import AgentClaims, bearer
+from ..agent_state import AgentState, agent_state, lifespan
+from ..deps import Admin, Pool
+from ..models import GROUP_RE, _Storable
+from .errors import AUTHED, TEXT, error
+
+router = APIRouter(prefix="/api/agent_workers", tags=["agent workers"], lifespan=lifespan,
+                   responses={**AUTHED, 401: error("missing, invalid, tampered or expired agent token"),
+                              403: error("a revoked agent token, another group's or tags, a worker"
+                                         " name not of this token, or the admin token (routes for agents)")})
+
+MAX_WAIT_S = 60.0
+INT4 = 2**31 - 1
+State = Annotated[AgentState, Depends(agent_state)]
+
+
+async def agent(request: Request, st: State) -> AgentClaims:
+    """The caller's agent token, checked (signature, expiry, revocation); the admin token
+    and workspace tokens are refused."""
+    token = bearer(request.headers)
+    if hmac.compare_digest(token.encode(), request.app.state.settings.admin_token.encode()):
+        raise HTTPException(403, "the agent routes take an agent token, not the admin token"
+                                 " (make one: sandmill agent-token create)")
+    return await st.keys.check(token)
+
+
+Agent = Annotated[AgentClaims, Depends(agent)]
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, uuid.UUID):
+        return str(o)
+    if isinstance(o, (dt.datetime, dt.date)):
+        return o.isoformat()
+    raise TypeError(f"{type(o).__name__} is not JSON")
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, default=_default, separators=(",", ":")).encode()
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
+
+
+def _own(a: AgentClaims, name: str) -> str:
+    if not name.endswith(a.suffix):
+        raise HTTPException(403, f"worker name {name!r} is not of this agent token: names end with {a.suffix}")
+    return name
+
+
+def _gone(request: Request) -> asyncio.Task:
+    """A task that ends when the client disconnects (its body was read: the next message
+    of the request is its disconnect), so that a long poll of a client that left ends."""
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return asyncio.ensure_future(wait())
+
+
+def _key(request: Request, a: AgentClaims) -> tuple[str, str] | None:
+    k = request.headers.get("idempotency-key")
+    return (a.jti, k[:100]) if k else None
+
+
+# ---- tokens (the admin's) -----------------------------------------------------------------
+
+class AgentTokenCreate(_Storable):
+    model_config = ConfigDict(extra="ignore")
+
+    worker_group: str = Field(min_length=1, max_length=100, pattern=GROUP_RE.pattern)
+    tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1, max_length=100)
+    exp: int = Field(description="when the token expires, unix seconds", gt=0, lt=2**40)
+
+
+class AgentTokenRevoke(BaseModel):
+    token: str = Field(min_length=1, max_length=10000)
+
+
+@router.post("/create_agent_token", response_class=PlainTextResponse, responses={200: TEXT})
+async def create_agent_token(body: AgentTokenCreate, _u: Admin, st: State) -> PlainTextResponse:
+    """A token for agent workers of one group and its tags, until ``exp`` (Windmill's shape)."""
+    from ..agent_auth import make_token
+
+    if body.exp <= time.time():
+        raise HTTPException(422, f"exp: {body.exp} is in the past")
+    await st.keys.fresh()
+    token, _claims = make_token(st.keys.secret, body.worker_group, body.tags, body.exp)
+    return PlainTextResponse(token)
+
+
+@router.post("/blacklist_token", response_class=PlainTextResponse, responses={200: TEXT})
+async def blacklist_token(body: AgentTokenRevoke, _u: Admin, st: State) -> PlainTextResponse:
+    """Revoke an agent token: refused by this server at once, by the others within
+    SANDMILL_AGENT_BLACKLIST_S (2 s)."""
+    c = await st.keys.revoke(body.token)
+    return PlainTextResponse(f"agent token {c.jti[:12]} (group {c.group}) revoked")
+
+
+# ---- the worker ----------------------------------------------------------------------------
+
+class Named(_Storable):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=2, max_length=200)
+
+
+class Register(Named):
+    group: str = Field(min_length=1, max_length=100)
+    tags: list[str] = Field(max_length=100)
+    hostname: str = Field("", max_length=200)
+    backend: str = Field("native", max_length=50)
+    subworkers: int = Field(1, ge=1, le=10000)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.post("/register")
+async def register(body: Register, a: Agent, pool: Pool) -> dict[str, Any]:
+    """Register a worker of the token's group; refused when the worker's profile names
+    another group or other tags than the token."""
+    _own(a, body.name)
+    if body.group != a.group or sorted(set(body.tags)) != sorted(set(a.tags)):
+        raise HTTPException(403, f"this agent token is for group {a.group!r} with tags {list(a.tags)};"
+                                 f" the worker is of group {body.group!r} with tags {body.tags}")
+    await workers.register(pool, name=body.name, group=a.group, hostname=body.hostname,
+                           tags=list(a.tags), backend=body.backend, subworkers=body.subworkers,
+                           info={**body.info, "agent": True})
+    return {"name": body.name, "group": a.group, "tags": list(a.tags)}
+
+
+class Ping(Named):
+    jobs_done: int = Field(0, ge=0, le=2**62)
+    busy: int = Field(0, ge=0, le=INT4)
+    occupancy: float = Field(0.0, ge=0, le=1)
+
+
+@router.post("/update_ping")
+async def update_ping(body: Ping, a: Agent, st: State) -> dict[str, Any]:
+    """The worker's heartbeat: gathered with the other agents' and written in one statement
+    every SANDMILL_AGENT_PING_FLUSH_S (2 s)."""
+    hub = await st.started()
+    hub.ping(_own(a, body.name), body.jobs_done, body.busy, body.occupancy)
+    return {"ok": True}
+
+
+@router.post("/unregister")
+async def unregister(body: Named, a: Agent, pool: Pool, st: State) -> dict[str, Any]:
+    st.hub.pings.pop(_own(a, body.name), None)
+    await workers.unregister(pool, body.name)
+    return {"ok": True}
+
+
+@router.post("/get_config")
+async def get_config(body: Named, a: Agent, pool: Pool) -> Any:
+    """The group's config (a partial profile), or null. Its tags do not apply to an agent:
+    its token's do."""
+    _own(a, body.name)
+    return await workers.get_config(pool, f"worker__{a.group}")
+
+
+class Listen(Named):
+    cursor: list[int] | None = Field(None, max_length=2)
+    wait_s: float = Field(25.0, ge=0, le=MAX_WAIT_S)
+
+
+@router.post("/listen")
+async def listen(body: Listen, a: Agent, st: State, request: Request) -> dict[str, Any]:
+    """The agent's LISTEN, as a long poll: what happened since ``cursor`` (a job of its tags
+    to claim: ``wake``; ``cancels``; its group's ``config`` changed), waiting up to
+    ``wait_s`` for something when nothing has; the new cursor. No database read."""
+    _own(a, body.name)
+    hub = await st.started()
+    bases = queue.split_tags(list(a.tags))[0]
+    deadline = time.monotonic() + body.wait_s
+    gone = _gone(request) if body.wait_s else None
+    try:
+        while True:
+            cur = hub.cursor()
+            ev = hub.since(body.cursor, bases, a.group)
+            left = deadline - time.monotonic()
+            if (ev["wake"] or ev["config"] or ev["cancels"] or ev["resync"] or left <= 0
+                    or st.keys.is_revoked(a) or (gone is not None and gone.done())):
+                return {**ev, "cursor": cur}
+            await hub.wait(bases, a.group, min(left, st.keys.refresh_s * 2), gone)
+            await st.keys.fresh()  # a revocation ends the long poll too
+    finally:
+        if gone is not None:
+            gone.cancel()
+
+
+class Pull(Named):
+    n: int = Field(1, ge=0, le=1000)
+    ahead: int = Field(0, ge=0, le=1000)
+    ahead_after_s: float = Field(0.0, ge=0, le=3600)
+    wait_s: float = Field(0.0, ge=0, le=MAX_WAIT_S)
+
+
+async def _claim(pool: Any, name: str, tags: list[str], n: int) -> list[dict[str, Any]]:
+    """Up to ``n`` jobs, keyed ones included (as the DB worker's feed claims)."""
+    jobs: list[dict[str, Any]] = []
+    async with pool.acquire() as conn:
+        if n > 1:
+            jobs = await queue.pull_many(conn, name, tags, n)
+        while len(jobs) < n:
+            job = await queue.pull(conn, name, tags)
+            if job is None:
+                break
+            jobs.append(job)
+    return jobs
+
+
+@router.post("/pull_job")
+async def pull_job(body: Pull, a: Agent, pool: Pool, st: State, request: Request) -> Response:
+    """Claim up to ``n`` jobs of the token's tags (and ``ahead`` more to hold ahead, among
+    those due ``ahead_after_s`` ago). With ``wait_s`` and nothing due, wait up to that long
+    for a NOTIFY of one of the tags and claim then (a long poll). A claim that found
+    nothing is remembered until the next NOTIFY of its tags: the idle agents of a group
+    cost no database read. Answered again, not claimed again, for a request sent twice
+    with the same Idempotency-Key."""
+    _own(a, body.name)
+    key = _key(request, a)
+    if (again := st.reply(key)) is not None:
+        return _json(again)
+    hub = await st.started()
+    tags, name = list(a.tags), body.name
+    bases = queue.split_tags(tags)[0]
+    deadline = time.monotonic() + body.wait_s
+    gone = _gone(request) if body.wait_s else None
+    try:
+        while True:
+            if st.keys.is_revoked(a):
+                raise HTTPException(403, f"agent token {a.jti[:12]} (group {a.group}) was revoked")
+            if body.ahead:
+                jobs = await queue.pull_many(pool, name, tags, body.n, ahead=body.ahead,
+                                             ahead_after_s=body.ahead_after_s)
+            elif body.n == 0 or hub.known_empty(a.tags, bases):
+                jobs = []
+            else:
+                epoch, n_before = hub.cursor()
+                jobs = await _claim(pool, name, tags, body.n)
+                if not jobs:
+                    hub.note_empty(a.tags, n_before, epoch, await queue.next_due(pool, tags))
+            left = deadline - time.monotonic()
+            if jobs or left <= 0 or body.n == 0 or (gone is not None and gone.done()):
+                break
+            _, due = hub.empty_due(a.tags, bases)
+            if due is not None:
+                left = min(left, max(0.0, due - time.time()))
+            await hub.wait_queue(bases, min(left, st.keys.refresh_s * 2), gone)
+            await st.keys.fresh()
+    finally:
+        if gone is not None:
+            gone.cancel()
+    out = _dumps({"jobs": jobs})
+    st.keep_reply(key, out)
+    return _json(out)
+
+
+@router.post("/next_due")
+async def next_due(body: Named, a: Agent, pool: Pool, st: State) -> dict[str, Any]:
+    """When the earliest waiting job of the token's tags may start (null: none waits)."""
+    _own(a, body.name)
+    hub = await st.started()
+    known, due = hub.empty_due(a.tags, queue.split_tags(list(a.tags))[0])
+    if known:
+        return {"due": due}
+    when = await queue.next_due(pool, list(a.tags))
+    return {"due": when.timestamp() if when else None}
+
+
+class Done(_Storable):
+    model_config = ConfigDict(extra="ignore")
+
+    id: uuid.UUID
+    status: Literal["success", "failure", "canceled"]
+    result: Any = None
+    error: str | None = None
+    duration_ms: int = Field(0, ge=0, le=INT4)
+    cpu_ms: int = Field(0, ge=0, le=INT4)
+    mem_peak_kb: int = Field(0, ge=0, le=INT4)
+    outcome: dict[str, Any] | None = None
+    started_at: AwareDatetime | None = None
+
+    def completion(self, worker: str) -> queue.Completion:
+        return queue.Completion(self.id, worker, self.status, self.result, self.error,
+                                self.duration_ms, self.cpu_ms, self.mem_peak_kb, self.outcome,
+                                self.started_at)
+
+
+class Complete(Named):
+    done: list[Done] = Field(default_factory=list, max_length=1000)
+    want: int = Field(0, ge=0, le=1000)
+    ahead: int = Field(0, ge=0, le=1000)
+    ahead_after_s: float = Field(0.0, ge=0, le=3600)
+    starting: list[tuple[uuid.UUID, AwareDatetime]] = Field(default_factory=list, max_length=1000)
+
+
+async def _sorted(pool: Any, ids: list[uuid.UUID], statuses: dict[uuid.UUID, str],
+                  name: str) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Of the jobs not completed now: (those this worker completed before: a result sent
+    again, acknowledged), (the others: not this worker's, refused)."""
+    rest = [i for i in ids if i not in statuses]
+    before = await store_agent.completed_by(pool, rest, name) if rest else set()
+    return [i for i in rest if i in before], [i for i in rest if i not in before]
+
+
+@router.post("/complete")
+async def complete(body: Complete, a: Agent, pool: Pool, st: State, request: Request) -> Response:
+    """Complete the worker's jobs and, in the same statement, claim its next ones (``want``
+    to run now, ``ahead`` to hold), and stamp the start of held jobs (``starting``): the
+    DB worker's completion, over HTTP. A result sent again is acknowledged (``acked``), not
+    written twice; one for a job this worker does not hold is ``refused``."""
+    name = _own(a, body.name)
+    key = _key(request, a)
+    if (again := st.reply(key)) is not None:
+        return _json(again)
+    if st.keys.is_revoked(a) and (body.want or body.ahead):
+        raise HTTPException(403, f"agent token {a.jti[:12]} (group {a.group}) was revoked")
+    done = [d.completion(name) for d in body.done]
+    jobs: list[dict[str, Any]] = []
+    if body.want or body.ahead or body.starting:
+        statuses, jobs = await queue.complete_and_pull(
+            pool, done, name, list(a.tags), body.want, ahead=body.ahead,
+            ahead_after_s=body.ahead_after_s, starting=list(body.starting))
+    else:
+        statuses = await queue.complete_many(pool, done)
+    acked, refused = await _sorted(pool, [d.id for d in body.done], statuses, name)
+    out = _dumps({"statuses": statuses_json(statuses), "acked": acked, "refused": refused, "jobs": jobs})
+    st.keep_reply(key, out)
+    return _json(out)
+
+
+def statuses_json(statuses: dict[uuid.UUID, str]) -> dict[str, str]:
+    return {str(k): v for k, v in statuses.items()}
+
+
+class Result(Named, Done):
+    id: uuid.UUID | None = None  # the path's
+
+
+@router.post("/send_result/{job_id}", responses={409: error("the job is not this worker's (not held, or given away)")})
+async def send_result(job_id: uuid.UUID, body: Result, a: Agent, pool: Pool) -> dict[str, Any]:
+    """One job's result (Windmill's send_result). Sent twice, it completes the job once
+    (the second answer says ``again``); for a job this worker does not hold, 409."""
+    name = _own(a, body.name)
+    body.id = job_id
+    statuses = await queue.complete_many(pool, [body.completion(name)])
+    if job_id in statuses:
+        return {"id": str(job_id), "status": statuses[job_id], "again": False}
+    if await store_agent.completed_by(pool, [job_id], name):
+        return {"id": str(job_id), "again": True}
+    raise HTTPException(409, f"job {job_id} is not held by worker {name}: its result is refused")
+
+
+class JobRef(Named):
+    job_id: uuid.UUID
+
+
+@router.post("/ping_job")
+async def ping_job(body: JobRef, a: Agent, pool: Pool) -> dict[str, str]:
+    """Heartbeat of a running job: ``ok``, ``canceled`` (kill it) or ``lost`` (not this
+    worker's any more)."""
+    return {"state": await queue.ping_job(pool, body.job_id, _own(a, body.name))}
+
+
+@router.post("/requeue")
+async def requeue(body: JobRef, a: Agent, pool: Pool) -> dict[str, bool]:
+    """Give a job this worker holds back to the queue (no restart counted)."""
+    return {"requeued": await queue.requeue(pool, body.job_id, _own(a, body.name))}
+
+
+class Logs(JobRef):
+    chunks: list[str] = Field(max_length=10000)
+
+
+@router.post("/append_logs")
+async def append_logs(body: Logs, a: Agent, pool: Pool) -> dict[str, bool]:
+    """Append log text to a job this worker runs (nothing for any other job)."""
+    ok = await store_agent.append_log_if_held(pool, body.job_id, body.chunks, _own(a, body.name))
+    return {"ok": ok}
+
+
+class AdminJob(Named):
+    kind: Literal["init", "periodic"]
+    content: str = Field(max_length=1_000_000)
+    started_at: AwareDatetime
+    status: Literal["success", "failure"]
+    result: Any = None
+    error: str | None = None
+    logs: str = ""
+    duration_ms: int = Field(0, ge=0, le=INT4)
+    cpu_ms: int = Field(0, ge=0, le=INT4)
+    mem_peak_kb: int = Field(0, ge=0, le=INT4)
+    outcome: dict[str, Any] | None = None
+
+
+@router.post("/insert_completed")
+async def insert_completed(body: AdminJob, a: Agent, pool: Pool, st: State, request: Request) -> Response:
+    """Record the worker's init or periodic script as a completed job of the admins
+    workspace (tag ``<kind>-<worker>``), as a DB worker does."""
+    name = _own(a, body.name)
+    key = _key(request, a)
+    if (again := st.reply(key)) is not None:
+        return _json(again)
+    job_id = await queue.insert_completed(
+        pool, workspace="admins", kind=body.kind, language="bash", content=body.content,
+        tag=f"{body.kind}-{name}", worker=name, started_at=body.started_at, status=body.status,
+        result=body.result, error=body.error, logs=body.logs, duration_ms=body.duration_ms,
+        cpu_ms=body.cpu_ms, mem_peak_kb=body.mem_peak_kb, outcome=body.outcome)
+    out = _dumps({"id": job_id})
+    st.keep_reply(key, out)
+    return _json(out)
