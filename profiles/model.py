@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandmill.isolation import Limits
 from sandmill.isolation.options import SHARED_NSJAIL_PROCESS, DockerOptions, NsjailOptions, ProcessOptions
 
+# a script a dedicated group serves: "<workspace>:<path>" (Windmill's form)
+DEDICATED_RE = r"^[A-Za-z0-9_\-]+:[A-Za-z0-9_\-./]+$"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.\-$\[\]]+(\([A-Za-z0-9_\-+]+\))?$")
 
 
@@ -80,7 +82,8 @@ class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")
-    tags: list[str] = Field(min_length=1)
+    # at least one, unless the group is dedicated to scripts (then none: _dedicated)
+    tags: list[str] = Field(default_factory=list)
     backend: BackendConfig = Field(default_factory=AutoBackend)
     subworkers: int = Field(1, ge=1, le=256)
     native: bool = False  # run native jobs (postgresql, http) in-process
@@ -96,9 +99,39 @@ class Profile(BaseModel):
     periodic_script: str | None = None                  # bash, run every periodic_interval_s
     periodic_interval_s: int = Field(3600, ge=1)
     requires_gpu: bool = False
+    # dedicated workers (worker/dedicated.py): "<workspace>:<script path>", or several
+    dedicated_worker: str | None = Field(None, pattern=DEDICATED_RE)
+    dedicated_workers: list[str] = Field(default_factory=list)
     # GPUs handed to each running job, its own (worker/gpus.py); unset: the group's jobs get none
     gpus_per_job: int | None = Field(None, strict=True)
     gpu_sharing: bool = False  # a GPU may serve several jobs at once (least busy first)
+
+    @property
+    def dedicated(self) -> list[str]:
+        """The scripts ("<workspace>:<path>") this group is dedicated to; [] for none."""
+        return ([self.dedicated_worker] if self.dedicated_worker else []) + [
+            s for s in self.dedicated_workers if s != self.dedicated_worker]
+
+    @model_validator(mode="after")
+    def _dedicated(self) -> "Profile":
+        if not self.dedicated:
+            if not self.tags:
+                raise ValueError("tags: a group needs at least one tag (a group dedicated to"
+                                 " scripts, with dedicated_worker(s), needs none)")
+            return self
+        why = dedicated_refusal(self)
+        if why:
+            raise ValueError(why)
+        return self
+
+    @field_validator("dedicated_workers")
+    @classmethod
+    def _dedicated_names(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if not re.match(DEDICATED_RE, n):
+                raise ValueError(f"bad script {n!r}: dedicated workers name scripts as"
+                                 " '<workspace>:<script path>'")
+        return names
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -148,6 +181,29 @@ def _known_options(err: Any) -> str:
     if model is None:
         return ""
     return f" (backend {loc[1]} takes: {', '.join(sorted(n for n in model.model_fields if n != 'kind'))})"
+
+
+def dedicated_refusal(p: "Profile") -> str | None:
+    """Why a group cannot be dedicated to scripts as configured, or None. A dedicated
+    runtime is a long-lived warm interpreter inside the group's sandbox: a backend without
+    warm interpreters cannot host one, and is refused rather than run weaker."""
+    if p.tags:
+        return (f"tags: a group dedicated to scripts serves only them; leave tags out"
+                f" (got {p.tags})")
+    b = p.backend
+    if b.kind == "docker":
+        return ("dedicated_worker: backend docker cannot host a long-lived runtime (a fresh"
+                " container per job); use kind nsjail, process or auto")
+    if not getattr(b, "warm", True):
+        return ("dedicated_worker: the runtime is a warm interpreter in the sandbox; backend.warm"
+                " must stay true")
+    if getattr(b, "lo_up", False):
+        return ("dedicated_worker: lo_up turns warm interpreters off, and with them the"
+                " dedicated runtime; leave lo_up false")
+    if p.limits.cpu_s is not None:
+        return ("limits.cpu_s: a dedicated runtime runs many jobs in one process, so a CPU-time"
+                " limit cannot apply to one job; bound jobs with wall_s and cpu_cores")
+    return None
 
 
 class ProfileError(Exception):

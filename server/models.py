@@ -63,11 +63,19 @@ class ScriptCreate(_Storable):
     concurrent_limit: int | None = Field(None, ge=1)
     concurrency_time_window_s: int | None = Field(None, ge=0)
     concurrency_key: str | None = None
+    # its jobs go to the worker group dedicated to it (tag '<workspace>:<path>'; worker/dedicated.py)
+    dedicated_worker: bool = False
 
     @model_validator(mode="after")
     def _concurrency(self) -> "ScriptCreate":
         if self.concurrent_limit is None and (self.concurrency_key or self.concurrency_time_window_s):
             raise ValueError("concurrency_key and concurrency_time_window_s need concurrent_limit")
+        if self.dedicated_worker and self.language != "python3":
+            raise ValueError(f"dedicated_worker: only python3 scripts have a cold start for a dedicated"
+                             f" worker to remove; {self.language} jobs start without one")
+        if self.dedicated_worker and self.concurrent_limit is not None:
+            raise ValueError("dedicated_worker: a dedicated script takes no concurrent_limit (its"
+                             " worker runs its jobs one after another per subworker)")
         return self
 
 
@@ -130,7 +138,9 @@ def validate_group_config(group: str, body: Any) -> tuple[dict[str, Any], list[d
     if body.get("name", group) != group:
         return {}, [{"field": "name", "reason": f"must be {group!r} (the group) or left out"}]
     try:
-        Profile.model_validate({"tags": ["_placeholder"], **body, "name": group})
+        # a group dedicated to scripts has no tags of its own
+        placeholder = [] if body.get("dedicated_worker") or body.get("dedicated_workers") else ["_placeholder"]
+        Profile.model_validate({"tags": placeholder, **body, "name": group})
     except ValidationError as e:
         return {}, [{"field": ".".join(str(x) for x in err["loc"]) or "(top level)", "reason": err["msg"]}
                     for err in e.errors()]

@@ -31,6 +31,11 @@ def interpolate(template: str, workspace: str, args: dict[str, Any], what: str =
     return _ARG_REF.sub(arg, template.replace("$workspace", workspace))
 
 
+def dedicated_tag(workspace: str, path: str) -> str:
+    """The tag of a dedicated script's jobs: its group's workers serve it (Windmill's form)."""
+    return f"{workspace}:{path}"
+
+
 def resolve_tag(language: str, workspace: str, args: dict[str, Any],
                 explicit: str | None = None, script_tag: str | None = None) -> str:
     """The tag a job is queued under."""

@@ -14,7 +14,7 @@ from sandmill.store import queue, scripts
 
 from .models import Preview, check_args, check_code, check_text
 from .pydeps import check_requirements
-from .routing import RoutingError, interpolate, resolve_tag
+from .routing import RoutingError, dedicated_tag, interpolate, resolve_tag
 from .waiters import ResultWaiters
 
 
@@ -47,7 +47,9 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
     check_text("workspace", ws)
     check_text("tag", tag)
     try:
-        job_tag = resolve_tag(s["language"], ws, args, explicit=tag, script_tag=s["tag"])
+        # a dedicated script's jobs go to its group (an explicit tag still wins)
+        dedicated = dedicated_tag(ws, s["path"]) if s.get("dedicated_worker") else None
+        job_tag = resolve_tag(s["language"], ws, args, explicit=tag or dedicated, script_tag=s["tag"])
         key = concurrency_key(ws, s, args)
     except RoutingError as e:
         raise HTTPException(400, str(e)) from None

@@ -58,6 +58,8 @@ def _worker_json(w: dict[str, Any]) -> dict[str, Any]:
         "tags": w["tags"], "backend": w["backend"], "subworkers": w["subworkers"],
         # why this backend: named by the profile, or what kind: auto chose and why
         "backend_reason": info.get("backend_reason"),
+        # the scripts a dedicated worker serves ("<workspace>:<path>"), [] for none
+        "dedicated": info.get("dedicated", []),
         "cpus": info.get("cpus"), "memory_mb": info.get("memory_mb"), "gpus": info.get("gpus", []),
         # a GPU worker's GPUs and the jobs holding each now ([{"index", "name", "jobs"}])
         "gpu_jobs": w.get("gpu_jobs") or [],

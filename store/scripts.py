@@ -14,7 +14,7 @@ from .queries import Executor, sql
 # A script version's fields, in the order of create_script's columns after (workspace,
 # path, hash): its $4 on.
 _COLUMNS = ("language", "content", "summary", "tag", "priority", "timeout_s", "concurrent_limit",
-            "concurrency_time_window_s", "concurrency_key")
+            "concurrency_time_window_s", "concurrency_key", "dedicated_worker")
 
 _CREATE = sql("create_script")
 _BY_PATH = sql("script_by_path")
@@ -28,14 +28,18 @@ assert _cols and [c.strip() for c in _cols.group(1).split(",")] == ["workspace",
 
 def script_hash(path: str, fields: dict[str, Any]) -> str:
     """A script version's id: the hash of its path and every field that changes behaviour."""
-    doc = json.dumps({"path": path, **{k: fields.get(k) for k in _COLUMNS}}, sort_keys=True)
+    # dedicated_worker only when set: versions without it keep the hashes they had
+    doc = json.dumps({"path": path, **{k: fields.get(k) for k in _COLUMNS if k != "dedicated_worker"},
+                      **({"dedicated_worker": True} if fields.get("dedicated_worker") else {})},
+                     sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 async def create(db: Executor, workspace: str, path: str, fields: dict[str, Any]) -> str:
     """Store a version of the script at ``path`` (a no-op if the same version exists)."""
     h = script_hash(path, fields)
-    await db.execute(_CREATE, workspace, path, h, *[fields.get(k) for k in _COLUMNS])
+    await db.execute(_CREATE, workspace, path, h, *[fields.get(k) for k in _COLUMNS[:-1]],
+                     bool(fields.get("dedicated_worker")))
     return h
 
 

@@ -60,6 +60,7 @@ def test_a_missing_name_fails_loudly():
 def test_every_statement_is_used_and_described():
     # importing the store's modules took every statement they use
     import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads, sandmill.store.tokens  # noqa: F401,E401
+    import sandmill.store.dedicated  # noqa: F401 (dedicated workers')
     import sandmill.store.agent  # noqa: F401 (agent workers': tokens, their checked writes)
     import sandmill.store.dashboard  # noqa: F401 (the dashboard's and the metrics' reads)
     import sandmill.store.pydeps  # noqa: F401 (python dependencies' locks)
@@ -237,6 +238,13 @@ async def _sent_since() -> set[str]:
     await tokens.authenticate(db, "smt_0123456789ab_" + "s" * 43)
     await tokens.list_tokens(db, "ws")
     await tokens.delete(db, "0123456789ab")
+    from sandmill.store import dedicated  # dedicated workers' (migration 0007)
+    db.answers = []
+    await dedicated.claim(db, "ws:f/x", "w", 512)
+    await dedicated.complete(db, "w", [dedicated.Done(J1, "success", "1", None, 1, 2, "{}", None, "log")])
+    db.answers = [{"held": [J1], "canceled": []}]
+    await dedicated.ping(db, "w", [(J1, dt.datetime.now(dt.timezone.utc))])
+    await dedicated.give_back(db, "w", [J1])
     from sandmill.store import pydeps  # python dependencies' locks (migration 0011)
     db.answers = ["0123456789abcdef"]
     await pydeps.request_lock(db, "ws", "0123456789abcdef", "six\n", "t", {"content": "x", "path": "f/x"})
@@ -300,11 +308,10 @@ async def test_every_statement_sent_is_the_one_sent_before(before, monkeypatch):
     new = await _record(queue, workers, scripts)
     for name in new:
         o, n = old[name], new[name]
-        if name == "create script":  # script.dedicated_worker is gone (migration 0005)
-            (m, sql, args), = o
-            sql = sql.replace(", dedicated_worker)", ")").replace(", $13)", ")")
-            assert args[2] != n[0][2][2]  # so is it from the hash
-            o = [(m, sql, args[:2] + n[0][2][2:3] + args[3:-1])]
+        if name == "create script":  # script.dedicated_worker is back (migration 0007): false, not NULL,
+            (m, sql, args), = o  # and in the hash only when true (so the hash differs from then)
+            assert args[2] != n[0][2][2] and args[-1] is None
+            o = [(m, sql, args[:2] + n[0][2][2:3] + args[3:-1] + (False,))]
         if name == "requeue_stale":  # the WorkerDied message says what SANDMILL_MAX_RESTARTS means now
             assert "the 4th worker to die running it; a job survives 3 dead worker(s)" in n[3][2][4][0]
             o = o[:3] + [(o[3][0], o[3][1], o[3][2][:3] + n[3][2][3:5] + o[3][2][5:])] + o[4:]

@@ -25,6 +25,7 @@ from sandmill.store import queue, workers
 from .admin_scripts import ADMIN_WORKSPACE, periodic_loop, run_admin_script
 from .backend_choice import resolve_backend, sweep_loop, work_root
 from .batching import HotConns
+from .dedicated import Dedicated, dedicated_tags
 from .execute import Executor, Running
 from .feed import Feed, Pace
 from .gpus import GpuPool, Publisher, gpu_pool
@@ -47,7 +48,8 @@ class Worker:
         self.database_url = database_url
         self.settings = settings or WorkerSettings()
         self.name = name or f"{profile.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-        self.tags = list(profile.tags)
+        self.tags = list(profile.tags) or dedicated_tags(profile)  # a dedicated group: its scripts'
+        self.dedicated: Dedicated | None = None  # the dedicated path (worker/dedicated.py), when dedicated
         self.backend: Backend | None = None
         self.env = job_env(profile)
         self.pool: asyncpg.Pool | None = None
@@ -95,6 +97,8 @@ class Worker:
             self.backend, backend_reason = resolve_backend(self.profile, workdir.owner_root(work_root(self.profile)))
             info["backend_reason"] = backend_reason
             self._spawn(sweep_loop(self.profile, self.settings))  # docker workers too: dead owners' containers
+        if p.dedicated:
+            self.dedicated = Dedicated.for_worker(self, info)  # WorkerStartError where it cannot run
         await dbmod.until_reachable(self._listen)
         await dbmod.until_reachable(lambda: self.w.register(
             self.pool, name=self.name, group=self.profile.name, hostname=info["hostname"],
@@ -138,7 +142,8 @@ class Worker:
         pinger = asyncio.create_task(ping_loop(self.settings.worker_ping_s, self.ping))
         relisten = asyncio.create_task(self._keep_listening())
         periodic = asyncio.create_task(periodic_loop(self, self._stopping))
-        slots = [asyncio.create_task(self.slots.run_slot(i)) for i in range(self.profile.subworkers)]
+        slots = ([asyncio.create_task(self.dedicated.run(self._stopping))] if self.dedicated else
+                 [asyncio.create_task(self.slots.run_slot(i)) for i in range(self.profile.subworkers)])
         await self._stopping.wait()
         periodic.cancel()
         log.info("worker %s stopping: finishing %d job(s) in hand", self.name, len(self.running))
@@ -221,7 +226,9 @@ class Worker:
             self._spawn(self._reload_config())
 
     def _on_queue(self, _conn, _pid, _channel, payload: str) -> None:
-        if payload.split("|", 1)[0] in self._bases:
+        if self.dedicated is not None:
+            self.dedicated.wake(payload)
+        elif payload.split("|", 1)[0] in self._bases:
             self.slots.wake_all()
             # a completion waiting at a burst's end also claims: the new job is its to take
             self.feed.completer.flush_if(lambda d: d.now)
@@ -237,6 +244,8 @@ class Worker:
 
     def _on_cancel(self, _conn, _pid, _channel, payload: str) -> None:
         job_id = uuid.UUID(payload)
+        if self.dedicated is not None:
+            self.dedicated.cancel(job_id)
         r = self.running.get(job_id)
         if r and not r.why:
             r.kill("canceled")
@@ -256,7 +265,7 @@ class Worker:
             log.warning("ignoring the group's DB config: %s", e)
             return False
         self.profile = merged
-        self.tags = merged.tags
+        self.tags = merged.tags or dedicated_tags(self.file_profile)
         self.env = job_env(merged)
         return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Callable, NamedTuple
 
 import asyncpg
@@ -13,6 +14,7 @@ from sandmill.store import queue
 from ..deps import (CancelJobs, ListJobs, Pool, ReadJobs, RunJobs, RunStored, Settings, User,
                     Waiters, job_uuid)
 from ..models import CancelBody, Preview
+from ..routing import dedicated_tag
 from ..submit import push_preview, push_script, script_or_404, wait_result
 from ..views import _job_json, _listed_json
 from .errors import IN_WORKSPACE, WAIT
@@ -22,6 +24,8 @@ router = APIRouter(prefix="/api/w/{ws}", tags=["jobs"], responses=IN_WORKSPACE)
 
 Tag = Query(None, description="run on workers serving this tag")
 Sched = Query(0, ge=0, description="delay the start by this many seconds")
+# Windmill's: the instant the job becomes due (ISO 8601; one without a zone is UTC)
+SchedFor = Query(None, description="start no earlier than this instant (ISO 8601)")
 Prio = Query(None, ge=1, le=100, description="1..100, higher runs first")
 WaitT = Query(None, gt=0, le=3600, description="seconds to wait before answering 408")
 
@@ -48,9 +52,11 @@ def _add_script_routes(by: str, route: str, ref_of: Callable[..., ScriptRef]) ->
     # ref_of only names the script (no I/O): the lookup's 404 comes after auth and validation
     async def run(ws: str, u: User, db: RunStored, pool: Pool, ref: ScriptRef = Depends(ref_of),
                   args: Any = Body(default_factory=dict), tag: str | None = Tag,
-                  scheduled_in_secs: float = Sched, priority: int | None = Prio) -> str:
+                  scheduled_in_secs: float = Sched, priority: int | None = Prio,
+                  scheduled_for: str | None = SchedFor) -> str:
+        delay = due_in(scheduled_for, scheduled_in_secs)
         s = await script_or_404(db, ws, ref.path, ref.hash)
-        return str(await push_script(pool, ws, s, args, tag, scheduled_in_secs, priority,
+        return str(await push_script(pool, ws, s, args, tag, delay, priority,
                                      created_by=u.name))
 
     async def run_wait(ws: str, u: User, db: RunStored, pool: Pool, settings: Settings,
@@ -74,9 +80,24 @@ _add_script_routes("hash", "h/{h}", by_hash)
 
 @router.post("/jobs/run/preview", response_class=PlainTextResponse, status_code=201)
 async def run_preview(ws: str, body: Preview, u: RunJobs, pool: Pool, tag: str | None = Tag,
-                      scheduled_in_secs: float = Sched, priority: int | None = Prio) -> str:
-    return str(await push_preview(pool, ws, body, tag, scheduled_in_secs, priority,
-                                  created_by=u.name))
+                      scheduled_in_secs: float = Sched, priority: int | None = Prio,
+                      scheduled_for: str | None = SchedFor) -> str:
+    delay = due_in(scheduled_for, scheduled_in_secs)
+    return str(await push_preview(pool, ws, body, tag, delay, priority, created_by=u.name))
+
+
+def due_in(scheduled_for: str | None, scheduled_in_secs: float) -> float:
+    """Seconds until the job is due: ``scheduled_for`` (ISO 8601; past: now) wins over
+    ``scheduled_in_secs``; 400 for a time that does not parse."""
+    if scheduled_for is None:
+        return scheduled_in_secs
+    try:
+        at = dt.datetime.fromisoformat(scheduled_for.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(400, f"scheduled_for: not an ISO 8601 date and time: {scheduled_for[:100]!r}") from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (at - dt.datetime.now(dt.timezone.utc)).total_seconds())
 
 
 @router.post("/jobs/run_wait_result/preview", responses=WAIT)
@@ -107,6 +128,9 @@ async def _waiting_reason(pool: asyncpg.Pool, j: dict[str, Any]) -> str:
     if j["scheduled_for"] and await queue.is_future(pool, j["scheduled_for"]):
         return f"scheduled for {j['scheduled_for'].isoformat()}"
     if await queue.queued_tags_without_workers(pool, [j["tag"]], j["workspace"]):
+        if j["script_path"] and j["tag"] == dedicated_tag(j["workspace"], j["script_path"]):
+            return (f"no live worker is dedicated to script {j['script_path']} (a group with"
+                    f" dedicated_worker: {j['tag']}); the job waits until one is")
         return (f"no live worker serves tag {j['tag']!r} (for workspace {j['workspace']});"
                 " the job waits until one does")
     if j["concurrency_key"] and not await queue.key_has_slot(pool, j["id"]):

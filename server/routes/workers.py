@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Body, HTTPException
 from fastapi.responses import JSONResponse
 
-from sandmill.store import workers
+from sandmill.store import scripts, workers
 
 from ..deps import Admin, Pool
 from ..models import GROUP_RE, validate_group_config
@@ -53,5 +53,19 @@ async def put_config(name: str, _u: Admin, pool: Pool, body: Any = Body(...)) ->
         msg = "; ".join(f"{e['field']}: {e['reason']}" for e in errs)
         return JSONResponse({"error": f"invalid worker group config: {msg}", "detail": errs},
                             status_code=422)
+    if problem := await dedicated_problem(pool, cfg):
+        return JSONResponse({"error": f"invalid worker group config: {problem}"}, status_code=422)
     await workers.put_config(pool, name, cfg)
     return cfg
+
+
+async def dedicated_problem(pool: Any, cfg: dict[str, Any]) -> str | None:
+    """A script a dedicated group would serve that is not python3 (the ones that exist)."""
+    refs = ([cfg["dedicated_worker"]] if cfg.get("dedicated_worker") else []) + list(cfg.get("dedicated_workers") or [])
+    for ref in refs:
+        ws, _, path = ref.partition(":")
+        s = await scripts.get_by_path(pool, ws, path)
+        if s and s["language"] != "python3":
+            return (f"dedicated_worker: script {path} of {ws} is {s['language']}: only python3 scripts"
+                    " have a cold start for a dedicated worker to remove")
+    return None

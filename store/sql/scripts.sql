@@ -3,10 +3,10 @@
 
 -- name: create_script
 -- Store a version of a script (a no-op but for its created_at when the same version exists); its columns after hash are scripts._COLUMNS, in order.
--- $1 workspace, $2 path, $3 hash, $4 language, $5 content, $6 summary, $7 tag, $8 priority, $9 timeout_s, $10 concurrent_limit, $11 concurrency_time_window_s, $12 concurrency_key.
+-- $1 workspace, $2 path, $3 hash, $4 language, $5 content, $6 summary, $7 tag, $8 priority, $9 timeout_s, $10 concurrent_limit, $11 concurrency_time_window_s, $12 concurrency_key, $13 dedicated_worker.
 INSERT INTO script (workspace, path, hash, language, content, summary, tag, priority, timeout_s,
-                    concurrent_limit, concurrency_time_window_s, concurrency_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                    concurrent_limit, concurrency_time_window_s, concurrency_key, dedicated_worker)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 ON CONFLICT (workspace, hash) DO UPDATE SET created_at = now();
 
 
