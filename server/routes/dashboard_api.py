@@ -85,6 +85,7 @@ async def group_config(group: str, _u: Admin, pool: Pool) -> dict[str, Any]:
     return {"group": group, "config": await workers.get_config(pool, f"worker__{group}")}
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 State = Literal["all", "active", "queued", "running", "completed", "success", "failure", "canceled"]
 
 
@@ -93,14 +94,17 @@ def _cursor(c: str | None) -> tuple[dt.datetime, uuid.UUID] | None:
         return None
     if c == "first":
         return dashboard.FIRST
-    at, _, jid = c.partition("|")
+    at, _, jid = c.partition("_")
     try:
-        when = dt.datetime.fromisoformat(at)
-        if when.tzinfo is None:
-            raise ValueError("no time zone")
-        return when, uuid.UUID(jid)
-    except ValueError:
+        return _EPOCH + dt.timedelta(microseconds=int(at)), uuid.UUID(jid)
+    except (ValueError, OverflowError):
         raise HTTPException(400, f"bad cursor {c!r}: give back the 'next' of a previous page") from None
+
+
+def cursor_of(row: dict[str, Any]) -> str:
+    """The keyset cursor after ``row``: its completed_at in microseconds since 1970 (exact,
+    and nothing a URL needs to escape) and its id."""
+    return f"{(row['completed_at'] - _EPOCH) // dt.timedelta(microseconds=1)}_{row['id']}"
 
 
 def _opt(v: str | None) -> str | None:
@@ -129,6 +133,6 @@ async def jobs(_u: Admin, pool: Pool, state: State = "all",
             pool, after=after or dashboard.FIRST, workspace=workspace, script_path=script, tag=tag,
             status=state if state in dashboard.COMPLETED_STATES else None, limit=limit)
         if len(done) == limit:
-            nxt = f"{done[-1]['completed_at'].isoformat()}|{done[-1]['id']}"
+            nxt = cursor_of(done[-1])
         out += done
     return {"jobs": [_row(r) for r in out], "next": nxt}
