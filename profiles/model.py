@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sandmill.isolation import Limits
 from sandmill.isolation.options import SHARED_NSJAIL_PROCESS, DockerOptions, NsjailOptions, ProcessOptions
 
+from .autoscaling import Autoscaling
+
 # a script a dedicated group serves: "<workspace>:<path>" (Windmill's form)
 DEDICATED_RE = r"^[A-Za-z0-9_\-]+:[A-Za-z0-9_\-./]+$"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.\-$\[\]]+(\([A-Za-z0-9_\-+]+\))?$")
@@ -105,6 +107,7 @@ class Profile(BaseModel):
     # GPUs handed to each running job, its own (worker/gpus.py); unset: the group's jobs get none
     gpus_per_job: int | None = Field(None, strict=True)
     gpu_sharing: bool = False  # a GPU may serve several jobs at once (least busy first)
+    autoscaling: Autoscaling | None = None  # server/autoscale: grow with the queue, shrink to min_workers
 
     @property
     def dedicated(self) -> list[str]:

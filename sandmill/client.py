@@ -116,6 +116,31 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _occupancy(w: dict) -> str:
+    return "/".join(f"{w.get(k, 0) or 0:.0%}" for k in ("occupancy_15s", "occupancy_5m", "occupancy_30m"))
+
+
+def _print_autoscaling(args: argparse.Namespace, limit: int = 10) -> None:
+    """The autoscaled groups and their latest events (nothing when there are none)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(args) as c:
+        groups, events = c.get("/api/autoscaling/groups"), c.get("/api/autoscaling/events", params={"limit": limit})
+    if groups.status_code != 200 or events.status_code != 200 or not groups.json():
+        return
+    print("autoscaled groups: " + ", ".join(
+        f"{g['worker_group']} ({'on' if g['enabled'] else 'off'}, {g['desired'] if g['desired'] is not None else '-'}"
+        " asked)" for g in groups.json()))
+    t = Table(title="autoscaling events (latest first)")
+    for col in ("at", "group", "event", "workers", "reason", "integration", "status"):
+        t.add_column(col)
+    for e in events.json():
+        t.add_row((e["created_at"] or "")[:19], e["worker_group"], e["event_type"],
+                  f"{e['from_workers']} -> {e['desired_workers']}", e["reason"], e["integration"], e["status"])
+    Console().print(t)
+
+
 def cmd_workers(args: argparse.Namespace) -> int:
     """`sandmill workers`: the live workers, their tags, backend and occupancy."""
     from rich.console import Console
@@ -125,13 +150,15 @@ def cmd_workers(args: argparse.Namespace) -> int:
         r = c.get("/api/workers/list")
         _check(r)
     t = Table(title="workers")
-    for col in ("worker", "group", "tags", "backend", "sub", "cpus", "mem MB", "gpus", "ping s ago", "jobs", "occupancy"):
+    for col in ("worker", "group", "tags", "backend", "sub", "cpus", "mem MB", "gpus", "ping s ago", "jobs",
+                "occupancy 15s/5m/30m"):
         t.add_column(col)
     for w in r.json():
         t.add_row(w["worker"], w["worker_group"], ",".join(w["tags"]), w["backend"], str(w["subworkers"]),
                   str(w["cpus"]), str(w["memory_mb"]), ",".join(w["gpus"]) or "-", str(w["last_ping_s_ago"]),
-                  str(w["jobs_done"]), f"{w['occupancy']:.0%}")
+                  str(w["jobs_done"]), _occupancy(w))
     Console().print(t)
+    _print_autoscaling(args)
     for w in r.json():  # why each worker runs its jobs with that backend
         print(f"{w['worker']}: backend {w['backend']}: {w.get('backend_reason') or 'reason not reported'}")
     for w in r.json():  # each GPU a GPU worker hands out, and the job(s) holding it now

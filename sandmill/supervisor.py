@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandmill.isolation import docker_sweep
-from sandmill.profiles import resolve
+from sandmill.profiles import load_profile, resolve
 from sandmill.server.settings import admin_token
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 
 from .agent_cli import tls_argv
+
+from .localscale import DesiredPoll, GroupScaler
 
 log = logging.getLogger("sandmill.up")
 
@@ -70,6 +72,19 @@ def stop_children(procs: list[subprocess.Popen], grace_s: float = STOP_GRACE_S,
     return removed
 
 
+def autoscaled_groups(profiles: list[str], py: list[str]) -> list[GroupScaler]:
+    """The groups of ``profiles`` autoscaled by the ``local`` integration: their processes
+    follow the server's autoscaler instead of a fixed count."""
+    out = []
+    for path in profiles:
+        p = load_profile(path)
+        a = p.autoscaling
+        if a is not None and a.enabled and a.integration.type == "local":
+            out.append(GroupScaler(p, lambda i, path=path, n=p.name: Child(
+                f"{n}-auto-{i}", py + ["worker", "--profile", path])))
+    return out
+
+
 def run_up(args: argparse.Namespace) -> int:
     """Run everything until a signal; returns the exit code."""
     data_dir = Path(args.data_dir)
@@ -82,12 +97,18 @@ def run_up(args: argparse.Namespace) -> int:
 
     asyncio.run(dbmod.migrate_url(url))
     token = admin_token(data_dir)
-    env = {**os.environ, "DATABASE_URL": url, "SANDMILL_ADMIN_TOKEN": token}
+    profiles = [str(resolve(p)) for p in (args.profile or ["default", "native"])]
+    # the server's autoscaler learns the groups from these (SANDMILL_PROFILES)
+    env = {**os.environ, "DATABASE_URL": url, "SANDMILL_ADMIN_TOKEN": token,
+           "SANDMILL_PROFILES": os.pathsep.join(profiles)}
     py = [sys.executable, "-m", "sandmill"]
     children = [Child("server", py + ["server", "--data-dir", str(data_dir), "--host", args.host,
                                       "--port", str(args.port), *tls_argv(args)])]
-    profiles = [str(resolve(p)) for p in (args.profile or ["default", "native"])]
+    scalers = autoscaled_groups(profiles, py)  # local autoscaling: counts from the database
+    poll = DesiredPoll(url, [g.name for g in scalers]) if scalers else None
     for prof in profiles:
+        if any(g.profile.name == load_profile(prof).name for g in scalers):
+            continue
         count = args.workers if Path(prof).name == "default.yaml" else 1
         for i in range(count):
             children.append(Child(f"{Path(prof).stem}-{i}", py + ["worker", "--profile", prof]))
@@ -102,12 +123,22 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     for c in children:
         c.start(env)
+    if poll is not None:
+        got = poll.read()
+        for g in scalers:
+            g.converge(g.initial(got[0].get(g.name) if got else None), {}, env)
     print(f"sandmill is up: API on http://{args.host}:{args.port} (docs at /docs), "
           f"{len(children) - 1} worker process(es); Ctrl-C stops everything", file=sys.stderr)
     try:
         while not stopping:
             time.sleep(0.5)
-            for c in children:
+            if poll is not None and poll.due() and (got := poll.read()) is not None:
+                for g in scalers:
+                    if g.name in got[0]:
+                        g.converge(got[0][g.name], got[1].get(g.name, {}), env)
+            for g in scalers:
+                g.reap()
+            for c in children + [c for g in scalers for c in g.children]:
                 rc = c.proc.poll() if c.proc else 0
                 if rc is None or stopping:
                     continue
@@ -122,9 +153,12 @@ def run_up(args: argparse.Namespace) -> int:
                 if not stopping:
                     c.start(env)
     finally:
-        log.info("stopping %d process(es)", len(children))
-        stop_children([c.proc for c in children if c.proc],
-                      owner_pids={pid for c in children for pid in c.pids})
+        every = children + [c for g in scalers for c in g.children + g.stopping]
+        log.info("stopping %d process(es)", len(every))
+        stop_children([c.proc for c in every if c.proc],
+                      owner_pids={pid for c in every for pid in c.pids})
+        if poll is not None:
+            poll.close()
         if pg is not None:
             pg.cleanup() if hasattr(pg, "cleanup") else None
     return 0

@@ -16,9 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sandmill.store import db as dbmod
 
+from .autoscale.loop import Autoscaler
 from .monitor import monitor_loop
 from .routes import agent, jobs, meta, scripts, users, workers
 from .routes import dashboard, dashboard_api
+from .routes import autoscaling as autoscaling_routes
 from .settings import ServerSettings
 from .waiters import ResultWaiters, listen_for_results
 
@@ -37,9 +39,14 @@ async def lifespan(app: FastAPI):
     await asyncio.wait([listener, asyncio.create_task(listening.wait())], return_when=asyncio.FIRST_COMPLETED)
     mon = asyncio.create_task(monitor_loop(pool, settings.ping_timeout_s, settings.max_restarts,
                                            settings.monitor_every_s))
+    scaler = Autoscaler(settings.database_url, pool)  # acts in one server at a time (a lock)
+    scaling = asyncio.create_task(scaler.run())
     try:
         yield
     finally:
+        scaling.cancel()
+        await asyncio.gather(scaling, return_exceptions=True)
+        await scaler.close()
         mon.cancel()
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
@@ -89,5 +96,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.add_exception_handler(exc, _db)
     for r in (meta.router, scripts.router, jobs.router, workers.router, users.router, agent.router):
         app.include_router(r)
+    app.include_router(autoscaling_routes.router)
     app.include_router(dashboard.router), app.include_router(dashboard_api.router)  # the web dashboard at /
     return app

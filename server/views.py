@@ -66,4 +66,7 @@ def _worker_json(w: dict[str, Any]) -> dict[str, Any]:
         "version": info.get("version"), "started_at": _iso(w["started_at"]),
         "last_ping": _iso(w["last_ping"]), "last_ping_s_ago": round(w["last_ping_s_ago"], 1),
         "jobs_done": w["jobs_done"], "busy": w["busy"], "occupancy": w["occupancy"],
+        # busy share of the slots' time over 15 s, 5 min, 30 min (what the autoscaler reads)
+        "occupancy_15s": w.get("occupancy_15s", 0.0), "occupancy_5m": w.get("occupancy_5m", 0.0),
+        "occupancy_30m": w.get("occupancy_30m", 0.0),
     }

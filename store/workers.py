@@ -24,9 +24,10 @@ async def register(db: Executor, *, name: str, group: str, hostname: str, tags: 
 
 
 async def ping(db: Executor, name: str, *, tags: list[str], jobs_done: int, busy: int,
-               occupancy: float) -> None:
-    """Heartbeat of a worker process, with its counters."""
-    await db.execute(_PING, name, tags, jobs_done, busy, occupancy)
+               occupancy: float, windows: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+    """Heartbeat of a worker process, with its counters and its occupancy over 15 s, 5 min
+    and 30 min (``windows``, worker/occupancy.py)."""
+    await db.execute(_PING, name, tags, jobs_done, busy, occupancy, *windows)
 
 
 async def unregister(db: Executor, name: str) -> None:

@@ -60,6 +60,7 @@ def test_a_missing_name_fails_loudly():
 def test_every_statement_is_used_and_described():
     # importing the store's modules took every statement they use
     import sandmill.store.claims, sandmill.store.jobs, sandmill.store.reads, sandmill.store.tokens  # noqa: F401,E401
+    import sandmill.store.autoscale  # noqa: F401 (the autoscaler's)
     import sandmill.store.dedicated  # noqa: F401 (dedicated workers')
     import sandmill.store.agent  # noqa: F401 (agent workers': tokens, their checked writes)
     import sandmill.store.dashboard  # noqa: F401 (the dashboard's and the metrics' reads)
@@ -268,6 +269,32 @@ async def _sent_since() -> set[str]:
     await agent.completed_by(db, [J1], "w")
     await agent.append_log_if_held(db, J1, ["a\n"], "w")
     await agent.ping_workers(db, [("w", 1, 2, 0.5)])
+    from sandmill.store import autoscale  # the autoscaler's (migration 0009)
+    db.answers = []
+    await autoscale.try_lock(db)
+    await autoscale.publish_group(db, "g", {"name": "g"}, True, ["a", "b(ws1+ws2)"])
+    await autoscale.groups(db)
+    db.answers = [3]
+    await autoscale.jobs_waiting(db, ["a"])
+    db.answers = [{"workers": 0}]
+    await autoscale.group_workers(db, "g", 60)
+    await autoscale.set_desired(db, "g", ["a"], 2, "scale_out")
+    await autoscale.insert_event(db, group="g", event_type="scale_out", from_workers=1, desired=2,
+                                 reason="r", integration="dryrun", status="recorded", output="", server="s")
+    await autoscale.list_events(db, "g", 5)
+    await autoscale.desired_counts(db, ["g"])
+    await autoscale.running_per_worker(db, "g")
+    await autoscale.group_for_tag(db, "a", "ws")
+    await autoscale.list_groups(db)
+    await workers.set_gpu_jobs(db, "w", [{"index": 0, "name": "", "jobs": []}])  # a GPU worker's GPUs
+    from sandmill.store import agent  # agent workers' (migration 0008)
+    db.answers = []
+    await agent.secret(db, "s")
+    await agent.blacklist(db, "jti", "g", T0)
+    await agent.blacklisted(db)
+    await agent.completed_by(db, [J1], "w")
+    await agent.append_log_if_held(db, J1, ["a\n"], "w")
+    await agent.ping_workers(db, [("w", 1, 2, 0.5)])
     return {sql for _, sql, _ in db.sent}
 
 
@@ -312,6 +339,9 @@ async def test_every_statement_sent_is_the_one_sent_before(before, monkeypatch):
             (m, sql, args), = o  # and in the hash only when true (so the hash differs from then)
             assert args[2] != n[0][2][2] and args[-1] is None
             o = [(m, sql, args[:2] + n[0][2][2:3] + args[3:-1] + (False,))]
+        if name == "ping":  # the 15 s / 5 min / 30 min occupancy (autoscaling, migration 0009) rides along
+            assert n[0][2][:5] == o[0][2] and n[0][2][5:] == (0.0, 0.0, 0.0) and "occupancy_30m = $8" in n[0][1]
+            continue
         if name == "requeue_stale":  # the WorkerDied message says what SANDMILL_MAX_RESTARTS means now
             assert "the 4th worker to die running it; a job survives 3 dead worker(s)" in n[3][2][4][0]
             o = o[:3] + [(o[3][0], o[3][1], o[3][2][:3] + n[3][2][3:5] + o[3][2][5:])] + o[4:]

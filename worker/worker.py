@@ -29,6 +29,7 @@ from .dedicated import Dedicated, dedicated_tags
 from .execute import Executor, Running
 from .feed import Feed, Pace
 from .gpus import GpuPool, Publisher, gpu_pool
+from .occupancy import Occupancy
 from .runtimes import job_env
 from .settings import WorkerInitError, WorkerSettings, WorkerStartError
 from .slots import Slots
@@ -64,6 +65,7 @@ class Worker:
         self.held: set[uuid.UUID] = set()  # jobs claimed ahead, not started yet
         self._canceled_held: set[uuid.UUID] = set()  # of those, the ones canceled meanwhile
         self.stats = Stats()
+        self.occupancy = Occupancy(profile.subworkers)  # 15 s / 5 min / 30 min, for the autoscaler
         self.pace = Pace(self.settings)
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
@@ -182,10 +184,13 @@ class Worker:
                 await self.pool.close()
 
     async def ping(self) -> None:
-        """The worker's heartbeat: its tags, jobs done, busy slots and occupancy."""
+        """The worker's heartbeat: its tags, jobs done, busy slots and occupancy (since the last
+        ping, and over 15 s, 5 min and 30 min)."""
+        self.occupancy.add_completed(self.stats.busy_s)  # before take_occupancy starts anew
         occupancy = self.stats.take_occupancy(self.profile.subworkers)
+        windows = self.occupancy.sample(r.t0 for r in self.running.values())
         await self.w.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
-                           busy=len(self.running), occupancy=occupancy)
+                           busy=len(self.running), occupancy=occupancy, windows=windows)
 
     # ---- notifications -------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import asyncpg
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from sandmill.store import queue
+from sandmill.store import autoscale, queue
 
 from ..deps import (CancelJobs, ListJobs, Pool, ReadJobs, RunJobs, RunStored, Settings, User,
                     Waiters, job_uuid)
@@ -128,6 +128,8 @@ async def _waiting_reason(pool: asyncpg.Pool, j: dict[str, Any]) -> str:
     if j["scheduled_for"] and await queue.is_future(pool, j["scheduled_for"]):
         return f"scheduled for {j['scheduled_for'].isoformat()}"
     if await queue.queued_tags_without_workers(pool, [j["tag"]], j["workspace"]):
+        if group := await autoscale.group_for_tag(pool, j["tag"], j["workspace"]):
+            return f"group {group} is scaled to zero; a worker is starting"
         if j["script_path"] and j["tag"] == dedicated_tag(j["workspace"], j["script_path"]):
             return (f"no live worker is dedicated to script {j['script_path']} (a group with"
                     f" dedicated_worker: {j['tag']}); the job waits until one is")
