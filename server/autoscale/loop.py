@@ -26,6 +26,7 @@ from .rules import Decision, Occupancy, decide
 log = logging.getLogger("sandmill.autoscale")
 
 ALIVE_S = 60.0  # a worker that pinged this recently counts
+WAKE_GAP_S = 0.2  # after a NOTIFY wake, let the rest of its burst land before checking
 
 
 def interval_s() -> float:
@@ -69,6 +70,7 @@ class Autoscaler:
                 log.warning("autoscaler pass failed: %s", e)
             try:
                 await asyncio.wait_for(self._wake.wait(), self.every_s)
+                await asyncio.sleep(WAKE_GAP_S)  # a burst of NOTIFYs makes one check, not one each
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
