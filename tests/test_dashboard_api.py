@@ -104,9 +104,10 @@ def test_the_page_and_its_assets_are_served_from_the_package(cluster):
     r = httpx.get(cluster.base + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in r.headers["content-security-policy"]
-    assert '<script src="/dashboard/app.js"' in r.text
+    assert '<script type="module" src="/dashboard/app.js"' in r.text
     js = httpx.get(cluster.base + "/dashboard/app.js")
-    assert js.status_code == 200 and "sessionStorage" in js.text and "javascript" in js.headers["content-type"]
+    assert js.status_code == 200 and 'from "./util.js"' in js.text and "javascript" in js.headers["content-type"]
+    assert "sessionStorage" in httpx.get(cluster.base + "/dashboard/util.js").text
     assert httpx.get(cluster.base + "/dashboard/app.css").status_code == 200
     r = httpx.get(cluster.base + "/dashboard/__init__.py")
     assert r.status_code == 404 and "error" in r.json()

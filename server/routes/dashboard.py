@@ -12,7 +12,8 @@ from fastapi.responses import Response
 
 router = APIRouter(include_in_schema=False)
 
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "pages.js": "text/javascript; charset=utf-8",
+          "util.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 # Only our own files run; the page builds its DOM with textContent (job output is hostile).
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none';"
                                       " base-uri 'none'; frame-ancestors 'none'",
