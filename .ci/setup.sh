@@ -41,7 +41,8 @@ step "host: ${PRETTY_NAME:-unknown}, kernel $(uname -r), repo $REPO"
 # iproute2/procps/psmisc: netns and process inspection used by backends and tests;
 # python3-venv/pip: the test environment; git: pip's editable install metadata.
 PACKAGES=(docker.io debootstrap debian-archive-keyring iproute2 procps psmisc ca-certificates
-          git python3 python3-venv python3-pip tar gzip)
+          git python3 python3-venv python3-pip tar gzip
+          chromium chromium-driver)  # the dashboard's browser tests (tests/browser/, selenium)
 # A kernel with AppArmor on makes dockerd load its docker-default profile at every
 # container start; without apparmor_parser each start fails ("AppArmor enabled on system
 # but the docker-default profile could not be loaded"): a minimal Debian 12 has no parser.
@@ -97,7 +98,7 @@ mkdir -p "$STATE_DIR"
 # The bench extra too: the test run includes a smoke run of the benchmark set (its
 # charts need matplotlib; its queue section runs the peer, pgqueuer).
 # ...and only when the installed sandmill is this checkout's (another clone may have installed its own).
-installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter, schemathesis, uv, jwt; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
+installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter, schemathesis, uv, jwt, selenium, prometheus_client; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ "$(installed_from)" = "$REPO" ]; then
     step "python: sandmill already installed in $PY"
 else
