@@ -85,8 +85,11 @@ class ProcessBackend(Backend):
         """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
         if why := self._mounts_problem(spec.mounts) or self._gpu_problem(spec):
             return Outcome(Status.sandbox_error, detail=why)
-        # A warm interpreter's namespaces are made before the job: its mounts are not the job's.
-        if self.warm_pool is not None and spec.argv and not spec.mounts and spec.gpu is None:
+        # A warm interpreter's namespaces are made before the job: its mounts are not the
+        # job's, but for a read-only bind of a host path onto itself, which the warm
+        # interpreter sees as is (the host's / read-only; our masks were checked above).
+        if self.warm_pool is not None and spec.argv and spec.gpu is None and all(
+                not m.writable and m.source == m.target for m in spec.mounts):
             program = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
             out = await run_warm(self.warm_pool, spec, on_output, program)
             if out is not None:

@@ -88,6 +88,9 @@ def test_a_script_importing_a_package_runs(make_cluster, pydeps_dir, ws, kind):
         first, second = _run(api, ws, h), _run(api, ws, h)
     for j in (first, second):
         assert j["success"], j
+        # process: the env is seen as is by the warm interpreter (a read-only bind of a host
+        # path onto itself); nsjail binds it per job, cold; docker starts a container per job
+        assert j["outcome"]["warm"] is (kind == "process"), j["outcome"]
         assert j["result"].count(".") >= 1, j["result"]
         assert "installing" not in j["logs"] and "resolving" not in j["logs"], j["logs"]
     assert _envs(pydeps_dir) == [dep["result"]["environment"]]
@@ -183,3 +186,19 @@ def test_previews_resolve_too(make_cluster, pydeps_dir, ws):
     assert j["success"] and j["result"] == "bücher", j
     assert "resolving the requirements" in j["logs"], j["logs"]
     assert bad.status_code == 400 and "requirements" in bad.json()["error"], bad.text
+
+
+@pytest.mark.timeout(180)
+def test_the_benchmark_runs_quick():
+    import json
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    p = subprocess.run([sys.executable, "-m", "bench.pydeps", "--quick"], cwd=REPO,
+                       capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])["rows"]
+    assert set(rows) == {"no deps", "first job of a new lock", "later jobs"}
+    assert rows["later jobs"]["warm"] == rows["later jobs"]["n"]  # process: warm with its env
