@@ -127,11 +127,11 @@ def _print_autoscaling(args: argparse.Namespace, limit: int = 10) -> None:
 
     with _client(args) as c:
         groups, events = c.get("/api/autoscaling/groups"), c.get("/api/autoscaling/events", params={"limit": limit})
-    if groups.status_code != 200 or events.status_code != 200 or not groups.json():
+    on = [g for g in groups.json() if g["enabled"]] if groups.status_code == 200 else []
+    if not on or events.status_code != 200:
         return
     print("autoscaled groups: " + ", ".join(
-        f"{g['worker_group']} ({'on' if g['enabled'] else 'off'}, {g['desired'] if g['desired'] is not None else '-'}"
-        " asked)" for g in groups.json()))
+        f"{g['worker_group']} ({g['desired'] if g['desired'] is not None else '-'} worker(s) asked)" for g in on))
     t = Table(title="autoscaling events (latest first)")
     for col in ("at", "group", "event", "workers", "reason", "integration", "status"):
         t.add_column(col)
@@ -161,6 +161,9 @@ def cmd_workers(args: argparse.Namespace) -> int:
     _print_autoscaling(args)
     for w in r.json():  # why each worker runs its jobs with that backend
         print(f"{w['worker']}: backend {w['backend']}: {w.get('backend_reason') or 'reason not reported'}")
+    for w in r.json():  # the scripts a dedicated worker serves
+        if w.get("dedicated"):
+            print(f"{w['worker']}: dedicated to {', '.join(w['dedicated'])}")
     for w in r.json():  # each GPU a GPU worker hands out, and the job(s) holding it now
         for g in w.get("gpu_jobs") or []:
             print(f"{w['worker']}: GPU {g['index']}{' (' + g['name'] + ')' if g.get('name') else ''}:"

@@ -100,6 +100,13 @@ def test_dryrun_scale_to_zero_wakes_at_once_full_scale_and_waiting_reason(make_c
         assert "no live worker serves tag" in api.get(f"/api/w/ws1/jobs_u/get/{other}").json()["waiting_reason"]
         groups = api.get("/api/autoscaling/groups").json()
         assert [(g["worker_group"], g["desired"]) for g in groups] == [("dry", 1)]
+    # `sandmill workers` shows the group and its events
+    r = subprocess.run([sys.executable, "-m", "sandmill", "workers", "--url", c.base], capture_output=True,
+                       text=True, env={**os.environ, "SANDMILL_TOKEN": TOKEN, "COLUMNS": "400"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "occupancy 15s/5m/30m" in r.stdout and "autoscaled groups: dry (1 worker(s) asked)" in r.stdout
+    assert "autoscaling events" in r.stdout and "scale_out" in r.stdout and "0 -> 1" in r.stdout
+    with c.client() as api:
         # the filter
         assert api.get("/api/autoscaling/events", params={"group": "nope"}).json() == []
         assert api.get("/api/autoscaling/events", params={"limit": 0}).status_code == 422

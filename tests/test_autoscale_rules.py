@@ -138,3 +138,20 @@ def test_worker_occupancy_interpolates_between_pings():
     occ.sample([])
     t[0] = 110.0  # 10 s idle since the last sample: the 15 s window reaches 5 s back into busy time
     assert occ.sample([])[0] == pytest.approx(5.0 / 15.0)
+
+
+def test_profiles_from_env_takes_files_folders_and_shipped_names(tmp_path):
+    import os
+
+    from sandmill.server.autoscale.groups import profiles_from_env
+    d = tmp_path / "mounted"
+    d.mkdir()
+    (d / "a.yaml").write_text("name: a\ntags: [ta]\nautoscaling: {enabled: true, min_workers: 0, max_workers: 2}\n")
+    (d / "b.yaml").write_text("name: b\ntags: [tb]\n")
+    one = tmp_path / "c.yaml"
+    one.write_text("name: c\ntags: [tc]\n")
+    got = profiles_from_env(os.pathsep.join([str(d), str(one), "native"]))
+    assert [p.name for p in got] == ["a", "b", "c", "native"]
+    assert got[0].autoscaling.enabled and got[1].autoscaling is None
+    with pytest.raises(ProfileError, match="no such file"):
+        profiles_from_env(str(tmp_path / "missing.yaml"))

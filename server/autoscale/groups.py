@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sandmill.profiles import Profile, ProfileError, load_profile, profile_from_dict, resolve
@@ -30,19 +31,24 @@ class Group:
 
 
 def profiles_from_env(value: str | None = None) -> list[Profile]:
-    """The profiles named by ``SANDMILL_PROFILES`` (paths or shipped names, separated by
-    ``os.pathsep``). A bad one raises ProfileError (file, field and reason)."""
+    """The profiles named by ``SANDMILL_PROFILES``: files, folders (their ``*.yaml``, as a
+    mounted ConfigMap) or shipped names, separated by ``os.pathsep``. A bad one raises
+    ProfileError (file, field and reason)."""
     value = os.environ.get("SANDMILL_PROFILES", "") if value is None else value
-    return [load_profile(resolve(p)) for p in value.split(os.pathsep) if p.strip()]
+    paths: list[Path] = []
+    for ref in (r.strip() for r in value.split(os.pathsep)):
+        if ref:
+            p = resolve(ref)
+            paths += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
+    return [load_profile(p) for p in paths]
 
 
 async def publish(db: Any, profiles: list[Profile]) -> None:
-    """Publish the profiles that have an ``autoscaling`` section."""
+    """Publish the profiles, autoscaled or not (a group's stored config may turn it on)."""
     for p in profiles:
-        if p.autoscaling is not None:
-            a = p.autoscaling
-            await store.publish_group(db, p.name, p.model_dump(mode="json"), a.enabled,
-                                      a.custom_tags or p.tags)
+        a = p.autoscaling
+        await store.publish_group(db, p.name, p.model_dump(mode="json"), bool(a and a.enabled),
+                                  (a.custom_tags if a else None) or p.tags)
 
 
 def effective(row: dict[str, Any]) -> Group | None:

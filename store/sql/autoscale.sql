@@ -53,11 +53,11 @@ SELECT count(*)::int AS workers,
 
 
 -- name: autoscale_set_desired
--- Record the count asked for a group (and the tags it serves, for a group only a stored config defines).
+-- Record the count asked for a group, and that it is autoscaled with these tags (its stored config may have turned it on, or be all that defines it).
 -- $1 group, $2 plain tags (text[]), $3 'tag(ws)' pairs (text[]), $4 count, $5 event type.
 INSERT INTO autoscale_group (worker_group, profile, plain_tags, pair_tags, desired, last_change_at, last_event_type)
 VALUES ($1, '{}', $2, $3, $4, now(), $5)
-ON CONFLICT (worker_group) DO UPDATE SET plain_tags = $2, pair_tags = $3, desired = $4,
+ON CONFLICT (worker_group) DO UPDATE SET enabled = true, plain_tags = $2, pair_tags = $3, desired = $4,
     last_change_at = now(), last_event_type = $5;
 
 
