@@ -31,6 +31,10 @@ class AgentUnreachable(ConnectionError):
     """The server could not be reached, or answered 5xx, for longer than the retry time."""
 
 
+class AgentTLSError(AgentUnreachable):
+    """The server's certificate did not verify (not retried: a wrong CA stays wrong)."""
+
+
 class AgentRefused(Exception):
     """The server refused the request (4xx): ``status`` and its message."""
 
@@ -95,6 +99,9 @@ class AgentClient:
                 r = await self.http.post(f"/api/agent_workers/{route}", content=content, headers=headers,
                                          timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
             except httpx.TransportError as e:  # refused, cut, timed out: try again
+                if _cert_failed(e):
+                    raise AgentTLSError(f"{self.url}: the server's certificate did not verify ({e});"
+                                        " give its CA with --ca-file") from None
                 why = f"{type(e).__name__}: {e}"
             else:
                 if r.status_code < 300:
@@ -120,6 +127,15 @@ class AgentClient:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+def _cert_failed(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _message(r: httpx.Response) -> str:
