@@ -72,6 +72,13 @@ if ! command -v vagrant >/dev/null && apt-cache policy vagrant 2>/dev/null | gre
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends vagrant \
         || step "vagrant not installed; the Vagrantfile's validate test will be skipped"
 fi
+# kubectl (Debian: kubernetes-client), where apt has it: tests/test_autoscale_deploy.py
+# renders deploy/k8s with `kubectl kustomize`; without it that test is skipped.
+if ! command -v kubectl >/dev/null && apt-cache policy kubernetes-client 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
+    step "apt: installing kubernetes-client (kubectl)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kubernetes-client \
+        || step "kubectl not installed; the kustomize render test will be skipped"
+fi
 
 # --- 2. Python environment -----------------------------------------------------------
 command -v "$PYTHON" >/dev/null || die "no $PYTHON on PATH"
@@ -98,7 +105,7 @@ mkdir -p "$STATE_DIR"
 # The bench extra too: the test run includes a smoke run of the benchmark set (its
 # charts need matplotlib; its queue section runs the peer, pgqueuer).
 # ...and only when the installed sandmill is this checkout's (another clone may have installed its own).
-installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter, schemathesis, uv, jwt, selenium, prometheus_client; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
+installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter, schemathesis, uv, jwt, selenium, prometheus_client, kubernetes; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ "$(installed_from)" = "$REPO" ]; then
     step "python: sandmill already installed in $PY"
 else
