@@ -110,3 +110,31 @@ def test_worker_refuses_more_gpus_per_job_than_it_has(make_cluster, gpu_dev, tmp
                        env={**os.environ, "DATABASE_URL": c.db_url, "SANDMILL_GPU_DEV_DIR": str(gpu_dev)})
     assert r.returncode == 2, r.stderr
     assert "gpus_per_job is 3 but this worker has 2 GPU(s)" in r.stderr
+
+
+DEPS_JOB = """# requirements:
+# six
+import glob, os, six
+def main():
+    return {"nodes": sorted(glob.glob("/dev/nvidia*")), "six": six.__file__,
+            "cvd": os.environ.get("CUDA_VISIBLE_DEVICES")}
+"""
+
+
+def test_job_with_requirements_gets_its_gpu(make_cluster, ws, gpu_dev, tmp_path):
+    """A python3 job with dependencies in a GPU group runs on its GPU, with its environment."""
+    c = make_cluster()
+    group, tag = f"gpud-{uuid.uuid4().hex[:6]}", f"gpud-{uuid.uuid4().hex[:6]}"
+    prof = tmp_path / "gpu.yaml"
+    prof.write_text(PROFILE.format(name=group, tag=tag))
+    c.spawn("worker", "--profile", str(prof), env={"SANDMILL_GPU_DEV_DIR": str(gpu_dev)})
+    c.wait_workers(group)
+    with c.client() as api:
+        r = api.post(f"/api/w/{ws}/jobs/run/preview", params={"tag": tag},
+                     json={"content": DEPS_JOB, "language": "python3", "args": {}})
+        assert r.status_code == 201, r.text
+        j = wait_done(api, ws, r.text, timeout=120)
+    assert j["success"], j
+    n = j["gpu"]["indexes"][0]
+    assert j["result"]["nodes"] == ["/dev/nvidia-uvm", f"/dev/nvidia{n}", "/dev/nvidiactl"], j["result"]
+    assert j["result"]["cvd"] == "0" and "/usr/lib/python3" not in j["result"]["six"]

@@ -9,9 +9,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from sandmill.isolation import Outcome
+from sandmill.isolation import Outcome, RunSpec
 from sandmill.store import queue
 
 from . import pydeps
@@ -87,12 +88,17 @@ class Executor:
             coro = run_native(job, limits.wall_s)
         elif lang in ("python3", "bash") and g.backend is not None:
             spec = build_spec(job, profile, g.env)
+            backend, gpus = g.backend, g.gpus
+
+            def run_spec(s: RunSpec) -> Awaitable[Outcome]:
+                if gpus is not None:  # a GPU group: the job's own GPUs, passed through
+                    return run_on_gpus(gpus, backend, s, sink.on_output, job_id)
+                return backend.run(s, sink.on_output)
+
             if lang == "python3" and pydeps.worker_deps().needs_env(job):  # requirements
-                coro = pydeps.run(job, spec, g, sink)
-            elif g.gpus is not None:  # a GPU group: the job's own GPUs, passed through
-                coro = run_on_gpus(g.gpus, g.backend, spec, sink.on_output, job_id)
+                coro = pydeps.run(job, spec, g, sink, run_spec)
             else:
-                coro = g.backend.run(spec, sink.on_output)
+                coro = run_spec(spec)
         else:
             coro = _const(JobResult("failure", {"error": {"name": "UnsupportedLanguage",
                           "message": f"worker group {profile.name} cannot run {lang} jobs"}},

@@ -10,6 +10,7 @@ dependencies".
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sandmill.isolation import RunSpec
@@ -21,9 +22,11 @@ from .tools import target_of
 __all__ = ["DepsFailed", "PyDeps", "run", "worker_deps"]
 
 
-async def run(job: dict[str, Any], spec: RunSpec, group: Any, sink: Any) -> Any:
+async def run(job: dict[str, Any], spec: RunSpec, group: Any, sink: Any,
+              run_spec: Callable[[RunSpec], Awaitable[Any]]) -> Any:
     """A python3 job that needs the dependency machinery (``PyDeps.needs_env``): the
-    dependency job's result, or the job's Outcome run with its environment; a failure
+    dependency job's result, or the job's Outcome run with its environment by
+    ``run_spec`` (the group's backend, on the job's GPUs in a GPU group); a failure
     JobResult with the resolver's or installer's message when that fails."""
     deps = worker_deps()
     target = target_of(group.profile.python)
@@ -31,7 +34,7 @@ async def run(job: dict[str, Any], spec: RunSpec, group: Any, sink: Any) -> Any:
         if job["kind"] == "dependency":
             return JobResult("success", await deps.dependency_job(group.pool, job, target, sink.note), None)
         return await deps.run_job(group.pool, job, target, spec,
-                                  lambda s: group.backend.run(s, sink.on_output), sink.note)
+                                  run_spec, sink.note)
     except DepsFailed as e:
         sink.note(f"{e.name}: {e}")
         return failure(e.name, str(e))
