@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the sandmill image (server and workers: one image, the command picks the part)
 # without any container registry: debootstrap a Debian rootfs with the packages the
-# workers' sandboxes need, install the sandmill wheel built from this checkout (and its
-# dependencies, from PyPI) into a venv inside it, and `docker import` the result.
+# workers' sandboxes need, install the sandmill wheel built from this checkout and its
+# dependencies' wheels (fetched by this host's pip) into a venv inside it, offline, and
+# `docker import` the result.
 #
 # Needs root, debootstrap, dockerd and a Debian apt mirror (MIRROR, default deb.debian.org).
 # Usage: deploy/build.sh [image-tag]          (default sandmill/sandmill:<version>)
@@ -32,8 +33,11 @@ WORK="$(mktemp -d /tmp/sandmill-image.XXXXXX)"
 trap 'umount "$WORK/rootfs/proc" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 ROOTFS="$WORK/rootfs"
 
-log "building the wheel of $REPO"
-python3 -m pip wheel -q --no-deps -w "$WORK/wheels" "$REPO"
+# The wheels are made here, with this host's pip and its settings (index, certificates),
+# and installed in the image offline: the same Python minor version (bookworm's 3.11) is
+# needed for the compiled ones.
+log "building the wheel of $REPO and its dependencies' wheels"
+python3 -m pip wheel -q -w "$WORK/wheels" "$REPO"
 
 KEYRING_ARGS=()
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] && KEYRING_ARGS=(--keyring=/usr/share/keyrings/debian-archive-keyring.gpg)
@@ -41,16 +45,16 @@ log "debootstrap $SUITE ($PACKAGES) from $MIRROR (a few minutes)"
 debootstrap --variant=minbase "${KEYRING_ARGS[@]}" --include="$PACKAGES" "$SUITE" "$ROOTFS" "$MIRROR" \
     >"$WORK/debootstrap.log" 2>&1 || { tail -n 30 "$WORK/debootstrap.log" >&2; exit 1; }
 
-log "installing the wheel into /opt/sandmill (dependencies from PyPI)"
-cp "$WORK"/wheels/*.whl "$ROOTFS/tmp/"
-cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+log "installing the wheels into /opt/sandmill (offline)"
+mkdir -p "$ROOTFS/tmp/wheels"
+cp "$WORK"/wheels/*.whl "$ROOTFS/tmp/wheels/"
 mount -t proc proc "$ROOTFS/proc"
 chroot "$ROOTFS" /usr/bin/python3 -m venv /opt/sandmill
-chroot "$ROOTFS" /opt/sandmill/bin/pip install -q --no-cache-dir /tmp/$(basename "$WORK"/wheels/*.whl)
+chroot "$ROOTFS" /opt/sandmill/bin/pip install -q --no-cache-dir --no-index --find-links /tmp/wheels sandmill
+chroot "$ROOTFS" /opt/sandmill/bin/sandmill --help >/dev/null
 umount "$ROOTFS/proc"
 rm -rf "$ROOTFS"/tmp/* "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/* "$ROOTFS"/usr/share/doc/* \
        "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/locale/*
-: >"$ROOTFS/etc/resolv.conf"  # the cluster's own goes here at run time
 
 log "importing into docker as $IMAGE"
 tar -C "$ROOTFS" -c . | docker import \
