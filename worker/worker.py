@@ -141,6 +141,7 @@ class Worker:
             raise
         if on_started is not None:
             on_started()
+        self.occupancy.subworkers = max(1, self.profile.subworkers)  # with the group's stored config applied
         pinger = asyncio.create_task(ping_loop(self.settings.worker_ping_s, self.ping))
         relisten = asyncio.create_task(self._keep_listening())
         periodic = asyncio.create_task(periodic_loop(self, self._stopping))
