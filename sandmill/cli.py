@@ -87,7 +87,8 @@ def cmd_profiles_check(args: argparse.Namespace) -> int:
     for f in args.files or [str(shipped(n)) for n in shipped_names()]:
         try:
             p = load_profile(f)
-            print(f"{f}: ok (group {p.name}, tags {', '.join(p.tags)}, backend {p.backend.kind})")
+            serves = f"dedicated to {', '.join(p.dedicated)}" if p.dedicated else f"tags {', '.join(p.tags)}"
+            print(f"{f}: ok (group {p.name}, {serves}, backend {p.backend.kind})")
         except ProfileError as e:
             print(e, file=sys.stderr)
             bad += 1

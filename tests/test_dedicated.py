@@ -199,6 +199,14 @@ def test_a_group_serves_every_listed_script_each_in_its_own_runtime(make_cluster
     assert a["result"][1] != b["result"][1]  # nothing shared between scripts
     mine = [w for w in ws_list if w["worker_group"].startswith("ded-")]
     assert any(sorted(w.get("dedicated") or []) == [f"{ws}:f/a", f"{ws}:f/b"] for w in mine), mine
+    import os
+    import subprocess
+    import sys
+
+    from support import TOKEN
+    out = subprocess.run([sys.executable, "-m", "sandmill", "workers", "--url", c.base], capture_output=True,
+                         text=True, env={**os.environ, "SANDMILL_TOKEN": TOKEN}).stdout
+    assert f"dedicated to {ws}:f/a, {ws}:f/b" in out, out
 
 
 NET = """
