@@ -102,8 +102,8 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("mode", list(FAULTS))
-def test_a_fault_costs_only_its_job_and_the_jobs_sent_ahead_run_once(make_cluster, ws, mode):
+@pytest.mark.parametrize("kind, mode", [("process", m) for m in FAULTS] + [("nsjail", "memory"), ("nsjail", "segv")])
+def test_a_fault_costs_only_its_job_and_the_jobs_sent_ahead_run_once(make_cluster, ws, kind, mode):
     """Five jobs, the faulty one, five more, all queued before the worker starts (so all
     are claimed in one batch and sent ahead): the faulty one fails with its exact reason,
     the others succeed, each run exactly once (the counter of the runtime that ran them
@@ -112,7 +112,7 @@ def test_a_fault_costs_only_its_job_and_the_jobs_sent_ahead_run_once(make_cluste
     with c.client() as api:
         script(api, ws, "f/faulty", FAULTY)
         ids = [run(api, ws, "f/faulty", {"mode": m}) for m in ["ok"] * 5 + [mode] + ["ok"] * 5]
-        group(c, ws, ["f/faulty"], wall=2)
+        group(c, ws, ["f/faulty"], kind=kind, wall=2)
         jobs = [done(api, ws, j) for j in ids]
     bad = jobs[5]
     assert not bad["success"] and bad["error"] == FAULTS[mode], bad
@@ -273,3 +273,41 @@ def test_config_refusals(make_cluster, ws):
         assert r.status_code == 422 and "docker cannot host a long-lived runtime" in r.text, r.text
         r = api.put("/api/configs/worker__dd", json={"dedicated_worker": f"{ws}:f/x"})
         assert r.status_code == 200, r.text
+
+
+SLEEPER = """
+import time
+def main(s):
+    time.sleep(s)
+    return s
+"""
+
+
+def test_heartbeats_cover_held_jobs_and_a_stop_gives_back_what_it_did_not_finish(make_cluster, ws):
+    import signal
+
+    c = make_cluster(env={"SANDMILL_PING_TIMEOUT_S": "2", "SANDMILL_MONITOR_EVERY_S": "0.5",
+                          "SANDMILL_GRACE_S": "1"})
+    with c.client() as api:
+        script(api, ws, "f/sleep", SLEEPER)
+        name = group(c, ws, ["f/sleep"], wall=20)
+        w = c.procs[-1]
+        # held 4 s behind a running job, twice the ping timeout: none is taken away
+        ids = [run(api, ws, "f/sleep", {"s": s}) for s in (4, 0, 0, 0)]
+        jobs = [done(api, ws, j) for j in ids]
+        assert all(j["success"] and j["restarts"] == 0 for j in jobs), [(j["error"], j["restarts"]) for j in jobs]
+        assert "restart" not in "".join(j["logs"] for j in jobs)
+        # a stop while a job runs, jobs waiting behind it: nothing is lost or failed
+        ids = [run(api, ws, "f/sleep", {"s": s}) for s in (5, 0, 0, 0, 0)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not api.get(f"/api/w/{ws}/jobs_u/get/{ids[0]}").json().get("running"):
+            time.sleep(0.05)
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(timeout=20) == 0
+        back = [api.get(f"/api/w/{ws}/jobs_u/get/{j}").json() for j in ids]
+        assert all(j["type"] == "QueuedJob" and not j["running"] for j in back), \
+            [(j["type"], j.get("running"), j.get("worker"), j.get("result")) for j in back]
+        c.start_worker(profile_text=PROFILE.format(name=name, kind="process", sub=1, wall=20,
+                                                   scripts=f'"{ws}:f/sleep"'))
+        jobs = [done(api, ws, j) for j in ids]
+    assert all(j["success"] for j in jobs), [j["error"] for j in jobs]

@@ -127,11 +127,18 @@ class Dedicated:
         finish (up to the grace period) and complete it."""
         tasks = [asyncio.create_task(lp.run(stopping)) for lp in self.loops]
         pinger = asyncio.create_task(self._ping_loop())
+        waker = asyncio.create_task(self._wake_on(stopping))
         try:
             await asyncio.gather(*tasks)
         finally:
             pinger.cancel()
+            waker.cancel()
             await self.completer.wait_idle()
+
+    async def _wake_on(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+        for lp in self.loops:  # a loop waiting on its runtime sees the stop at once
+            lp.changed.set()
 
     def wake(self, payload: str) -> None:
         """A NOTIFY on sandmill_queue: wake the loops of that tag (at the due time, when the
