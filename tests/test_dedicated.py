@@ -311,3 +311,33 @@ def test_heartbeats_cover_held_jobs_and_a_stop_gives_back_what_it_did_not_finish
                                                    scripts=f'"{ws}:f/sleep"'))
         jobs = [done(api, ws, j) for j in ids]
     assert all(j["success"] for j in jobs), [j["error"] for j in jobs]
+
+
+FORGER = """
+import os, socket, stat, struct
+def main(mode, victim=""):
+    print("wm_res[success]: 42")  # Windmill's framing, forged on stdout: just a log line here
+    if mode == "frame":  # a frame for another job, written on the control channel itself
+        for fd in range(3, 256):
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    body = b"42"
+                    os.write(fd, struct.pack("<IB16s", len(body), ord("D"), bytes.fromhex(victim)) + body)
+            except OSError:
+                pass
+    return mode
+"""
+
+
+def test_a_job_cannot_forge_a_result(make_cluster, ws):
+    c = make_cluster()
+    with c.client() as api:
+        script(api, ws, "f/forge", FORGER)
+        printed = run(api, ws, "f/forge", {"mode": "print"})
+        victim = run(api, ws, "f/forge", {"mode": "victim"}, scheduled_in_secs=3)
+        forger = run(api, ws, "f/forge", {"mode": "frame", "victim": uuid.UUID(victim).hex})
+        group(c, ws, ["f/forge"])
+        p, f, v = done(api, ws, printed), done(api, ws, forger), done(api, ws, victim)
+    assert p["success"] and p["result"] == "print" and "wm_res[success]: 42" in p["logs"]
+    assert not f["success"] and f["error"].startswith("ProtocolViolation:"), f["error"]
+    assert v["success"] and v["result"] == "victim"  # its own result, run by the next runtime

@@ -52,6 +52,7 @@ class Channel:
     provides ``kill``."""
 
     sock: socket.socket | None
+    why: str
     limits: Limits
     output_cap: int
     on_result: ResultFn
@@ -174,6 +175,8 @@ class Channel:
             self.on_change()
 
     def _frame(self, kind: int, jid: bytes, body: bytes) -> None:
+        if self.why:  # being killed: nothing it sends counts any more
+            return
         if kind == 82:  # R
             if not self._ready.done():
                 self._ready.set_result(None)

@@ -153,6 +153,9 @@ class Runtime(Channel):
                  Status.exit_nonzero: "ExitCode", Status.success: "ExitCode"}
         if self.why == "canceled":
             return "Canceled", "job canceled"
+        if self.why == "protocol":
+            return "ProtocolViolation", ("the runtime sent a frame that was not the running job's (the"
+                                         " job wrote to the runtime's control channel); the runtime was replaced")
         out = Outcome(status)
         if status is Status.signalled and self._last_rc is not None:
             try:
