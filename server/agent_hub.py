@@ -145,7 +145,8 @@ class Hub:
         for k in keys:
             self._waiters.setdefault(k, set()).add(fut)
         try:
-            await asyncio.wait([fut] + ([gone] if gone is not None else []), timeout=timeout)
+            await asyncio.wait([fut] + ([gone] if gone is not None else []), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             for k in keys:
                 s = self._waiters.get(k)

@@ -7,14 +7,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 
+from sandmill.store import db as dbmod
+from sandmill.store import queue
+
 from .agent_auth import AgentKeys
 from .agent_hub import Hub
 
+CLAIM_CONNS = int(os.environ.get("SANDMILL_AGENT_CLAIM_CONNS", 8))  # per server, for all its agents
 REPLY_KEPT_S = 300.0  # an agent retries a request for less than this
 REPLIES_KEPT = 20000
 
@@ -23,13 +28,23 @@ class AgentState:
     """One per app (``app.state.agents``)."""
 
     def __init__(self, url: str, pool: Any):
+        self.url = url
+        self.claims: Any = None  # the agents' claims and completions: a pool of their own (started())
         self.keys = AgentKeys(pool)
         self.hub = Hub(url, pool)
         self._tasks: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()
         self._replies: collections.OrderedDict[tuple[str, str], tuple[float, bytes]] = collections.OrderedDict()
 
     async def started(self) -> Hub:
         """The hub, listening (started by the first agent request that needs it)."""
+        if self.claims is None:
+            async with self._lock:
+                if self.claims is None:
+                    # the session settings a DB worker claims with (the in-order scan of the
+                    # pull index, generic plans): the same statements, the same plans
+                    self.claims = await dbmod.create_pool(self.url, min_size=1, max_size=CLAIM_CONNS,
+                                                          settings=queue.CLAIM_SETTINGS)
         if not self._tasks:
             self._tasks = [asyncio.create_task(self.hub.run()), asyncio.create_task(self.hub.flush_pings())]
         if not self.hub.ready.is_set():
@@ -41,6 +56,8 @@ class AgentState:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.claims is not None:
+            await self.claims.close()
 
     # ---- answers by idempotency key: a request sent again after its answer was lost gets
     # the same answer, not a second claim (the jobs of the first would be held by nobody)

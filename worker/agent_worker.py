@@ -28,6 +28,11 @@ from .worker import Worker
 log = logging.getLogger("sandmill.worker")
 
 LISTEN_WAIT_S = float(os.environ.get("SANDMILL_AGENT_LISTEN_S", 25))
+# An agent's claim ahead covers an HTTP round trip, not a statement's: with very short
+# jobs a slot holds as many as run in 50 ms (up to 32), unless the environment says
+# otherwise (SANDMILL_CLAIM_AHEAD_COVER_S, SANDMILL_CLAIM_AHEAD_MAX). docs/performance.md
+AGENT_CLAIM_AHEAD = {"claim_ahead_cover_s": ("SANDMILL_CLAIM_AHEAD_COVER_S", 0.05),
+                     "claim_ahead_max": ("SANDMILL_CLAIM_AHEAD_MAX", 32)}
 EXIT_REFUSED = 4  # the server refused this agent's token (revoked, expired) while it ran
 
 
@@ -57,6 +62,10 @@ class AgentWorker(Worker):
                 f" has tags {list(profile.tags)}: the profile's group and tags must be the token's")
         suffix = "@" + str(claims.get("jti", ""))[:12]
         base = name or f"{profile.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        settings = settings or WorkerSettings()
+        for attr, (env, value) in AGENT_CLAIM_AHEAD.items():
+            if env not in os.environ:
+                setattr(settings, attr, value)
         super().__init__(profile, "", name=base + suffix, settings=settings)
         self.token_tags = list(tags)
         self.client = AgentClient(url, token, ca_file=ca_file)

@@ -17,15 +17,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from sandmill.store import agent as store_agent
 from sandmill.store import queue, workers
 
 from ..agent_auth import AgentClaims, bearer
 from ..agent_state import AgentState, agent_state, lifespan
+from ..agent_models import (MAX_WAIT_S, request_body, AdminJob, AgentTokenCreate, AgentTokenRevoke, Complete, JobRef,
+                            Listen, Logs, Named, Ping, Pull, Register, Result, completions)
 from ..deps import Admin, Pool
-from ..models import GROUP_RE, _Storable
 from .errors import AUTHED, TEXT, error
 
 router = APIRouter(prefix="/api/agent_workers", tags=["agent workers"], lifespan=lifespan,
@@ -33,8 +33,6 @@ router = APIRouter(prefix="/api/agent_workers", tags=["agent workers"], lifespan
                               403: error("a revoked agent token, another group's or tags, a worker"
                                          " name not of this token, or the admin token (routes for agents)")})
 
-MAX_WAIT_S = 60.0
-INT4 = 2**31 - 1
 State = Annotated[AgentState, Depends(agent_state)]
 
 
@@ -89,16 +87,8 @@ def _key(request: Request, a: AgentClaims) -> tuple[str, str] | None:
 
 # ---- tokens (the admin's) -----------------------------------------------------------------
 
-class AgentTokenCreate(_Storable):
-    model_config = ConfigDict(extra="ignore")
-
-    worker_group: str = Field(min_length=1, max_length=100, pattern=GROUP_RE.pattern)
-    tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(min_length=1, max_length=100)
-    exp: int = Field(description="when the token expires, unix seconds", gt=0, lt=2**40)
 
 
-class AgentTokenRevoke(BaseModel):
-    token: str = Field(min_length=1, max_length=10000)
 
 
 @router.post("/create_agent_token", response_class=PlainTextResponse, responses={200: TEXT})
@@ -123,19 +113,8 @@ async def blacklist_token(body: AgentTokenRevoke, _u: Admin, st: State) -> Plain
 
 # ---- the worker ----------------------------------------------------------------------------
 
-class Named(_Storable):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(min_length=2, max_length=200)
 
 
-class Register(Named):
-    group: str = Field(min_length=1, max_length=100)
-    tags: list[str] = Field(max_length=100)
-    hostname: str = Field("", max_length=200)
-    backend: str = Field("native", max_length=50)
-    subworkers: int = Field(1, ge=1, le=10000)
-    info: dict[str, Any] = Field(default_factory=dict)
 
 
 @router.post("/register")
@@ -152,10 +131,6 @@ async def register(body: Register, a: Agent, pool: Pool) -> dict[str, Any]:
     return {"name": body.name, "group": a.group, "tags": list(a.tags)}
 
 
-class Ping(Named):
-    jobs_done: int = Field(0, ge=0, le=2**62)
-    busy: int = Field(0, ge=0, le=INT4)
-    occupancy: float = Field(0.0, ge=0, le=1)
 
 
 @router.post("/update_ping")
@@ -182,9 +157,6 @@ async def get_config(body: Named, a: Agent, pool: Pool) -> Any:
     return await workers.get_config(pool, f"worker__{a.group}")
 
 
-class Listen(Named):
-    cursor: list[int] | None = Field(None, max_length=2)
-    wait_s: float = Field(25.0, ge=0, le=MAX_WAIT_S)
 
 
 @router.post("/listen")
@@ -212,11 +184,6 @@ async def listen(body: Listen, a: Agent, st: State, request: Request) -> dict[st
             gone.cancel()
 
 
-class Pull(Named):
-    n: int = Field(1, ge=0, le=1000)
-    ahead: int = Field(0, ge=0, le=1000)
-    ahead_after_s: float = Field(0.0, ge=0, le=3600)
-    wait_s: float = Field(0.0, ge=0, le=MAX_WAIT_S)
 
 
 async def _claim(pool: Any, name: str, tags: list[str], n: int) -> list[dict[str, Any]]:
@@ -246,6 +213,7 @@ async def pull_job(body: Pull, a: Agent, pool: Pool, st: State, request: Request
     if (again := st.reply(key)) is not None:
         return _json(again)
     hub = await st.started()
+    pool = st.claims
     tags, name = list(a.tags), body.name
     bases = queue.split_tags(tags)[0]
     deadline = time.monotonic() + body.wait_s
@@ -292,31 +260,8 @@ async def next_due(body: Named, a: Agent, pool: Pool, st: State) -> dict[str, An
     return {"due": when.timestamp() if when else None}
 
 
-class Done(_Storable):
-    model_config = ConfigDict(extra="ignore")
-
-    id: uuid.UUID
-    status: Literal["success", "failure", "canceled"]
-    result: Any = None
-    error: str | None = None
-    duration_ms: int = Field(0, ge=0, le=INT4)
-    cpu_ms: int = Field(0, ge=0, le=INT4)
-    mem_peak_kb: int = Field(0, ge=0, le=INT4)
-    outcome: dict[str, Any] | None = None
-    started_at: AwareDatetime | None = None
-
-    def completion(self, worker: str) -> queue.Completion:
-        return queue.Completion(self.id, worker, self.status, self.result, self.error,
-                                self.duration_ms, self.cpu_ms, self.mem_peak_kb, self.outcome,
-                                self.started_at)
 
 
-class Complete(Named):
-    done: list[Done] = Field(default_factory=list, max_length=1000)
-    want: int = Field(0, ge=0, le=1000)
-    ahead: int = Field(0, ge=0, le=1000)
-    ahead_after_s: float = Field(0.0, ge=0, le=3600)
-    starting: list[tuple[uuid.UUID, AwareDatetime]] = Field(default_factory=list, max_length=1000)
 
 
 async def _sorted(pool: Any, ids: list[uuid.UUID], statuses: dict[uuid.UUID, str],
@@ -328,19 +273,22 @@ async def _sorted(pool: Any, ids: list[uuid.UUID], statuses: dict[uuid.UUID, str
     return [i for i in rest if i in before], [i for i in rest if i not in before]
 
 
-@router.post("/complete")
-async def complete(body: Complete, a: Agent, pool: Pool, st: State, request: Request) -> Response:
+@router.post("/complete", openapi_extra=request_body(Complete))
+async def complete(a: Agent, pool: Pool, st: State, request: Request) -> Response:
     """Complete the worker's jobs and, in the same statement, claim its next ones (``want``
     to run now, ``ahead`` to hold), and stamp the start of held jobs (``starting``): the
     DB worker's completion, over HTTP. A result sent again is acknowledged (``acked``), not
-    written twice; one for a job this worker does not hold is ``refused``."""
+    written twice; one for a job this worker does not hold is ``refused``. (Its body is
+    read by ``agent_models.completions``: checked as the model says, faster.)"""
+    body, done = completions(await request.body())
     name = _own(a, body.name)
     key = _key(request, a)
     if (again := st.reply(key)) is not None:
         return _json(again)
     if st.keys.is_revoked(a) and (body.want or body.ahead):
         raise HTTPException(403, f"agent token {a.jti[:12]} (group {a.group}) was revoked")
-    done = [d.completion(name) for d in body.done]
+    await st.started()
+    pool = st.claims
     jobs: list[dict[str, Any]] = []
     if body.want or body.ahead or body.starting:
         statuses, jobs = await queue.complete_and_pull(
@@ -348,7 +296,7 @@ async def complete(body: Complete, a: Agent, pool: Pool, st: State, request: Req
             ahead_after_s=body.ahead_after_s, starting=list(body.starting))
     else:
         statuses = await queue.complete_many(pool, done)
-    acked, refused = await _sorted(pool, [d.id for d in body.done], statuses, name)
+    acked, refused = await _sorted(pool, [d.job_id for d in done], statuses, name)
     out = _dumps({"statuses": statuses_json(statuses), "acked": acked, "refused": refused, "jobs": jobs})
     st.keep_reply(key, out)
     return _json(out)
@@ -358,8 +306,6 @@ def statuses_json(statuses: dict[uuid.UUID, str]) -> dict[str, str]:
     return {str(k): v for k, v in statuses.items()}
 
 
-class Result(Named, Done):
-    id: uuid.UUID | None = None  # the path's
 
 
 @router.post("/send_result/{job_id}", responses={409: error("the job is not this worker's (not held, or given away)")})
@@ -376,8 +322,6 @@ async def send_result(job_id: uuid.UUID, body: Result, a: Agent, pool: Pool) -> 
     raise HTTPException(409, f"job {job_id} is not held by worker {name}: its result is refused")
 
 
-class JobRef(Named):
-    job_id: uuid.UUID
 
 
 @router.post("/ping_job")
@@ -393,8 +337,6 @@ async def requeue(body: JobRef, a: Agent, pool: Pool) -> dict[str, bool]:
     return {"requeued": await queue.requeue(pool, body.job_id, _own(a, body.name))}
 
 
-class Logs(JobRef):
-    chunks: list[str] = Field(max_length=10000)
 
 
 @router.post("/append_logs")
@@ -404,18 +346,6 @@ async def append_logs(body: Logs, a: Agent, pool: Pool) -> dict[str, bool]:
     return {"ok": ok}
 
 
-class AdminJob(Named):
-    kind: Literal["init", "periodic"]
-    content: str = Field(max_length=1_000_000)
-    started_at: AwareDatetime
-    status: Literal["success", "failure"]
-    result: Any = None
-    error: str | None = None
-    logs: str = ""
-    duration_ms: int = Field(0, ge=0, le=INT4)
-    cpu_ms: int = Field(0, ge=0, le=INT4)
-    mem_peak_kb: int = Field(0, ge=0, le=INT4)
-    outcome: dict[str, Any] | None = None
 
 
 @router.post("/insert_completed")
