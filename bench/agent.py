@@ -8,12 +8,13 @@
    timestamps: the enqueue's commit to the last completion's (as bench.drain).
 2. idle: ``--agents`` idle agents simulated by one process of as many client loops (each
    an ``AgentStore`` over its own HTTP connection, doing what an idle agent worker does:
-   its long poll, its ping every 15 s, its idle slots' claim and next-due read every
-   30 s) against one server: the server's CPU (share of one core) and the database's
+   its long poll every 25 s, which carries its ping, and its idle slots' claim every
+   60 s) against one server: the server's CPU (share of one core) and the database's
    committed transactions per second, over ``--idle-s`` after they have all registered
    (goals: under 5% of a core, under 5 tx/s).
 
---quick: 300 jobs, 1 round, 20 agents for 10 s (a smoke run, under a minute).
+The same idle measure of the server with no agent is printed beside it.
+--quick: 300 jobs, 1 round, 20 agents for 6 s (a smoke run, under a minute).
 BENCH_AGENT_<NAME>=value in the environment sets <NAME> for the agent process only (to
 try its settings: BENCH_AGENT_SANDMILL_CLAIM_AHEAD_MAX=64).
 """
@@ -106,8 +107,9 @@ def throughput(bp: BenchPG, jobs: int, rounds: int, subworkers: int = 8) -> dict
 
 
 async def _idle_agent(base: str, token: str, i: int, started: asyncio.Event, ping_s: float, poll_s: float) -> None:
-    """What one idle agent worker sends: register; its long poll, for good; its ping
-    every ``ping_s``; its idle slots' claim and next-due read every ``poll_s``."""
+    """What one idle agent worker sends (worker/agent_worker.py): register; its long poll,
+    for good, carrying its ping (taken every ``ping_s``); its idle slots' claim every
+    ``poll_s`` (and their next-due read, which the empty claim's answer serves)."""
     import jwt
 
     from sandmill.worker.agent_client import AgentClient
@@ -126,8 +128,10 @@ async def _idle_agent(base: str, token: str, i: int, started: asyncio.Event, pin
 
         async def listen() -> None:
             nonlocal cursor
+            await asyncio.sleep(random.uniform(0, 1))
             while True:
-                r = await client.post("listen", {"name": name, "cursor": cursor, "wait_s": 25}, timeout=40)
+                r = await client.post("listen", {"name": name, "cursor": cursor, "wait_s": 25,
+                                                 "stats": store.take_stats()}, timeout=40)
                 cursor = r["cursor"]
 
         async def ping() -> None:
@@ -149,7 +153,7 @@ async def _idle_agent(base: str, token: str, i: int, started: asyncio.Event, pin
         await client.close()
 
 
-def idle(bp: BenchPG, agents: int, seconds: float, ping_s: float = 15.0, poll_s: float = 30.0) -> dict:
+def idle(bp: BenchPG, agents: int, seconds: float, ping_s: float = 15.0, poll_s: float = 60.0) -> dict:
     """The server's CPU and the database's tx/s with ``agents`` idle agents."""
     url = bp.database("agentidle")
     c = bp.cluster(url, "agentidle")
@@ -192,7 +196,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args()
     if a.quick:
-        a.jobs, a.rounds, a.agents, a.idle_s = 300, 1, 20, 10
+        a.jobs, a.rounds, a.agents, a.idle_s = 300, 1, 20, 6
     bp = BenchPG()
     try:
         tp = throughput(bp, a.jobs, a.rounds)
@@ -203,10 +207,13 @@ def main() -> int:
               f" agent {', '.join(f'{x:.0f}' for x in tp['agent_jobs_per_s'])}]")
         for kind, by in tp["cpu_ms_per_1000_jobs"].items():
             print(f"  CPU ms per 1000 jobs, {kind} drain: " + ", ".join(f"{k} {v:.0f}" for k, v in by.items()))
+        base = idle(bp, 0, a.idle_s)  # the server alone: its monitor, its own reads
         il = idle(bp, a.agents, a.idle_s)
+        il["baseline"] = base
         print(f"idle: {il['agents']} agents over {il['seconds']:.0f} s: server CPU"
               f" {100 * il['server_cpu_share']:.1f}% of a core (goal < 5%),"
-              f" database {il['tx_per_s']:.2f} tx/s (goal < 5)")
+              f" database {il['tx_per_s']:.2f} tx/s (goal < 5); the server alone:"
+              f" {100 * base['server_cpu_share']:.1f}%, {base['tx_per_s']:.2f} tx/s")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"throughput": tp, "idle": il}, f, indent=1)

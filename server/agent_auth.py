@@ -20,7 +20,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import asyncpg
 import jwt
@@ -90,6 +90,7 @@ class AgentKeys:
         self.revoked: set[str] = set()
         self._read_at = 0.0
         self._lock = asyncio.Lock()
+        self.on_revoke: Callable[[], None] = lambda: None  # ends the long polls (they look again)
 
     async def load(self) -> None:
         """Read (or, on a new database, make) the secret, and the revoked tokens."""
@@ -97,8 +98,11 @@ class AgentKeys:
         await self.refresh()
 
     async def refresh(self) -> None:
-        self.revoked = await store_agent.blacklisted(self.pool)
-        self._read_at = time.monotonic()
+        revoked = await store_agent.blacklisted(self.pool)
+        added = revoked - self.revoked
+        self.revoked, self._read_at = revoked, time.monotonic()
+        if added:
+            self.on_revoke()
 
     async def fresh(self) -> None:
         """Re-read the revoked tokens if the cache is older than ``refresh_s`` (one reader
@@ -120,6 +124,16 @@ class AgentKeys:
             raise HTTPException(403, f"agent token {claims.jti[:12]} (group {claims.group}) was revoked")
         return claims
 
+    async def keep_fresh(self) -> None:
+        """Re-read the revoked tokens every ``refresh_s``, for good (a revocation taken by
+        another server ends this one's long polls too)."""
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the requests' own fresh() tries again
+                self._read_at = 0.0
+
     def is_revoked(self, claims: AgentClaims) -> bool:
         return claims.jti in self.revoked
 
@@ -130,6 +144,7 @@ class AgentKeys:
         exp = dt.datetime.fromtimestamp(claims.exp, dt.timezone.utc)
         await store_agent.blacklist(self.pool, claims.jti, claims.group, exp)
         self.revoked.add(claims.jti)
+        self.on_revoke()
         return claims
 
 

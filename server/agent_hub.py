@@ -108,6 +108,10 @@ class Hub:
         self.config_n[payload] = self._next()
         self._wake(["c:" + payload])
 
+    def wake_all(self) -> None:
+        """End every wait (a token was revoked: each long poll looks at its own)."""
+        self._wake(list(self._waiters))
+
     def _wake(self, keys: list[str]) -> None:
         for k in keys:
             for fut in self._waiters.pop(k, ()):

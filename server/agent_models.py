@@ -54,9 +54,17 @@ class Ping(Named):
     occupancy: float = Field(0.0, ge=0, le=1)
 
 
+class Stats(BaseModel):
+    """A worker's heartbeat figures (its ping rides on its long poll)."""
+    jobs_done: int = Field(0, ge=0, le=2**62)
+    busy: int = Field(0, ge=0, le=INT4)
+    occupancy: float = Field(0.0, ge=0, le=1)
+
+
 class Listen(Named):
     cursor: list[int] | None = Field(None, max_length=2)
     wait_s: float = Field(25.0, ge=0, le=MAX_WAIT_S)
+    stats: Stats | None = None
 
 
 class Pull(Named):

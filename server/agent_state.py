@@ -32,6 +32,7 @@ class AgentState:
         self.claims: Any = None  # the agents' claims and completions: a pool of their own (started())
         self.keys = AgentKeys(pool)
         self.hub = Hub(url, pool)
+        self.keys.on_revoke = self.hub.wake_all
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
         self._replies: collections.OrderedDict[tuple[str, str], tuple[float, bytes]] = collections.OrderedDict()
@@ -46,7 +47,8 @@ class AgentState:
                     self.claims = await dbmod.create_pool(self.url, min_size=1, max_size=CLAIM_CONNS,
                                                           settings=queue.CLAIM_SETTINGS)
         if not self._tasks:
-            self._tasks = [asyncio.create_task(self.hub.run()), asyncio.create_task(self.hub.flush_pings())]
+            self._tasks = [asyncio.create_task(self.hub.run()), asyncio.create_task(self.hub.flush_pings()),
+                           asyncio.create_task(self.keys.keep_fresh())]
         if not self.hub.ready.is_set():
             await asyncio.wait([self._tasks[0], asyncio.create_task(self.hub.ready.wait())],
                                return_when=asyncio.FIRST_COMPLETED)

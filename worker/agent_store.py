@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ class AgentStore:
         self.name = name
         self.outbox = outbox
         self._short = False  # the last claim of n got fewer: pull() finds nothing either
+        self._due: tuple[float, float | None] | None = None  # (when, due) of the last empty claim
+        self._stats: dict[str, Any] | None = None  # the worker's last ping, sent with the long poll
 
     # ---- claims and completions (store.claims) ----------------------------------------------
 
@@ -102,6 +105,7 @@ class AgentStore:
             self._short = False
             return None
         r = await self.client.post("pull_job", {"name": self.name, "n": 1}, idempotent=True)
+        self._note_idle(r)
         return _job(r["jobs"][0]) if r["jobs"] else None
 
     async def pull_many(self, _db: Any, _worker: str, _tags: list[str], limit: int, *, ahead: int = 0,
@@ -110,7 +114,12 @@ class AgentStore:
                                                 "ahead_after_s": ahead_after_s}, idempotent=True)
         jobs = [_job(j) for j in r["jobs"]]
         self._short = not ahead and len(jobs) < limit
+        self._note_idle(r)
         return jobs
+
+    def _note_idle(self, r: dict[str, Any]) -> None:
+        if "idle" in r:  # nothing to claim, and the server knows when the next comes due
+            self._due = (time.monotonic(), r["idle"]["due"])
 
     async def complete_many(self, db: Any, done: list[Completion]) -> dict[uuid.UUID, str]:
         if not done:
@@ -167,8 +176,14 @@ class AgentStore:
                                    retry_s=10.0)
 
     async def next_due(self, _db: Any, _tags: list[str]) -> dt.datetime | None:
-        r = await self.client.post("next_due", {"name": self.name}, retry_s=2.0)
-        return dt.datetime.fromtimestamp(r["due"], dt.timezone.utc) if r["due"] is not None else None
+        """When the next job of the tags comes due: told by the empty claim just before
+        (the idle slots ask right after one), else asked."""
+        if self._due is not None and time.monotonic() - self._due[0] < 1.0:
+            due = self._due[1]
+        else:
+            due = (await self.client.post("next_due", {"name": self.name}, retry_s=2.0))["due"]
+        self._due = None
+        return dt.datetime.fromtimestamp(due, dt.timezone.utc) if due is not None else None
 
     async def insert_completed(self, _db: Any, *, kind: str, content: str, started_at: dt.datetime,
                                status: str, result: Any, error: str | None, logs: str,
@@ -192,8 +207,12 @@ class AgentStore:
 
     async def ping(self, _db: Any, name: str, *, tags: list[str], jobs_done: int, busy: int,
                    occupancy: float, **_more: Any) -> None:
-        await self.client.post("update_ping", {"name": name, "jobs_done": jobs_done, "busy": busy,
-                                               "occupancy": occupancy}, retry_s=5.0)
+        """Kept for the next long poll, which carries it (no request of its own)."""
+        self._stats = {"jobs_done": jobs_done, "busy": busy, "occupancy": min(1.0, max(0.0, occupancy))}
+
+    def take_stats(self) -> dict[str, Any] | None:
+        stats, self._stats = self._stats, None
+        return stats
 
     async def unregister(self, _db: Any, name: str) -> None:
         await self.client.post("unregister", {"name": name}, retry_s=5.0)

@@ -31,8 +31,11 @@ LISTEN_WAIT_S = float(os.environ.get("SANDMILL_AGENT_LISTEN_S", 25))
 # An agent's claim ahead covers an HTTP round trip, not a statement's: with very short
 # jobs a slot holds as many as run in 50 ms (up to 32), unless the environment says
 # otherwise (SANDMILL_CLAIM_AHEAD_COVER_S, SANDMILL_CLAIM_AHEAD_MAX). docs/performance.md
-AGENT_CLAIM_AHEAD = {"claim_ahead_cover_s": ("SANDMILL_CLAIM_AHEAD_COVER_S", 0.05),
-                     "claim_ahead_max": ("SANDMILL_CLAIM_AHEAD_MAX", 32)}
+# Its idle slots look again every 60 s, not 30: the server's long poll wakes them (and,
+# after anything it may have missed, says so: resync), so the poll is only a fallback.
+AGENT_DEFAULTS = {"claim_ahead_cover_s": ("SANDMILL_CLAIM_AHEAD_COVER_S", 0.05),
+                  "claim_ahead_max": ("SANDMILL_CLAIM_AHEAD_MAX", 32),
+                  "poll_s": ("SANDMILL_POLL_S", 60.0)}
 EXIT_REFUSED = 4  # the server refused this agent's token (revoked, expired) while it ran
 
 
@@ -63,7 +66,7 @@ class AgentWorker(Worker):
         suffix = "@" + str(claims.get("jti", ""))[:12]
         base = name or f"{profile.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         settings = settings or WorkerSettings()
-        for attr, (env, value) in AGENT_CLAIM_AHEAD.items():
+        for attr, (env, value) in AGENT_DEFAULTS.items():
             if env not in os.environ:
                 setattr(settings, attr, value)
         super().__init__(profile, "", name=base + suffix, settings=settings)
@@ -118,7 +121,7 @@ class AgentWorker(Worker):
         while True:
             try:
                 r = await self.client.post("listen", {"name": self.name, "cursor": self.cursor,
-                                                      "wait_s": LISTEN_WAIT_S},
+                                                      "wait_s": LISTEN_WAIT_S, "stats": self.store.take_stats()},
                                            timeout=LISTEN_WAIT_S + 15, retry_s=0)
             except AgentRefused as e:
                 if e.status in (401, 403):

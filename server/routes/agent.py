@@ -166,6 +166,8 @@ async def listen(body: Listen, a: Agent, st: State, request: Request) -> dict[st
     ``wait_s`` for something when nothing has; the new cursor. No database read."""
     _own(a, body.name)
     hub = await st.started()
+    if body.stats is not None:  # the worker's ping, written with the others' (update_ping)
+        hub.ping(body.name, body.stats.jobs_done, body.stats.busy, body.stats.occupancy)
     bases = queue.split_tags(list(a.tags))[0]
     deadline = time.monotonic() + body.wait_s
     gone = _gone(request) if body.wait_s else None
@@ -177,8 +179,7 @@ async def listen(body: Listen, a: Agent, st: State, request: Request) -> dict[st
             if (ev["wake"] or ev["config"] or ev["cancels"] or ev["resync"] or left <= 0
                     or st.keys.is_revoked(a) or (gone is not None and gone.done())):
                 return {**ev, "cursor": cur}
-            await hub.wait(bases, a.group, min(left, st.keys.refresh_s * 2), gone)
-            await st.keys.fresh()  # a revocation ends the long poll too
+            await hub.wait(bases, a.group, left, gone)  # a revocation ends it too (wake_all)
     finally:
         if gone is not None:
             gone.cancel()
@@ -238,12 +239,14 @@ async def pull_job(body: Pull, a: Agent, pool: Pool, st: State, request: Request
             _, due = hub.empty_due(a.tags, bases)
             if due is not None:
                 left = min(left, max(0.0, due - time.time()))
-            await hub.wait_queue(bases, min(left, st.keys.refresh_s * 2), gone)
-            await st.keys.fresh()
+            await hub.wait_queue(bases, left, gone)
     finally:
         if gone is not None:
             gone.cancel()
-    out = _dumps({"jobs": jobs})
+    # with none: when the next may come due, if known (the idle slots' next_due, then, needs
+    # no request of its own)
+    known, due = hub.empty_due(a.tags, bases) if not jobs else (False, None)
+    out = _dumps({"jobs": jobs, "idle": {"due": due}} if known else {"jobs": jobs})
     st.keep_reply(key, out)
     return _json(out)
 
@@ -253,7 +256,7 @@ async def next_due(body: Named, a: Agent, pool: Pool, st: State) -> dict[str, An
     """When the earliest waiting job of the token's tags may start (null: none waits)."""
     _own(a, body.name)
     hub = await st.started()
-    known, due = hub.empty_due(a.tags, queue.split_tags(list(a.tags))[0])
+    known, due = hub.empty_due(a.tags, queue.split_tags(list(a.tags))[0])  # no read while known
     if known:
         return {"due": due}
     when = await queue.next_due(pool, list(a.tags))
