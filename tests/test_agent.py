@@ -134,7 +134,13 @@ def test_expired_tampered_and_other_tokens_are_refused(make_cluster):
 def test_revocation_stops_pulls_within_5_s(make_cluster, ws):
     c = make_cluster()
     tag = _tag()
-    token = agent_token(c, "edge", [tag])
+    p = subprocess.run([sys.executable, "-m", "sandmill", "agent-token", "create", "--url", c.base,
+                        "--group", "edge", "--tags", tag, "--expires", "1h"],
+                       env={**c.env}, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.returncode == 0 and "agent token for group edge" in p.stderr, p.stderr
+    token = p.stdout.strip()
+    claims = jwt.decode(token[len("jwt_agent_"):], options={"verify_signature": False})
+    assert claims["worker_group"] == "edge" and claims["tags"] == [tag] and 3500 < claims["exp"] - time.time() <= 3600
     agent = start_agent(c, token, "edge", [tag])
     c.wait_workers("edge")
     with c.client() as api:
@@ -244,3 +250,52 @@ def test_a_result_completes_a_job_once_and_is_refused_for_a_job_not_held(make_cl
         j = wait_done(api, ws, held)
         assert j["result"] == {"v": 1} and j["worker"] == name
         assert _job(c, ws, other)["type"] == "QueuedJob"
+
+
+def test_a_pull_with_wait_s_is_a_long_poll_that_claims_on_the_notify(make_cluster, ws):
+    import threading
+
+    c = make_cluster()
+    tag = _tag()
+    token = agent_token(c, "edge", [tag])
+    name = agent_name(token)
+    with as_agent(c, token) as a:
+        assert a.post("/register", json={"name": name, "group": "edge", "tags": [tag]}).status_code == 200
+        r = a.post("/pull_job", json={"name": name, "n": 1})  # nothing due: remembered as such
+        assert r.json() == {"jobs": [], "idle": {"due": None}}
+        pushed: list[str] = []
+        t = threading.Timer(1.0, lambda: pushed.append(push(c, ws, tag)))
+        t.start()
+        t0 = time.monotonic()
+        r = a.post("/pull_job", json={"name": name, "n": 1, "wait_s": 20})
+        took = time.monotonic() - t0
+        t.join()
+        assert [j["id"] for j in r.json()["jobs"]] == pushed and 0.9 < took < 10, (took, r.text)
+        t0 = time.monotonic()  # and one that times out empty
+        assert a.post("/pull_job", json={"name": name, "n": 1, "wait_s": 1}).json()["jobs"] == []
+        assert 0.9 < time.monotonic() - t0 < 10
+
+
+def test_an_agent_runs_its_init_script_and_kills_a_canceled_job(make_cluster, ws):
+    c = make_cluster()
+    tag = _tag()
+    token = agent_token(c, "edge", [tag])
+    start_agent(c, token, "edge", [tag], profile_text=(
+        f"name: edge\ntags: [{tag}]\nbackend: {{kind: process}}\nsubworkers: 1\n"
+        "limits: {wall_s: 60, memory_mb: 512, pids: 128}\ninit_script: echo agent-init-ran\n"))
+    c.wait_workers("edge")
+    with c.client() as api:
+        name, = [w["worker"] for w in api.get("/api/workers/list").json() if w["worker_group"] == "edge"]
+        inits = api.get("/api/w/admins/jobs/list").json()
+        init, = [j for j in inits if j.get("tag") == f"init-{name}"]
+        assert init["success"] and "agent-init-ran" in api.get(f"/api/w/admins/jobs_u/get_logs/{init['id']}").text
+        jid = push(c, ws, tag, "import time\ndef main():\n    time.sleep(30)\n")
+        deadline = time.time() + 30
+        while not _job(c, ws, jid).get("running"):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert api.post(f"/api/w/{ws}/jobs_u/queue/cancel/{jid}", json={"reason": "enough"}).status_code == 200
+        j = wait_done(api, ws, jid, timeout=20)
+        assert not j["success"] and j["canceled"] and time.monotonic() - t0 < 5, j
