@@ -162,5 +162,8 @@ def test_the_worker_process_freezes_its_start_up_objects_once_started(monkeypatc
         given.append(on_started)
 
     monkeypatch.setattr(main.Worker, "run", run)
+    # run_worker installs a pidfd child watcher on its loop: once that loop is gone, later
+    # tests in this process would find no working watcher for their subprocesses.
+    monkeypatch.setattr(main, "fast_child_watcher", lambda: None)
     assert main.run_worker(profile_from_dict({"name": "ev", "tags": ["t"], "native": True}), "postgresql://unused") == 0
     assert given == [main.freeze_startup_objects]
