@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -22,7 +23,9 @@ WAIT_S = 45 * SLOWDOWN
 
 def until(driver, pred, what: str, timeout: float = WAIT_S):
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: pred(d))
+        # the page re-renders as the job moves on: an element read as it is replaced is stale
+        return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                             ignored_exceptions=[StaleElementReferenceException]).until(lambda d: pred(d))
     except Exception as e:  # noqa: BLE001 - say what we waited for, with the page's text
         body = driver.find_element(By.TAG_NAME, "body").text[-2000:]
         raise AssertionError(f"timed out waiting for {what}; page: {body}") from e
