@@ -5,8 +5,9 @@ remembered until a NOTIFY says otherwise; the agents' pings gathered into one st
 Cursors: every NOTIFY heard gets the next number (``n``); an agent's long poll sends the
 number it has seen and gets back what came after: a wake-up when a job of one of its tags
 was pushed, re-queued or freed, the ids of the jobs canceled, and whether its group's
-config changed. ``epoch`` changes when the LISTEN connection is opened again (NOTIFYs sent
-meanwhile were missed): a cursor of another epoch gets everything (wake, config)."""
+config changed. ``epoch`` is drawn anew when the LISTEN connection is opened (NOTIFYs
+sent meanwhile were missed; or this is another server, or the same one restarted): a
+cursor of another epoch gets everything (wake, config)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import collections
 import datetime as dt
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +83,9 @@ class Hub:
                     await backoff.wait()
                     continue
                 backoff.reset()
-                self.epoch += 1  # what was missed meanwhile: every cursor of before sees it all
+                # what was missed meanwhile: every cursor of before sees it all (drawn, not
+                # counted: a restarted server, or another one, must not reuse an epoch)
+                self.epoch = secrets.randbits(48)
                 self._empty.clear()
                 self.listening = True
                 self.ready.set()

@@ -54,3 +54,15 @@ def push(c: LocalCluster, ws: str, tag: str, code: str = "def main():\n    retur
         r = api.post(f"/api/w/{ws}/jobs/run/preview", json={"content": code, "language": "python3", "tag": tag})
     assert r.status_code == 201, r.text
     return r.text
+
+
+def wait_agent(c: LocalCluster, tag: str, timeout: float = 30) -> str:
+    """The name of a live worker serving ``tag`` (a test's own tag), once one registered."""
+    deadline = time.time() + timeout
+    with c.client() as api:
+        while time.time() < deadline:
+            for w in api.get("/api/workers/list").json():
+                if tag in w["tags"] and w.get("last_ping_s_ago", 0) < 60:
+                    return w["worker"]
+            time.sleep(0.1)
+    raise RuntimeError(f"no worker of tag {tag} registered: " + c.logs())

@@ -14,7 +14,7 @@ import uuid
 import httpx
 import jwt
 
-from agent_support import agent_name, agent_token, as_agent, push, start_agent
+from agent_support import agent_name, agent_token, as_agent, push, start_agent, wait_agent
 from support import REPO, TOKEN, wait_done
 
 
@@ -32,15 +32,15 @@ def test_a_job_of_the_agents_tag_completes_through_an_agent(make_cluster, ws):
     tag = _tag()
     token = agent_token(c, "edge", [tag])
     start_agent(c, token, "edge", [tag], subworkers=2)
-    c.wait_workers("edge")
+    wait_agent(c, tag)
     jid = push(c, ws, tag, "def main(x=3):\n    print('hello from the agent')\n    return x * 2\n")
     with c.client() as api:
         j = wait_done(api, ws, jid)
         assert j["success"] and j["result"] == 6, j
         assert j["worker"].startswith("edge-") and j["worker"].endswith("@" + _jti(token)[:12])
         assert "hello from the agent" in api.get(f"/api/w/{ws}/jobs_u/get_logs/{jid}").text
-        w, = [w for w in api.get("/api/workers/list").json() if w["worker_group"] == "edge"]
-        assert w["tags"] == [tag]
+        w, = [w for w in api.get("/api/workers/list").json() if tag in w["tags"]]
+        assert w["tags"] == [tag] and w["worker_group"] == "edge"
         # a burst through the agent's subworkers: each job once
         ids = [push(c, ws, tag, f"def main():\n    return {i}\n") for i in range(20)]
         assert [wait_done(api, ws, i)["result"] for i in ids] == list(range(20))
@@ -75,7 +75,7 @@ def test_a_job_of_another_tag_is_never_pulled_whatever_the_request_says(make_clu
         assert r.status_code == 403 and "not of this agent token" in r.json()["error"]
     # nor does a running agent take it
     start_agent(c, token, "edge", [mine])
-    c.wait_workers("edge")
+    wait_agent(c, mine)
     mine_job = push(c, ws, mine)
     with c.client() as api:
         assert wait_done(api, ws, mine_job)["success"]
@@ -142,7 +142,7 @@ def test_revocation_stops_pulls_within_5_s(make_cluster, ws):
     claims = jwt.decode(token[len("jwt_agent_"):], options={"verify_signature": False})
     assert claims["worker_group"] == "edge" and claims["tags"] == [tag] and 3500 < claims["exp"] - time.time() <= 3600
     agent = start_agent(c, token, "edge", [tag])
-    c.wait_workers("edge")
+    wait_agent(c, tag)
     with c.client() as api:
         assert wait_done(api, ws, push(c, ws, tag))["success"]
     # revoked with the CLI, as an admin would
@@ -276,6 +276,24 @@ def test_a_pull_with_wait_s_is_a_long_poll_that_claims_on_the_notify(make_cluste
         assert 0.9 < time.monotonic() - t0 < 10
 
 
+def _completed_with_tag(url: str, tag: str, timeout: float = 30) -> str:
+    import asyncio
+
+    import asyncpg
+
+    async def q() -> str:
+        conn = await asyncpg.connect(url)
+        try:
+            deadline = time.time() + timeout
+            while (jid := await conn.fetchval("SELECT id::text FROM completed_job WHERE tag = $1", tag)) is None:
+                assert time.time() < deadline, f"no completed job of tag {tag}"
+                await asyncio.sleep(0.1)
+            return jid
+        finally:
+            await conn.close()
+    return asyncio.run(q())
+
+
 def test_an_agent_runs_its_init_script_and_kills_a_canceled_job(make_cluster, ws):
     c = make_cluster()
     tag = _tag()
@@ -283,12 +301,12 @@ def test_an_agent_runs_its_init_script_and_kills_a_canceled_job(make_cluster, ws
     start_agent(c, token, "edge", [tag], profile_text=(
         f"name: edge\ntags: [{tag}]\nbackend: {{kind: process}}\nsubworkers: 1\n"
         "limits: {wall_s: 60, memory_mb: 512, pids: 128}\ninit_script: echo agent-init-ran\n"))
-    c.wait_workers("edge")
+    name = wait_agent(c, tag)
     with c.client() as api:
-        name, = [w["worker"] for w in api.get("/api/workers/list").json() if w["worker_group"] == "edge"]
-        inits = api.get("/api/w/admins/jobs/list").json()
-        init, = [j for j in inits if j.get("tag") == f"init-{name}"]
-        assert init["success"] and "agent-init-ran" in api.get(f"/api/w/admins/jobs_u/get_logs/{init['id']}").text
+        init = _completed_with_tag(c.db_url, f"init-{name}")  # recorded just after it registered
+        j = api.get(f"/api/w/admins/jobs_u/get/{init}").json()
+        assert j["success"] and j["worker"] == name, j
+        assert "agent-init-ran" in api.get(f"/api/w/admins/jobs_u/get_logs/{init}").text
         jid = push(c, ws, tag, "import time\ndef main():\n    time.sleep(30)\n")
         deadline = time.time() + 30
         while not _job(c, ws, jid).get("running"):

@@ -13,7 +13,7 @@ import uuid
 
 import asyncpg
 
-from agent_support import agent_name, agent_token, as_agent, push, start_agent
+from agent_support import agent_name, agent_token, as_agent, push, start_agent, wait_agent
 from support import wait_done
 
 SLEEPY = "import time\ndef main(s=3):\n    time.sleep(s)\n    return 'slept'\n"
@@ -50,7 +50,7 @@ def test_server_killed_and_restarted_mid_job_the_result_arrives_once(make_cluste
     tag = _tag()
     token = agent_token(c, "edge", [tag])
     start_agent(c, token, "edge", [tag], subworkers=2)
-    c.wait_workers("edge")
+    wait_agent(c, tag)
     jid = push(c, ws, tag, SLEEPY)
     _running(c, ws, jid)
     server = c.procs[0]
@@ -77,7 +77,7 @@ def test_agent_sigkilled_its_job_is_requeued_and_completed_elsewhere(make_cluste
     tag = _tag()
     token = agent_token(c, "edge", [tag])
     first = start_agent(c, token, "edge", [tag])
-    c.wait_workers("edge")
+    wait_agent(c, tag)
     jid = push(c, ws, tag, SLEEPY.replace("s=3", "s=2"))
     ran_on = _running(c, ws, jid)["worker"]
     time.sleep(1.5)  # its heartbeats (every second) have reached the server
