@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ class AgentWorker(Worker):
         tags comes, kill canceled jobs, reload the group's config. A server that cannot be
         reached is asked again with backoff; then, as after a DB worker's lost LISTEN, every
         idle slot wakes and the config is read again."""
-        backoff, lost = Backoff(max_s=2.0), False
+        backoff, lost, last_resync = Backoff(max_s=2.0), False, 0.0
         while True:
             try:
                 r = await self.client.post("listen", {"name": self.name, "cursor": self.cursor,
@@ -144,7 +145,13 @@ class AgentWorker(Worker):
                 continue
             backoff = Backoff(max_s=2.0)
             self.cursor = r["cursor"]
-            if lost or r["resync"]:
+            if r["resync"] and time.monotonic() - last_resync < 1.0:
+                # two servers taking turns (a balancer that is not sticky): each cursor is
+                # the other's news; look at most once a second rather than in a loop
+                await asyncio.sleep(1.0)
+            if r["resync"]:
+                last_resync = time.monotonic()
+            if lost:
                 lost = False
                 log.info("server reachable again; listening")
             if r["wake"] or r["resync"]:
