@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
 import secrets
 import time
@@ -27,6 +28,8 @@ import jwt
 from fastapi import HTTPException
 
 from sandmill.store import agent as store_agent
+
+log = logging.getLogger("sandmill.api")
 
 PREFIX = "jwt_agent_"
 ALGORITHM = "HS256"
@@ -114,7 +117,11 @@ class AgentKeys:
             return
         if time.monotonic() - self._read_at >= self.refresh_s and not self._lock.locked():
             async with self._lock:
-                await self.refresh()
+                try:
+                    await self.refresh()
+                except Exception as e:  # noqa: BLE001 - the database is down: none can be revoked meanwhile
+                    log.warning("revoked agent tokens not re-read (%s); the cache holds", e)
+                    self._read_at = time.monotonic() - self.refresh_s + 1.0  # again in a second
 
     async def check(self, token: str) -> AgentClaims:
         """The claims of a valid, unrevoked agent token; else 401/403 saying why."""

@@ -49,9 +49,10 @@ class AgentState:
         if not self._tasks:
             self._tasks = [asyncio.create_task(self.hub.run()), asyncio.create_task(self.hub.flush_pings()),
                            asyncio.create_task(self.keys.keep_fresh())]
-        if not self.hub.ready.is_set():
-            await asyncio.wait([self._tasks[0], asyncio.create_task(self.hub.ready.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)
+        if not self.hub.ready.is_set():  # its first LISTEN; not for long while the database is down
+            ready = asyncio.create_task(self.hub.ready.wait())
+            await asyncio.wait([self._tasks[0], ready], timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
         return self.hub
 
     async def close(self) -> None:
