@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from . import devices_cgroup
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpuacct", "cpu")
 CPU_PERIOD_US = 100_000  # the CFS period of a job's CPU quota (the kernel's default)
@@ -190,8 +192,11 @@ class JobCgroup:
 
     @classmethod
     def create(cls, memory_bytes: int | None, pids: int | None, parent: str = "sandmill",
-               prefix: str = "job", cpu_cores: float | None = None) -> "JobCgroup":
-        """Make a fresh job cgroup with the given limits. Raises CgroupUnavailable/OSError."""
+               prefix: str = "job", cpu_cores: float | None = None,
+               devices: list[str] | None = None) -> "JobCgroup":
+        """Make a fresh job cgroup with the given limits; ``devices`` (v1 only): the
+        ``devices.allow`` lines of a GPU job, all else denied (devices_cgroup.py).
+        Raises CgroupUnavailable/OSError."""
         host = detect()
         parents = _ensure_parent(host, parent)
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
@@ -212,6 +217,11 @@ class JobCgroup:
                         dirs[ctrl] = d
         try:
             cg._limit(memory_bytes, pids, cpu_cores)
+            if devices is not None:
+                if host.version != 1:
+                    raise CgroupUnavailable(devices_cgroup.gap() or "not cgroup v1")
+                dirs.setdefault("devices", devices_cgroup.make(parent, name))  # removed with the rest
+                devices_cgroup.restrict(dirs["devices"], devices)
         except BaseException:
             cg.remove()
             raise
@@ -341,8 +351,6 @@ class JobCgroup:
                     time.sleep(0.01)
 
 
-
-
 def sweep_stale(recheck_s: float = 5.0, parent: str = "sandmill") -> list[Path]:
     """Remove job cgroups (``job-*``, ``warm-*`` under ``parent``) that a dead worker left:
     those with no process and no child cgroup at two looks ``recheck_s`` apart. A live
@@ -374,6 +382,8 @@ def _idle_cgroups(host: CgroupHost, parent: str) -> set[Path]:
         parents = {host.v2_root / parent, _own_v2_cgroup() / parent}
     else:
         parents = {host.mounts[c] / parent for c in V1_CONTROLLERS if c in host.mounts}
+        if (dev := devices_cgroup.v1_mount()) is not None:  # GPU jobs' devices dirs
+            parents.add(dev / parent)
     found: set[Path] = set()
     for p in parents:
         try:

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import workdir
+from . import devices_cgroup, workdir
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Outcome, RunSpec, Status, mounts_problem
@@ -87,6 +87,7 @@ class NsjailBackend(Backend):
         self.root = os.geteuid() == 0
         self._cgroup_gap = probe_gap() if self.root else "not root"
         self._cpu_gap = cpu_quota_gap() if self.root else "not root"
+        self._devices_gap = self._cgroup_gap or devices_cgroup.gap()  # GPU jobs' device cgroup
         self._static = self._static_args()
         self.log_dir = Path(tempfile.gettempdir()) / f"sandmill-nsjail-logs-{os.geteuid()}"
         self.warm_pool: WarmPool | None = None
@@ -109,6 +110,8 @@ class NsjailBackend(Backend):
             gaps["fork_bomb"] = why
         if self._cpu_gap is not None:
             gaps["cpu_cores"] = f"no CPU quota ({self._cpu_gap}): a job may use every core"
+        if self._devices_gap is not None:
+            gaps[devices_cgroup.GAP_KEY] = f"no device cgroup for GPU jobs ({self._devices_gap})"
         return Probe(self.name, True, gaps=gaps)
 
     def _static_args(self) -> list[str]:
@@ -158,6 +161,13 @@ class NsjailBackend(Backend):
         for k, v in spec.env.items():
             a += ["-E", f"{k}={v}"]
         return a + ["--", _resolve(spec.argv[0], spec.env), *spec.argv[1:]]
+
+    def device_rules(self, spec: RunSpec) -> list[str] | None:
+        """A GPU job's device cgroup allow list: the standard nodes bound into every jail
+        and its own GPU nodes; None (no device cgroup) for other jobs or where none applies."""
+        if spec.gpu is None or self._devices_gap is not None:
+            return None
+        return devices_cgroup.rules([*DEVICES, *(m.source for m in spec.gpu.devices)])
 
     def close(self) -> None:
         """Stop the warm interpreters."""
@@ -214,7 +224,8 @@ class NsjailBackend(Backend):
                     cgroup = JobCgroup.create(
                         memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
                         pids=limits.pids + 1 if limits.pids else None,  # +1: nsjail itself
-                        parent=self.cgroup_parent, cpu_cores=limits.cpu_cores)
+                        parent=self.cgroup_parent, cpu_cores=limits.cpu_cores,
+                        devices=self.device_rules(spec))
                 except (CgroupUnavailable, OSError) as e:
                     return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
                 env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())

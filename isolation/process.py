@@ -19,7 +19,8 @@ import signal
 from pathlib import Path
 
 from . import linux, workdir
-from .devfs import PrivateDev
+from . import devices_cgroup
+from .devfs import STANDARD, PrivateDev
 from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Mount, Outcome, RunSpec, Status, mounts_problem
@@ -53,6 +54,7 @@ class ProcessBackend(Backend):
         self.namespaces = namespaces and self.root
         self._cgroup_gap: str | None = probe_gap() if self.root else "not root"
         self._cpu_gap: str | None = cpu_quota_gap() if self.root else "not root"
+        self._devices_gap = self._cgroup_gap or devices_cgroup.gap()  # GPU jobs' device cgroup
         # Warm runs need what makes them as isolated as a cold one: root, namespaces
         # and job cgroups.
         self.warm_pool: WarmPool | None = None
@@ -72,6 +74,8 @@ class ProcessBackend(Backend):
             gaps["cancel"] = gaps["no_descendant_survives"]
         if self._cpu_gap is not None:
             gaps["cpu_cores"] = f"no CPU quota ({self._cpu_gap}): a job may use every core"
+        if self._devices_gap is not None:
+            gaps[devices_cgroup.GAP_KEY] = f"no device cgroup for GPU jobs ({self._devices_gap})"
         if not self.root:
             gaps["no_network"] = "not root: no network namespace"
             gaps["tmp_size_limit"] = "not root: no tmpfs /tmp (TMPDIR is a per-job dir on disk)"
@@ -105,7 +109,8 @@ class ProcessBackend(Backend):
                 try:
                     cgroup = JobCgroup.create(
                         memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                        pids=limits.pids, parent=self.cgroup_parent, cpu_cores=limits.cpu_cores)
+                        pids=limits.pids, parent=self.cgroup_parent, cpu_cores=limits.cpu_cores,
+                        devices=self.device_rules(spec))
                 except (CgroupUnavailable, OSError) as e:
                     return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
             env = dict(spec.env)
@@ -133,6 +138,14 @@ class ProcessBackend(Backend):
                 cgroup.remove()
             workdir.remove(wd)
             workdir.remove(wd.parent / f"{wd.name}-tmp")
+
+    def device_rules(self, spec: RunSpec) -> list[str] | None:
+        """A GPU job's device cgroup allow list: the nodes of its private /dev (devfs.py's
+        standard ones and its GPU nodes); None (no device cgroup) for other jobs or where
+        none applies."""
+        if spec.gpu is None or self._devices_gap is not None:
+            return None
+        return devices_cgroup.rules([*("/dev/" + n for n in STANDARD), *(m.source for m in spec.gpu.devices)])
 
     def close(self) -> None:
         """Stop the warm interpreters."""
