@@ -7,12 +7,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from .client import DEFAULT_URL, _check, _client
 from .tokens_cli import parse_expires
+
+
+def _admin(args: argparse.Namespace) -> httpx.Client:
+    """The admin's client (as `sandmill tokens`), verifying an HTTPS server with --ca-file."""
+    c = _client(args)
+    if not args.ca_file:
+        return c
+    headers = dict(c.headers)
+    c.close()
+    return httpx.Client(base_url=args.url, headers=headers, timeout=30,
+                        verify=ssl.create_default_context(cafile=args.ca_file))
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -27,7 +41,7 @@ def cmd_create(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
-    with _client(args) as c:
+    with _admin(args) as c:
         r = c.post("/api/agent_workers/create_agent_token",
                    json={"worker_group": args.group, "tags": tags, "exp": int(expires.timestamp())})
         _check(r)
@@ -41,7 +55,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     """`sandmill agent-token revoke TOKEN`: refused by every server within seconds."""
     token = args.token if args.token != "-" else sys.stdin.read().strip()
-    with _client(args) as c:
+    with _admin(args) as c:
         r = c.post("/api/agent_workers/blacklist_token", json={"token": token})
         _check(r)
     print(r.text)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -85,9 +87,11 @@ def test_agents_reach_an_https_server_with_a_self_signed_ca(pg_url, tmp_path, ws
                 except httpx.ConnectError as e:
                     assert "CERTIFICATE_VERIFY_FAILED" in str(e)
             tag = "edge" + uuid.uuid4().hex[:8]
-            token = plain.post("/api/agent_workers/create_agent_token",
-                               headers={"Authorization": f"Bearer {TOKEN}"},
-                               json={"worker_group": "edge", "tags": [tag], "exp": int(time.time()) + 600}).text
+            p = subprocess.run([sys.executable, "-m", "sandmill", "agent-token", "create", "--url", c.base,
+                                "--ca-file", str(ca), "--group", "edge", "--tags", tag, "--expires", "1h"],
+                               env=c.env, capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stderr
+            token = p.stdout.strip()
             blind = start_agent(c, token, "edge", [tag])
             assert blind.wait(timeout=60) == 2
             assert "CERTIFICATE_VERIFY_FAILED" in c.logs() or "certificate verify failed" in c.logs()
