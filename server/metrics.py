@@ -15,9 +15,13 @@ from the database (every server sees the same numbers, whichever one is scraped)
   completion commits within that of its ``completed_at``, so none is missed), the
   younger ones are counted afresh per scrape: a scrape reads only the last minute's
   completions, plus the whole table once at the first scrape of a server process.
-- Claim and completion statement latency: the workers time their statements and report
-  bucket counts in their ping (``worker.info``'s ``statement_latency``, where a worker
-  reports it); summed over the live workers of a group.
+- Claim and completion statement latency (``sandmill_worker_statement_duration_seconds``,
+  labels ``group`` and ``statement``): each DB worker times the statements it sends
+  (worker/stmt_timing.py: ``claim``, ``complete``, ``complete_and_claim``,
+  ``dedicated_claim``, ``dedicated_complete``; 0.25 ms .. 5 s buckets) and sends the
+  bucket counts, cumulative since it started, with each ping (merged into
+  ``worker.info``'s ``statement_latency``); summed here over the live workers of a group.
+  Agent workers send none (their statements run on the server, behind an HTTP call).
 """
 
 from __future__ import annotations

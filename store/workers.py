@@ -24,10 +24,12 @@ async def register(db: Executor, *, name: str, group: str, hostname: str, tags: 
 
 
 async def ping(db: Executor, name: str, *, tags: list[str], jobs_done: int, busy: int,
-               occupancy: float, windows: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
-    """Heartbeat of a worker process, with its counters and its occupancy over 15 s, 5 min
-    and 30 min (``windows``, worker/occupancy.py)."""
-    await db.execute(_PING, name, tags, jobs_done, busy, occupancy, *windows)
+               occupancy: float, windows: tuple[float, float, float] = (0.0, 0.0, 0.0),
+               statement_latency: dict[str, Any] | None = None) -> None:
+    """Heartbeat of a worker process, with its counters, its occupancy over 15 s, 5 min
+    and 30 min (``windows``, worker/occupancy.py) and its statements' latency
+    (``statement_latency``, worker/stmt_timing.py: kept in ``info``; None leaves it)."""
+    await db.execute(_PING, name, tags, jobs_done, busy, occupancy, *windows, statement_latency)
 
 
 async def unregister(db: Executor, name: str) -> None:

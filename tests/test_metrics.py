@@ -108,3 +108,70 @@ def test_metrics_need_the_admin_token(cluster):
     import httpx
     r = httpx.get(cluster.base + "/metrics")
     assert r.status_code == 401 and "error" in r.json()
+
+
+STMT = "sandmill_worker_statement_duration_seconds"
+
+
+def wait_statement_counts(api, group: str, statements: tuple[str, ...], at_least: int) -> dict:
+    """Scrape until the group's ``statements`` were timed ``at_least`` times in all (a
+    ping came after the last of them); the last scrape."""
+    deadline, n, fams = time.time() + 30, 0.0, {}
+    while time.time() < deadline:
+        fams = scrape(api)
+        if STMT in fams:
+            n = sum(value(fams, f"{STMT}_count", group=group, statement=s) or 0 for s in statements)
+            if n >= at_least:
+                return fams
+        time.sleep(0.2)
+    raise AssertionError(f"{group}: {n} of {statements} timed, not {at_least}: {fams.get(STMT)}")
+
+
+def test_workers_report_their_claim_and_completion_statement_latency(make_cluster):
+    """A DB worker times its claims and completions (worker/stmt_timing.py) and sends the
+    histograms with its ping; /metrics publishes them per group and statement."""
+    c = make_cluster()
+    group, tag = f"s{uuid.uuid4().hex[:6]}", f"st-{uuid.uuid4().hex[:6]}"
+    c.start_worker(group, tags=tag, subworkers=2, env={"SANDMILL_WORKER_PING_S": "0.3"})
+    c.wait_workers(group)
+    ws = "stmt" + uuid.uuid4().hex[:6]
+    with c.client() as api:
+        ids = []
+        for _ in range(4):
+            r = api.post(f"/api/w/{ws}/jobs/run/preview", params={"tag": tag},
+                         json={"language": "bash", "content": "echo ok"})
+            assert r.status_code == 201, r.text
+            ids.append(r.text)
+        for i in ids:
+            wait_done(api, ws, i, timeout=60)
+        # completions go in batches: fewer statements than jobs, at least one
+        fams = wait_statement_counts(api, group, ("complete", "complete_and_claim"), 1)
+        assert (value(fams, f"{STMT}_count", group=group, statement="claim") or 0) > 0
+        for stmt in ("claim", "complete_and_claim"):
+            n = value(fams, f"{STMT}_count", group=group, statement=stmt) or 0
+            if n:  # a histogram whose +Inf bucket is its count, and a positive time sum
+                assert value(fams, f"{STMT}_bucket", group=group, statement=stmt, le="+Inf") == n
+                assert value(fams, f"{STMT}_sum", group=group, statement=stmt) > 0
+
+
+def test_dedicated_workers_report_their_batch_claim_and_completion_latency(make_cluster):
+    c = make_cluster()
+    ws, group = "dstmt" + uuid.uuid4().hex[:6], f"ds{uuid.uuid4().hex[:6]}"
+    c.start_worker(profile_text=f"name: {group}\ndedicated_workers: [\"{ws}:f/d\"]\n"
+                                "backend: {kind: process}\nsubworkers: 1\n",
+                   env={"SANDMILL_WORKER_PING_S": "0.3"})
+    c.wait_workers(group)
+    with c.client() as api:
+        r = api.post(f"/api/w/{ws}/scripts/create", json={
+            "path": "f/d", "content": "def main(x):\n    return x\n", "language": "python3",
+            "dedicated_worker": True})
+        assert r.status_code == 201, r.text
+        ids = []
+        for i in range(3):
+            r = api.post(f"/api/w/{ws}/jobs/run/p/f/d", json={"x": i})
+            assert r.status_code == 201, r.text
+            ids.append(r.text)
+        for i in ids:
+            assert wait_done(api, ws, i, timeout=60)["success"]
+        fams = wait_statement_counts(api, group, ("dedicated_complete",), 1)
+        assert (value(fams, f"{STMT}_count", group=group, statement="dedicated_claim") or 0) > 0

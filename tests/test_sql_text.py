@@ -340,7 +340,9 @@ async def test_every_statement_sent_is_the_one_sent_before(before, monkeypatch):
             assert args[2] != n[0][2][2] and args[-1] is None
             o = [(m, sql, args[:2] + n[0][2][2:3] + args[3:-1] + (False,))]
         if name == "ping":  # the 15 s / 5 min / 30 min occupancy (autoscaling, migration 0009) rides along
-            assert n[0][2][:5] == o[0][2] and n[0][2][5:] == (0.0, 0.0, 0.0) and "occupancy_30m = $8" in n[0][1]
+            assert n[0][2][:5] == o[0][2] and n[0][2][5:8] == (0.0, 0.0, 0.0) and "occupancy_30m = $8" in n[0][1]
+            # and the statement latency (worker/stmt_timing.py), merged into info: None leaves it
+            assert n[0][2][8:] == (None,) and "'statement_latency', $9::jsonb" in n[0][1]
             continue
         if name == "requeue_stale":  # the WorkerDied message says what SANDMILL_MAX_RESTARTS means now
             assert "the 4th worker to die running it; a job survives 3 dead worker(s)" in n[3][2][4][0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from sandmill.store import dedicated as store
 from .dedicated_loop import ScriptLoop
 from .runtimes import failure
 from .settings import WorkerStartError
+from .stmt_timing import DEDICATED_COMPLETE
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -64,7 +66,9 @@ class Completer:
         backoff = dbmod.Backoff()
         while True:
             try:
+                t0 = time.perf_counter()
                 await store.complete(self.w.pool, self.w.name, batch)
+                self.w.timing.add(DEDICATED_COMPLETE, t0)
                 return
             except Exception as e:  # noqa: BLE001 - a worker never dies of a completion
                 if dbmod.is_disconnect(e):

@@ -23,6 +23,7 @@ from .dedicated_runtime import Runtime, RuntimeStartError
 from .execute import now
 from .logs import MAX_LOG_BYTES
 from .runtimes import failure
+from .stmt_timing import DEDICATED_CLAIM
 
 if TYPE_CHECKING:
     from .dedicated import Dedicated
@@ -142,7 +143,9 @@ class ScriptLoop:
     async def _claim_now(self) -> None:
         gen = self.wakes
         try:
+            t0 = time.perf_counter()
             jobs = await store.claim(self.w.pool, self.tag, self.w.name, BATCH - len(self.local))
+            self.w.timing.add(DEDICATED_CLAIM, t0)
         except Exception as e:  # noqa: BLE001 - try again in a second
             log.warning("dedicated %s: claim failed: %s", self.tag, e)
             await asyncio.sleep(1.0)

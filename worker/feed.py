@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sandmill.store.storable import storable_text
 
 from .batching import Batcher, HotConns
 from .settings import Group, WorkerSettings
+from .stmt_timing import CLAIM, COMPLETE, COMPLETE_AND_CLAIM, StatementTiming
 
 log = logging.getLogger("sandmill.worker")
 
@@ -110,11 +112,13 @@ class Feed:
     claims its next jobs in the same statement (``completer``).
 
     ``held`` is the set of the jobs claimed ahead and not started yet; ``canceled_held``
-    those of them canceled meanwhile. ``spawn`` runs a coroutine in the background."""
+    those of them canceled meanwhile. ``spawn`` runs a coroutine in the background.
+    ``timing`` times each claim and completion statement (worker/stmt_timing.py)."""
 
     def __init__(self, group: Group, settings: WorkerSettings, hot: HotConns, pace: Pace,
                  held: set[uuid.UUID], canceled_held: set[uuid.UUID],
-                 spawn: Callable[[Coroutine[Any, Any, Any]], None]):
+                 spawn: Callable[[Coroutine[Any, Any, Any]], None],
+                 timing: StatementTiming | None = None):
         self.group = group
         self.settings = settings
         self.hot = hot
@@ -122,6 +126,7 @@ class Feed:
         self.held = held
         self.canceled_held = canceled_held
         self.spawn = spawn
+        self.timing = timing if timing is not None else StatementTiming()
         self.claims = Batcher(self._claim)
         self.ahead = Batcher(self._claim_ahead)
         # two completions in flight at once (the database works on one batch while this
@@ -140,9 +145,13 @@ class Feed:
         conn, ok = await self.hot.acquire(), False
         try:
             if n > 1:
+                t0 = time.perf_counter()
                 jobs = await g.q.pull_many(conn, g.name, g.tags, n)
+                self.timing.add(CLAIM, t0)
             while len(jobs) < n:  # one at a time: jobs with a concurrency key, or a lone slot
+                t0 = time.perf_counter()
                 job = await g.q.pull(conn, g.name, g.tags)
+                self.timing.add(CLAIM, t0)
                 if job is None:
                     break
                 jobs.append(job)
@@ -159,8 +168,10 @@ class Feed:
         g = self.group
         conn, ok = await self.hot.acquire(), False
         try:
+            t0 = time.perf_counter()
             held = await g.q.pull_many(conn, g.name, g.tags, 0, ahead=sum(depths),
                                          ahead_after_s=self.settings.claim_ahead_after_s)
+            self.timing.add(CLAIM, t0)
             ok = True
         finally:
             await self.hot.release(conn, ok)
@@ -204,12 +215,15 @@ class Feed:
         starting = [r.starting for r in reqs if r.starting is not None]
         conn, ok = await self.hot.acquire(), False
         try:
+            t0 = time.perf_counter()
             if want or ahead or starting:
                 _, jobs = await g.q.complete_and_pull(
                     conn, done, g.name, g.tags, want, ahead=ahead,
                     ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
+                self.timing.add(COMPLETE_AND_CLAIM, t0)
             else:
                 await g.q.complete_many(conn, done)
+                self.timing.add(COMPLETE, t0)
                 jobs = []
             ok = True
         finally:
@@ -231,9 +245,11 @@ class Feed:
                 await self._complete_alone(conn, r.completion)
             jobs: list[dict[str, Any]] = []
             if want or ahead or starting:
+                t0 = time.perf_counter()
                 _, jobs = await g.q.complete_and_pull(
                     conn, [], g.name, g.tags, want, ahead=ahead,
                     ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
+                self.timing.add(COMPLETE_AND_CLAIM, t0)
             ok = True
         finally:
             await self.hot.release(conn, ok)
@@ -241,7 +257,9 @@ class Feed:
 
     async def _complete_alone(self, conn: asyncpg.Connection, c: queue.Completion) -> None:
         try:
+            t0 = time.perf_counter()
             await self.group.q.complete_many(conn, [c])
+            self.timing.add(COMPLETE, t0)
             return
         except Exception as e:  # noqa: BLE001 - refused data fails this job, not the batch
             if dbmod.is_disconnect(e):

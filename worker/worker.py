@@ -33,6 +33,7 @@ from .occupancy import Occupancy
 from .runtimes import job_env
 from .settings import WorkerInitError, WorkerSettings, WorkerStartError
 from .slots import Slots
+from .stmt_timing import StatementTiming
 from .sysinfo import host_info
 from .watch import Stats, Watch, ping_loop
 
@@ -72,7 +73,9 @@ class Worker:
         # the claims' and completions' connections: one for each statement that may be
         # in flight at once (the feed's two claims, the completer's two)
         self.hot = HotConns(keep=2 + 2)
-        self.feed = Feed(self, self.settings, self.hot, self.pace, self.held, self._canceled_held, self._spawn)
+        self.timing = StatementTiming()  # claim/completion latency, sent with each ping
+        self.feed = Feed(self, self.settings, self.hot, self.pace, self.held, self._canceled_held, self._spawn,
+                         timing=self.timing)
         self.watch = Watch(self, self.settings, self.running, release=self.feed.release_held)
         self.executor = Executor(self, self.running, self._canceled_held, self.watch)
         self.slots = Slots(self, self.settings, self._stopping, self.feed, self.executor, self.watch,
@@ -186,12 +189,13 @@ class Worker:
 
     async def ping(self) -> None:
         """The worker's heartbeat: its tags, jobs done, busy slots and occupancy (since the last
-        ping, and over 15 s, 5 min and 30 min)."""
+        ping, and over 15 s, 5 min and 30 min), and its statements' latency (stmt_timing.py)."""
         self.occupancy.add_completed(self.stats.busy_s)  # before take_occupancy starts anew
         occupancy = self.stats.take_occupancy(self.profile.subworkers)
         windows = self.occupancy.sample(r.t0 for r in self.running.values())
         await self.w.ping(self.pool, self.name, tags=self.tags, jobs_done=self.stats.jobs_done,
-                           busy=len(self.running), occupancy=occupancy, windows=windows)
+                           busy=len(self.running), occupancy=occupancy, windows=windows,
+                           statement_latency=self.timing.report())
 
     # ---- notifications -------------------------------------------------------------------
 

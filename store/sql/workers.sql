@@ -11,10 +11,11 @@ ON CONFLICT (name) DO UPDATE SET worker_group = $2, hostname = $3, tags = $4,
 
 
 -- name: ping_worker
--- Heartbeat of a worker process, with its counters and its occupancy over 15 s, 5 min and 30 min.
--- $1 name, $2 tags (text[]), $3 jobs done, $4 busy slots, $5 occupancy since the last ping, $6 15 s, $7 5 min, $8 30 min occupancy.
+-- Heartbeat of a worker process, with its counters, its occupancy over 15 s, 5 min and 30 min, and its claim and completion statements' latency (merged into info as statement_latency; NULL leaves info as it is).
+-- $1 name, $2 tags (text[]), $3 jobs done, $4 busy slots, $5 occupancy since the last ping, $6 15 s, $7 5 min, $8 30 min occupancy, $9 statement latency (jsonb or NULL).
 UPDATE worker SET last_ping = now(), tags = $2, jobs_done = $3, busy = $4, occupancy = $5,
-    occupancy_15s = $6, occupancy_5m = $7, occupancy_30m = $8
+    occupancy_15s = $6, occupancy_5m = $7, occupancy_30m = $8,
+    info = CASE WHEN $9::jsonb IS NULL THEN info ELSE info || jsonb_build_object('statement_latency', $9::jsonb) END
  WHERE name = $1;
 
 
