@@ -29,7 +29,7 @@ from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Outcome, RunSpec, Status, mounts_problem
 from .supervise import KILL_TIMEOUT, Supervised, classify, supervise
-from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
+from .warm import DEFAULT_PRELOAD, WarmPool, existing_dirs, run_warm, warm_mounts_problem
 
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/passwd",
@@ -70,14 +70,18 @@ class NsjailBackend(Backend):
     ``gid`` (inside == outside id, default 65534), ``workdir_root``, ``cgroup_parent``,
     ``lo_up`` (bring lo up in the job's netns; costs a netlink round trip, default off),
     ``warm`` (jobs start by fork from a warm interpreter inside a jail, default on;
-    isolation/warm.py) and ``warm_preload`` (modules it imports once)."""
+    isolation/warm.py), ``warm_preload`` (modules it imports once) and
+    ``warm_mount_roots`` (directories bound read-only into the warm interpreters' jails,
+    masked in every job, from which a job's read-only mounts are bound warm: the worker
+    passes the python dependencies' environments; other mounts run cold)."""
 
     name = "nsjail"
 
     def __init__(self, binary: str | None = None, uid: int = 65534, gid: int | None = None,
                  workdir_root: str | None = None, cgroup_parent: str = "sandmill",
                  lo_up: bool = False, warm: bool = True,
-                 warm_preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD) -> None:
+                 warm_preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD,
+                 warm_mount_roots: tuple[str, ...] | list[str] = ()) -> None:
         self.binary = binary or find_binary()
         self.uid = uid
         self.gid = gid if gid is not None else uid
@@ -94,7 +98,8 @@ class NsjailBackend(Backend):
         if warm and self.binary and self.root and self._cgroup_gap is None and not lo_up:
             self.warm_pool = WarmPool(self._start_zygote, self.workdir_root, self.uid, self.gid,
                                       mount_at=JOB_DIR, cgroup_parent=cgroup_parent,
-                                      preload=tuple(warm_preload))
+                                      preload=tuple(warm_preload),
+                                      mount_roots=existing_dirs(warm_mount_roots))
 
     def probe(self) -> Probe:
         """Unavailable without the binary or without root (we map to another uid and
@@ -178,8 +183,11 @@ class NsjailBackend(Backend):
                             cgroup: JobCgroup | None) -> asyncio.subprocess.Process:
         """A warm interpreter in a jail like a cold job's, ``zdir`` bound at /job. It
         gets a writable /proc (each job mounts its own there), no time limit and no
-        rlimits of its own (each job sets its own)."""
-        a = [self.binary or "nsjail", *self._static, "--proc_rw", "--log", str(zdir / ".nsjail.log"),
+        rlimits of its own (each job sets its own). The pool's mount roots are bound
+        read-only: each job process masks them and binds only its own mounts from there
+        (zygote.py)."""
+        roots = [x for r in (self.warm_pool.mount_roots if self.warm_pool else ()) for x in ("-R", r)]
+        a = [self.binary or "nsjail", *self._static, *roots, "--proc_rw", "--log", str(zdir / ".nsjail.log"),
              "-B", f"{zdir}:{JOB_DIR}", "-D", JOB_DIR, "--time_limit", "0",
              "--rlimit_as", "max", "--rlimit_fsize", "max", "--rlimit_nofile", "max",
              "--rlimit_cpu", "max", "-m", "none:/tmp:tmpfs:size=1048576", "--iface_no_lo",
@@ -200,8 +208,11 @@ class NsjailBackend(Backend):
             return Outcome(Status.sandbox_error, detail="nsjail binary not found")
         if why := mounts_problem(spec.mounts) or (spec.gpu and mounts_problem([*spec.gpu.devices, *spec.gpu.files])):
             return Outcome(Status.sandbox_error, detail=why)
-        # A warm interpreter's jail is made before the job: its mounts are not the job's.
-        if self.warm_pool is not None and spec.argv and not spec.mounts and spec.gpu is None:
+        # A warm interpreter's jail is made before the job: the job process binds its
+        # mounts only from under the pool's mount roots (read-only); others run cold.
+        if self.warm_pool is not None and spec.argv and spec.gpu is None and not (
+                spec.mounts and warm_mounts_problem(spec.mounts, self.warm_pool.mount_roots,
+                                                    job_dir=JOB_DIR)):
             program = _resolve(spec.argv[0], spec.env)
             # A warm exec sees what a cold job sees: only programs in the bound system dirs.
             visible = any(program.startswith(d + "/") for d in SYSTEM_DIRS)

@@ -51,6 +51,18 @@ class _SandboxUser(_Options):
     warm: bool = Field(True, description="python3 jobs fork from a warm interpreter inside the sandbox")
     warm_preload: tuple[str, ...] = Field(
         DEFAULT_PRELOAD, description="modules the warm interpreter imports once, before any job")
+    warm_mount_roots: tuple[str, ...] = Field(
+        (), description="absolute directories every job sees only its own read-only mounts of"
+                        " (the rest masked), which then run warm; the worker adds the python"
+                        " dependencies' environments")
+
+    @field_validator("warm_mount_roots")
+    @classmethod
+    def _absolute_roots(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not os.path.isabs(p) or os.path.normpath(p) != p:
+                raise ValueError(f"must be absolute, normalised paths, got {p!r}")
+        return v
 
 
 class NsjailOptions(_SandboxUser):

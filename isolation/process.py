@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 from . import linux, workdir
@@ -25,7 +26,7 @@ from .base import Backend, OutputCallback, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Mount, Outcome, RunSpec, Status, mounts_problem
 from .supervise import classify, job_rlimits, supervise
-from .warm import DEFAULT_PRELOAD, WarmPool, run_warm
+from .warm import DEFAULT_PRELOAD, WarmPool, existing_dirs, run_warm, warm_mounts_problem
 
 DEFAULT_HIDE = ("/root", "/home", "/work", "/mnt", "/media", "/srv", "/var/lib/docker",
                 "/var/lib/postgresql", "/run/secrets")
@@ -36,15 +37,19 @@ class ProcessBackend(Backend):
     (default 65534), ``workdir_root`` (default /var/tmp/sandmill-jobs as root),
     ``cgroup_parent`` (default "sandmill"), ``hide`` (host dirs masked by an empty tmpfs),
     ``namespaces`` (False: no netns/mount ns even as root), ``warm`` (start jobs by fork
-    from a warm interpreter when the host allows, default on; isolation/warm.py)
-    and ``warm_preload`` (modules the warm interpreter imports once)."""
+    from a warm interpreter when the host allows, default on; isolation/warm.py),
+    ``warm_preload`` (modules the warm interpreter imports once) and
+    ``warm_mount_roots`` (directories every job sees masked by an empty read-only tmpfs
+    but for its own read-only mounts from under them, which then run warm too: the
+    worker passes the python dependencies' environments)."""
 
     name = "process"
 
     def __init__(self, uid: int = 65534, gid: int | None = None, workdir_root: str | None = None,
                  cgroup_parent: str = "sandmill", hide: tuple[str, ...] = DEFAULT_HIDE,
                  namespaces: bool = True, warm: bool = True,
-                 warm_preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD) -> None:
+                 warm_preload: tuple[str, ...] | list[str] = DEFAULT_PRELOAD,
+                 warm_mount_roots: tuple[str, ...] | list[str] = ()) -> None:
         self.root = os.geteuid() == 0
         self.uid = uid if self.root else None
         self.gid = (gid if gid is not None else uid) if self.root else None
@@ -52,6 +57,9 @@ class ProcessBackend(Backend):
         self.cgroup_parent = cgroup_parent
         self.hide = tuple(h for h in hide if os.path.isdir(h))
         self.namespaces = namespaces and self.root
+        # Masked in every job, cold or warm (outside our other masks, which hide them anyway).
+        self.mount_roots = tuple(r for r in existing_dirs(warm_mount_roots) if not any(
+            _under(r, d) for d in self._masked())) if self.namespaces else ()
         self._cgroup_gap: str | None = probe_gap() if self.root else "not root"
         self._cpu_gap: str | None = cpu_quota_gap() if self.root else "not root"
         self._devices_gap = self._cgroup_gap or devices_cgroup.gap()  # GPU jobs' device cgroup
@@ -60,7 +68,8 @@ class ProcessBackend(Backend):
         self.warm_pool: WarmPool | None = None
         if warm and self.namespaces and self._cgroup_gap is None:
             self.warm_pool = WarmPool(self._start_zygote, self.workdir_root, self.uid, self.gid,
-                                      cgroup_parent=cgroup_parent, preload=tuple(warm_preload))
+                                      cgroup_parent=cgroup_parent, preload=tuple(warm_preload),
+                                      mount_roots=self.mount_roots)
 
     def probe(self) -> Probe:
         """Available everywhere; the gaps depend on root, cgroups and namespaces."""
@@ -89,11 +98,11 @@ class ProcessBackend(Backend):
         """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
         if why := self._mounts_problem(spec.mounts) or self._gpu_problem(spec):
             return Outcome(Status.sandbox_error, detail=why)
-        # A warm interpreter's namespaces are made before the job: its mounts are not the
-        # job's, but for a read-only bind of a host path onto itself, which the warm
-        # interpreter sees as is (the host's / read-only; our masks were checked above).
-        if self.warm_pool is not None and spec.argv and spec.gpu is None and all(
-                not m.writable and m.source == m.target for m in spec.mounts):
+        # A warm interpreter's namespaces are made before the job: its job process binds
+        # read-only mounts from under the mount roots, or a host path onto itself, which
+        # the warm interpreter sees as is (the host's / read-only; our masks were checked).
+        if self.warm_pool is not None and spec.argv and spec.gpu is None and not (
+                spec.mounts and warm_mounts_problem(spec.mounts, self.mount_roots, self_binds=True)):
             program = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
             out = await run_warm(self.warm_pool, spec, on_output, program)
             if out is not None:
@@ -161,7 +170,7 @@ class ProcessBackend(Backend):
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             cwd=str(zdir), env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
             pass_fds=(fd,), start_new_session=True,
-            preexec_fn=self._preexec(zdir, zlimits, "none", cgroup))
+            preexec_fn=self._preexec(zdir, zlimits, "none", cgroup, masks_roots=False))
 
     def _mounts_problem(self, mounts: list[Mount]) -> str | None:
         """Why ``mounts`` cannot be made here: binds need our mount namespace, and land on
@@ -172,13 +181,20 @@ class ProcessBackend(Backend):
             return why
         if not self.namespaces:
             return "the process backend binds mounts only as root with namespaces"
-        masked = ("/tmp", "/dev/shm", str(workdir.shared_root(self.workdir_root)), *self.hide)
+        masked = self._masked()
         for m in mounts:
+            if any(_under(r, m.source) for r in self.mount_roots):
+                return f"mount source {m.source!r} holds {self.mount_roots}, which every job sees only its own part of"
+            if any(_under(m.target, r) for r in self.mount_roots):
+                continue  # its mount point is made in the root's mask
             if not os.path.lexists(m.target):
                 return f"mount target {m.target!r} does not exist on the host (the process backend binds onto existing paths)"
             if any(m.target == d or m.target.startswith(d + "/") for d in masked):
                 return f"mount target {m.target!r} is under {next(d for d in masked if m.target == d or m.target.startswith(d + '/'))!r}, which the sandbox masks"
         return None
+
+    def _masked(self) -> tuple[str, ...]:
+        return ("/tmp", "/dev/shm", str(workdir.shared_root(self.workdir_root)), *self.hide)
 
     def _gpu_problem(self, spec: RunSpec) -> str | None:
         """Why the GPUs of ``spec`` cannot be passed: hiding the host's other GPU nodes
@@ -190,9 +206,10 @@ class ProcessBackend(Backend):
         return mounts_problem(list(spec.gpu.devices)) or PrivateDev(spec.gpu).problem()
 
     def _preexec(self, wd: Path, limits: Limits, network: str, cgroup: JobCgroup | None,
-                 mounts: list[Mount] = (), dev: PrivateDev | None = None):
+                 mounts: list[Mount] = (), dev: PrivateDev | None = None, masks_roots: bool = True):
         """Build the fork-to-exec hook. Everything is computed here, in the parent: the
-        child only makes syscalls."""
+        child only makes syscalls. ``masks_roots``: mask the mount roots (every job; not
+        the warm interpreter, whose job processes reach their sources there)."""
         procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
         rl = job_rlimits(limits)
         if cgroup is None and limits.memory_mb is not None:
@@ -218,6 +235,9 @@ class ProcessBackend(Backend):
         binds = [(m.source.encode(), m.target.encode(),
                   linux.MS_REMOUNT | linux.MS_BIND | linux.MS_NOSUID | (0 if m.writable else linux.MS_RDONLY))
                  for m in mounts]
+        roots = [r.encode() for r in self.mount_roots] if masks_roots else []
+        # a bind target under a masked root gets its mount point made in the mask
+        in_root = [any(_under(m.target, r) for r in self.mount_roots) for m in mounts]
 
         def preexec() -> None:
             for p in procs:  # join the job cgroup before exec: children inherit it
@@ -245,10 +265,23 @@ class ProcessBackend(Backend):
                 linux.mount(b"tmpfs", jobs_root, b"tmpfs", nosuid_nodev, b"size=64k,mode=711")
                 os.makedirs(wd_b, 0o700)
                 linux.mount(b"/proc/self/fd/%d" % here, wd_b, None, linux.MS_BIND)
+                for r in roots:  # only the job's own mounts show through (read-only below)
+                    linux.mount(b"tmpfs", r, b"tmpfs", nosuid_nodev | linux.MS_NOEXEC,
+                                b"size=64k,nr_inodes=256,mode=755")
+                for fd, (_, target, _f), made in zip(srcs, binds, in_root):
+                    if made and not os.path.lexists(target):
+                        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+                        if stat.S_ISDIR(os.fstat(fd).st_mode):
+                            os.mkdir(target, 0o755)
+                        else:
+                            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
                 for fd, (_, target, flags) in zip(srcs, binds):
                     linux.mount(b"/proc/self/fd/%d" % fd, target, None, linux.MS_BIND)
                     linux.mount(None, target, None, flags)  # read-only unless writable
                     os.close(fd)
+                for r in roots:
+                    linux.mount(None, r, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+                                | nosuid_nodev | linux.MS_NOEXEC)
                 linux.mount(None, b"/", None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
                 os.chdir(wd_b)
                 os.close(here)
@@ -261,3 +294,7 @@ class ProcessBackend(Backend):
                 linux.set_pdeathsig(signal.SIGKILL)  # after setuid, which clears it
 
         return preexec
+
+
+def _under(path: str, d: str) -> bool:
+    return path == d or path.startswith(d.rstrip("/") + "/")

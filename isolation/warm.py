@@ -18,10 +18,12 @@ same code as for a cold job.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -30,12 +32,12 @@ from pathlib import Path
 from . import workdir
 from .base import OutputCallback
 from .cgroups import CgroupUnavailable, JobCgroup
-from .spec import Outcome, RunSpec, Status
+from .spec import Mount, Outcome, RunSpec, Status
 from .supervise import Launched, classify, job_rlimits, supervise_launch
-from .warm_zygote import JobRequest, WarmError, WarmSetupError, Zygote
+from .warm_zygote import JobRequest, WarmError, WarmMountError, WarmSetupError, Zygote
 
-__all__ = ["DEFAULT_PRELOAD", "JobRequest", "WarmError", "WarmPool", "WarmSetupError", "Zygote",
-           "run_warm", "warm_script"]
+__all__ = ["DEFAULT_PRELOAD", "JobRequest", "WarmError", "WarmMountError", "WarmPool",
+           "WarmSetupError", "Zygote", "existing_dirs", "run_warm", "warm_mounts_problem", "warm_script"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,50 @@ def warm_script(spec: RunSpec) -> str | None:
     return spec.warm
 
 
+def existing_dirs(paths: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The absolute, normalised directories of ``paths`` (mount roots: one that does not
+    exist cannot be bound, and has nothing to hide)."""
+    return tuple(p for p in paths if os.path.isabs(p) and os.path.normpath(p) == p and os.path.isdir(p))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _beneath(path: str, root: str) -> bool:
+    """``path`` is under ``root`` and no symlink below the root leads it elsewhere."""
+    if not _under(path, root):
+        return False
+    real_root = os.path.realpath(root)
+    return os.path.realpath(path) == os.path.normpath(
+        os.path.join(real_root, os.path.relpath(path, root)))
+
+
+def warm_mounts_problem(mounts: list[Mount], roots: tuple[str, ...], *,
+                        self_binds: bool = False, job_dir: str | None = None) -> str | None:
+    """Why a warm job process cannot make ``mounts`` (the job then runs cold), or None.
+    It binds read-only directories and regular files whose source lies under one of the
+    pool's mount roots (which its zygote sees and each job masks), or, with
+    ``self_binds``, a path onto itself (the process backend's zygote sees the host as
+    is). Writable mounts, device nodes and other sources stay on the cold path."""
+    for m in mounts:
+        if m.writable:
+            return f"mount {m.target!r} is writable"
+        try:
+            mode = os.stat(m.source).st_mode
+        except OSError as e:
+            return f"mount source {m.source!r}: {e.strerror}"
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            return f"mount source {m.source!r} is not a directory or a regular file"
+        if job_dir is not None and _under(m.target, job_dir):
+            return f"mount target {m.target!r} is in the job's dir"
+        if any(_beneath(m.source, r) for r in roots):
+            continue
+        if not (self_binds and m.source == m.target):
+            return f"mount source {m.source!r} is outside the warm mount roots {list(roots)}"
+    return None
+
+
 class WarmPool:
     """Zygotes for one backend, started on first use, one per job running at once.
 
@@ -78,8 +124,12 @@ class WarmPool:
     def __init__(self, starter: Starter, root: Path, uid: int | None, gid: int | None, *,
                  mount_at: str | None = None, hostname: str | None = None,
                  cgroup_parent: str = "sandmill", preload: tuple[str, ...] = DEFAULT_PRELOAD,
-                 memory_mb: int = 256, python: str = "/usr/bin/python3") -> None:
+                 memory_mb: int = 256, python: str = "/usr/bin/python3",
+                 mount_roots: tuple[str, ...] = ()) -> None:
         self.starter = starter
+        # Dirs the zygote sees and every job process masks, binding only its own mounts
+        # from under them (zygote.py, "Mount roots").
+        self.mount_roots = tuple(mount_roots)
         self.root = root
         self.mount_at = mount_at  # where a zygote sees its dir (None: at the same path)
         self.python = python  # the interpreter of the zygotes that exec other programs
@@ -149,7 +199,7 @@ class WarmPool:
                                       parent=self.cgroup_parent, prefix="warm")
             argv = [python, *PYTHON_FLAGS, "-E", "-s", "-c", ZYGOTE_SOURCE,
                     str(theirs.fileno()), ",".join(self.preload), script,
-                    source.decode(errors="surrogateescape")]
+                    source.decode(errors="surrogateescape"), json.dumps(self.mount_roots)]
             proc = await self.starter(argv, zdir, theirs.fileno(), cgroup)
             theirs.close()
             z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent)
@@ -189,7 +239,8 @@ def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup):
 async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | None,
                    program: str, can_exec: bool = True) -> Outcome | None:
     """Run ``spec`` warm; None when it must run cold instead (network on, pool off, or
-    the warm path failed before any of the job's code ran). ``program`` is argv[0]
+    the warm path failed before any of the job's code ran, e.g. a mount the job process
+    could not make). The backend has checked ``spec.mounts`` (``warm_mounts_problem``). ``program`` is argv[0]
     resolved to a path. A spec with a runtime script (``spec.warm``) runs in-process in a
     warm ``program``; any other is exec'd by a forked job process (``can_exec``: the
     backend says ``program`` is visible in the sandbox), which still skips the sandbox
@@ -232,12 +283,16 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             argv=spec.argv[spec.argv.index(script, 1):] if script else [], env=dict(spec.env),
             rlimits=[(r, s, h) for r, (s, h) in job_rlimits(limits)],
             tmp_bytes=limits.tmp_mb * 1024 * 1024 if limits.tmp_mb else None,
-            hostname=pool.hostname, exec=exec_argv)
+            hostname=pool.hostname, exec=exec_argv,
+            mounts=[[m.source, m.target] for m in spec.mounts])
         try:
             sup = await supervise_launch(make_launch(z, req, cgroup), stdin=spec.stdin,
                                          limits=limits, cgroup=cgroup, on_output=on_output)
         except WarmSetupError as e:
             pool.disable(str(e))  # e.g. no unprivileged user namespaces on this kernel
+            return None
+        except WarmMountError as e:  # this job's mounts only; the zygote goes on
+            log.info("a job's mounts cannot be made warm, running it cold: %s", e)
             return None
         except (WarmError, OSError) as e:  # this zygote only: the next job gets a new one
             log.warning("warm run failed before the job started, running it cold: %s", e)

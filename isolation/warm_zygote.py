@@ -1,5 +1,5 @@
 """A warm interpreter as the worker sees it (``Zygote``): one per job running at once,
-the socket protocol with ``zygote.py`` (messages R, W, J, X, Z, E, F), the job process's
+the socket protocol with ``zygote.py`` (messages R, W, J, X, Z, E, M, F), the job process's
 cgroup hand-over and its kill. The pool and the run are in ``warm.py``."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 import signal
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cgroups import CgroupUnavailable, JobCgroup
@@ -25,6 +25,11 @@ class WarmError(RuntimeError):
 class WarmSetupError(WarmError):
     """A job process could not set itself up (e.g. the kernel forbids unprivileged user
     namespaces): no warm run will work here."""
+
+
+class WarmMountError(WarmError):
+    """The job process could not make this job's mounts (e.g. a target that does not
+    exist in the warm sandbox): this job runs cold, the zygote stays usable."""
 
 
 def _set_once(fut: asyncio.Future[None]) -> None:
@@ -44,6 +49,8 @@ class JobRequest:
     tmp_bytes: int | None
     hostname: str | None = None
     exec: list[str] | None = None  # exec this argv instead of running argv[0] in-process
+    # [source, target] read-only binds, sources as the zygote sees them (warm.warm_mounts)
+    mounts: list[list[str]] = field(default_factory=list)
 
 
 class Zygote:
@@ -201,7 +208,7 @@ class Zygote:
         WarmError when the setup failed before the job's code ran. Returns on the job
         process's end (X): the zygote's note that the child is gone (Z) is read after."""
         status: int | None = None
-        setup_error = ""
+        setup_error = mount_error = ""
         try:
             while True:
                 msg, _ = await self._recv()
@@ -211,9 +218,11 @@ class Zygote:
                     break
                 if kind == b"E":
                     setup_error = body.decode(errors="replace")
+                elif kind == b"M":
+                    mount_error = body.decode(errors="replace")
                 elif kind == b"Z":
                     self._reaped = True
-                    if not setup_error:
+                    if not (setup_error or mount_error):
                         status = struct.unpack("i", body)[0]  # the child was killed
                     break
         except BaseException:
@@ -223,6 +232,8 @@ class Zygote:
             self._close_pidfd()
         if setup_error:
             raise WarmSetupError(f"warm job setup failed: {setup_error}")
+        if mount_error:
+            raise WarmMountError(f"warm job mounts: {mount_error}")
         assert status is not None
         return os.waitstatus_to_exitcode(status)
 

@@ -10,6 +10,8 @@
 #   job    -> worker  W                  forked and waiting for its job (with its pid)
 #   worker -> job     J{json} + 3 fds    the job: dir, limits, env, argv; stdin/out/err
 #   job    -> worker  E<text>            setup failed (nothing of the job ran)
+#   job    -> worker  M<text>            this job's mounts cannot be made here: it runs
+#                                         cold (nothing of the job ran; the zygote goes on)
 #   zygote -> worker  X<wait status>     the job process ended
 #   zygote -> worker  Z<wait status>     its child is gone: the zygote takes the next F
 #
@@ -22,6 +24,12 @@
 # unshares them and forks it), pid 1 there: it mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
 # the others), mounts a size-capped /tmp, sets the rlimits, drops every capability and
 # runs the script in-process, or execs the job's program (J with "exec").
+#
+# Mount roots (argv[5], JSON: directories the backend made visible to the zygote, e.g.
+# the python dependencies' environments): before its job, each job process keeps an
+# O_PATH fd of every root and masks it with an empty read-only tmpfs; on J it binds only
+# its own mounts (J "mounts": [source, target], read-only) from those fds, so a job sees
+# its own environment and no other one.
 import ctypes
 import gc
 import json
@@ -34,6 +42,8 @@ import sys
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+MS_RDONLY, MS_REMOUNT = 1, 32
+ST_NOEXEC = 8
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
 SIGKILL = 9
 SETUP_FAILED = 121
@@ -87,6 +97,7 @@ def _write(path, text):
 # The runtime script (sandmill's python3 wrapper), the same for every job: compiled once
 # here, not in every forked child (docs/performance.md).
 RUNTIME = {}
+ROOTS = []  # mount roots (see the top): masked in every job process, sources reached by fd
 
 
 def main():
@@ -99,6 +110,8 @@ def main():
     if len(sys.argv) > 4 and sys.argv[3]:
         source = sys.argv[4].encode()
         RUNTIME[source] = compile(source, sys.argv[3], "exec")
+    if len(sys.argv) > 5:
+        ROOTS.extend(json.loads(sys.argv[5]))
     _prctl(PR_SET_DUMPABLE, 0)  # no same-uid process may ptrace or read our memory
     gc.collect()
     gc.freeze()  # the preloaded objects move to the permanent generation: less copy-on-write
@@ -194,9 +207,9 @@ def _child(sock):
     os._exit(code)
 
 
-def _report(sock, e):
+def _report(sock, e, kind=b"E"):
     try:
-        sock.send(b"E" + f"{type(e).__name__}: {e}".encode()[:4000])
+        sock.send(kind + f"{type(e).__name__}: {e}".encode()[:4000])
     except OSError:
         pass
 
@@ -207,6 +220,7 @@ def _job(sock):
         _prctl(PR_SET_PDEATHSIG, SIGKILL)
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        roots = _mask_roots()
         import resource
 
         sock.send(b"W")  # waiting (with our pid: the worker checks our cgroup)
@@ -215,6 +229,8 @@ def _job(sock):
             raise RuntimeError("bad job message")
         job = json.loads(msg[1:])
         mount_at = job["mount"]
+        # Sources first, while every path is still as the zygote sees it.
+        sources = [_open_source(src, roots) for src, _ in job.get("mounts", ())]
         here = os.open(job["dir"], os.O_RDONLY | os.O_DIRECTORY)
         # Our dir over the shared jobs dir: the job sees only its own files there.
         _mount(f"/proc/self/fd/{here}", mount_at, None, MS_BIND)
@@ -223,6 +239,11 @@ def _job(sock):
         _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
         if os.path.isdir("/dev/shm"):
             _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
+        if sources:
+            try:
+                _bind_mounts(job["mounts"], sources, roots)
+            except OSError as e:  # this job's mounts only: it runs cold, warm runs go on
+                raise _Refused(str(e)) from None
         if job.get("hostname"):
             socket.sethostname(job["hostname"])
         os.chdir(mount_at)
@@ -235,12 +256,86 @@ def _job(sock):
             os.dup2(fd, i)
         sock.close()
         os.closerange(3, 1 << 16)
+    except _Refused as e:
+        _report(sock, e, b"M")
+        os._exit(SETUP_FAILED)
     except BaseException as e:  # noqa: BLE001
         _report(sock, e)
         os._exit(SETUP_FAILED)
     if job.get("exec"):
         _exec(job)
     os._exit(_run(job))
+
+
+class _Refused(Exception):
+    """This job's mounts cannot be made here (M): the worker runs it cold."""
+
+
+def _mask_roots():
+    """Before any job: an O_PATH fd of each mount root (the way to its sources), then an
+    empty read-only tmpfs over it. Returns {root: fd}."""
+    fds = {}
+    for r in ROOTS:
+        try:
+            fds[r] = os.open(r, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:  # not in this sandbox: nothing to hide, no source there
+            continue
+        _mount("tmpfs", r, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,nr_inodes=256,mode=755")
+        _mount(None, r, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return fds
+
+
+def _under(path, d):
+    return path == d or path.startswith(d.rstrip("/") + "/")
+
+
+def _open_source(src, roots):
+    """An O_PATH fd of ``src`` as the zygote sees it: under a root through its fd (the
+    mask covers the path), else by path."""
+    try:
+        for r, fd in roots.items():
+            if _under(src, r):
+                return os.open(os.path.relpath(src, r), os.O_PATH | os.O_CLOEXEC, dir_fd=fd)
+        return os.open(src, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise _Refused(f"mount source {src!r}: {e.strerror}") from None
+
+
+def _bind_mounts(mounts, fds, roots):
+    """Bind each source (by fd) at its target, read-only, nosuid, nodev. A missing target
+    is created only inside a tmpfs this process mounted (a root's mask, /tmp, /dev/shm);
+    anywhere else the job is refused (it runs cold)."""
+    ours = [*roots, "/tmp", "/dev/shm"]
+    opened = set()  # masks made writable for their mount points (read-only again after)
+    for (src, target), fd in zip(mounts, fds):
+        if not os.path.lexists(target):
+            mine = next((d for d in ours if _under(target, d) and target != d), None)
+            if mine is None:
+                raise _Refused(f"mount target {target!r} does not exist in the warm sandbox")
+            if mine in roots and mine not in opened:
+                _mount(None, mine, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                opened.add(mine)
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            if _is_dir(fd):
+                os.mkdir(target, 0o755)
+            else:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        try:
+            _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+            # the source mount's locked flags (noexec) must stay; atime flags stay by default
+            keep = MS_NOEXEC if os.statvfs(target).f_flag & ST_NOEXEC else 0
+            _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | keep)
+        except OSError as e:
+            raise _Refused(f"bind {src!r} at {target!r}: {e.strerror or e}") from None
+        os.close(fd)
+    for r in opened:
+        _mount(None, r, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _is_dir(fd):
+    import stat
+
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
 
 
 def _exec(job):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,31 @@ def work_root(profile: Profile) -> Path:
     return Path(opt) if opt else workdir.default_root()
 
 
+def pydeps_mount_roots() -> list[str]:
+    """The python dependencies' environments dir (worker/pydeps), made if missing: the
+    root under which process and nsjail bind a job's environment warm, every other
+    environment masked (isolation/zygote.py, "Mount roots"). Empty where warm runs cannot
+    be (not root) or the dir cannot be made."""
+    if os.geteuid() != 0:
+        return []
+    from .pydeps.envcache import EnvCache
+
+    try:
+        return [str(EnvCache().root / "envs")]
+    except OSError as e:  # the jobs with requirements then run cold
+        log.warning("python dependencies' cache unusable (%s): their jobs run cold", e)
+        return []
+
+
 def _own_options(name: str, options: dict[str, Any], own_root: Path | None) -> dict[str, Any]:
+    if name not in OWN_ROOT_BACKENDS:
+        return options
+    # The profile's roots and the worker's python dependencies' environments.
+    roots = [*options.get("warm_mount_roots", ()), *pydeps_mount_roots()]
+    options = {**options, "warm_mount_roots": roots}
     # A SIGKILLed worker leaves its jobs' work dirs behind; under a root named after the
     # worker (workdir.owner_root) a later worker can tell they are a dead worker's.
-    if own_root is None or name not in OWN_ROOT_BACKENDS:
+    if own_root is None:
         return options
     return {**options, "workdir_root": str(own_root)}
 
