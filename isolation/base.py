@@ -45,7 +45,8 @@ class Backend(abc.ABC):
 
 
 # The conformance suite's cases (tests/isolation/test_conformance.py, one test each,
-# named test_<case>). A probe's ``gaps`` uses these keys.
+# named test_<case>). A probe's ``gaps`` uses these keys, and one more for GPU jobs only:
+# ``gpu_device_cgroup`` (isolation/devices_cgroup.py; tests/test_gpu_devcg.py).
 CONFORMANCE_CASES: dict[str, str] = {
     "wall_timeout": "a job past limits.wall_s is killed: status timeout",
     "cpu_limit": "a busy loop past limits.cpu_s is killed: status cpu_limit",
