@@ -1,17 +1,25 @@
 """sandmill's benchmark set, on the machine at hand, in one command:
 
-    python -m bench --out DIR [--quick] [--only overhead,scaling,queue,idle,recovery]
+    python -m bench --out DIR [--quick] [--only overhead,scaling,queue,idle,recovery,
+                                             dedicated,agent,autoscale,pydeps,dashboard]
 
 1. per-job overhead, one worker, per backend present (process, nsjail, docker) and
    language (python3, bash), beside the bare interpreter start;
 2. scaling: 10..100 native subworkers draining 2,000 jobs of 100 ms;
 3. queue throughput: no-op jobs, sandmill vs pgqueuer's drain benchmark, same PostgreSQL;
 4. idle load of a cluster (committed tx/s);
-5. recovery: SIGKILL of a worker to its job running again.
+5. recovery: SIGKILL of a worker to its job running again;
+6. dedicated: no-op drain and fib(10) latency, a dedicated worker beside a standard one;
+7. agent: agent worker vs DB worker jobs/s; server CPU and tx/s with 200 idle agents;
+8. autoscale: a ramp idle -> burst -> idle, workers vs queue depth;
+9. pydeps: the first job of a new requirement lock, later jobs, no deps, per backend;
+10. dashboard: page-load p95 with 100,000 completed jobs.
 
 Prints tables and writes DIR/report.md, DIR/*.png and DIR/results.json. Everything runs
 on one embedded PostgreSQL (pgserver) started for the run. --quick: tiny counts, the
-process backend only (a smoke run of every section, about a minute).
+process backend only (a smoke run of every section: about a minute for 1-5, about three
+more for 6-10). Sections 6-10 are also commands of their own (python -m bench.dedicated,
+bench.agent, bench.autoscale, bench.pydeps, bench.dashboard), with more settings.
 """
 
 from __future__ import annotations
@@ -27,12 +35,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import report, suite
+from . import report, report_more, sections_more, suite
 from .common import BenchPG
 
 REPO = Path(__file__).resolve().parent.parent
 
-SECTIONS = ["overhead", "scaling", "queue", "idle", "recovery"]
+SECTIONS = ["overhead", "scaling", "queue", "idle", "recovery", *sections_more.SECTIONS]
 # What the bench extra (pip install -e '.[bench]') brings, and what needs it: the charts of
 # every report, and the queue section's peer.
 EXTRAS = {"matplotlib": "the report's charts", "pgqueuer": "the queue section's peer"}
@@ -166,6 +174,7 @@ def notes_for(res: dict) -> dict[str, str]:
             " logs completions in buffered batches.")
     if met.get("idle cluster load") is False:
         out["idle cluster load"] = "Idle load over target: see the per-window chart; the pings of workers and monitor dominate."
+    out.update(report_more.notes(res, met))
     return out
 
 
@@ -209,14 +218,15 @@ def print_tables(con: Console, res: dict) -> None:
     if "recovery" in res:
         s = res["recovery"]["spread"]
         con.print(f"5. recovery: median {s['median']:.2f} s (min {s['min']:.2f}, max {s['max']:.2f}, n={s['n']})")
+    report_more.print_tables(con, res)
 
 
 def run(out: Path, quick: bool = False, only: list[str] | None = None,
-        note: str = "", console: Console | None = None) -> dict:
-    """Run the set and write the report under ``out``; returns the results. This is the
-    function for `sandmill bench`."""
+        note: str = "", console: Console | None = None, counts: suite.Counts | None = None) -> dict:
+    """Run the set and write the report under ``out``; returns the results. ``counts``:
+    other sizes than the full set's or --quick's (the smoke tests' tinier ones)."""
     con = console or Console(width=None if sys.stdout.isatty() else 140)
-    counts = suite.QUICK if quick else suite.Counts()
+    counts = counts or (suite.QUICK if quick else suite.Counts())
     only = only or SECTIONS
     machine = machine_info(note or "noisy: shared with other engineers' test runs, timings vary run to run")
     res: dict = {"quick": quick}
@@ -226,7 +236,7 @@ def run(out: Path, quick: bool = False, only: list[str] | None = None,
         for name in only:
             con.rule(f"[bold]{name}")
             fn = {"overhead": suite.overhead, "scaling": suite.scaling, "queue": suite.queue_throughput,
-                  "idle": suite.idle, "recovery": suite.recovery}[name]
+                  "idle": suite.idle, "recovery": suite.recovery, **sections_more.SECTIONS}[name]
             res[name] = fn(bp, counts, log=con.print)
     finally:
         bp.close()

@@ -36,6 +36,11 @@ def profile(quick: bool) -> str:
                                        "inc_num_workers": 1}})
 
 
+def burst_waves(quick: bool) -> list[tuple[float, int, float]]:
+    """The burst: (seconds after its start, jobs, each job's sleep in seconds) per wave."""
+    return [(0.0, 40, 0.5)] if quick else [(0.0, 100, 1.0), (2.0, 100, 1.0), (4.0, 100, 1.0), (6.0, 100, 1.0)]
+
+
 async def _sample(conn) -> dict:
     r = await conn.fetchrow(
         "SELECT (SELECT count(*) FROM worker WHERE worker_group = $1) AS workers,"
@@ -50,7 +55,7 @@ async def ramp(url: str, quick: bool, t_start: float) -> dict:
     from sandmill.store import db as dbmod
     from sandmill.store import queue
 
-    waves = [(0.0, 40, 0.5)] if quick else [(0.0, 100, 1.0), (2.0, 100, 1.0), (4.0, 100, 1.0), (6.0, 100, 1.0)]
+    waves = burst_waves(quick)
     idle_s = 2.0 if quick else 10.0
     conn = await dbmod.connect(url)
     samples: list[dict] = []
@@ -106,15 +111,16 @@ async def ramp(url: str, quick: bool, t_start: float) -> dict:
             "events": [{**e, "at": e["at"] - burst_at} for e in events]}
 
 
-def chart(res: dict, path: Path) -> bool:
+def chart(res: dict, path: Path, foot: str = "") -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     t = [s["t"] - res["burst_t"] for s in res["samples"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.step(t, [s["waiting"] for s in res["samples"]], where="post", label="jobs waiting", color="tab:orange")
     ax.set_xlabel("seconds since the burst")
     ax.set_ylabel("jobs waiting")
@@ -123,17 +129,28 @@ def chart(res: dict, path: Path) -> bool:
     ax2.step(t, [s["desired"] or 0 for s in res["samples"]], where="post", label="workers asked for",
              color="tab:blue", linestyle="--")
     ax2.set_ylabel("workers")
-    fig.legend(loc="center right")
+    top = max([s["workers"] for s in res["samples"]] + [1]) + 0.5
+    ax.set_ylim(bottom=-0.05 * ax.get_ylim()[1])
+    ax2.set_ylim(-0.05 * top, top)  # zero workers drawn at zero jobs, off the frame
+    ax2.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no half workers
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)  # below: off the lines
     ax.set_title("autoscaling ramp: idle -> burst -> idle (min 0, max %d)" % res["max_workers_seen"])
-    fig.tight_layout()
+    if foot:  # the suite's report: the machine under every chart
+        fig.text(0.01, 0.01, foot, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1) if foot else None)
     fig.savefig(path)
     plt.close(fig)
     return True
 
 
-def run(quick: bool = False, out: Path | None = None) -> dict:
-    bp = BenchPG()
-    up = None
+def run(quick: bool = False, out: Path | None = None, bp: BenchPG | None = None) -> dict:
+    """The ramp; on ``bp`` (the suite's PostgreSQL, this section's database dropped after)
+    or on one of its own. With ``out``: autoscale.json and the chart there."""
+    own = bp is None
+    bp = bp or BenchPG()
+    up, url = None, None
     try:
         url = bp.database("autoscale")
         prof = bp.tmp / "ramp.yaml"
@@ -152,7 +169,10 @@ def run(quick: bool = False, out: Path | None = None) -> dict:
                 up.wait(60)
             except subprocess.TimeoutExpired:
                 up.kill()
-        bp.close()
+        if own:
+            bp.close()
+        elif url:
+            bp.drop(url)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         res["chart"] = str(out / "autoscale.png") if chart(res, out / "autoscale.png") else None

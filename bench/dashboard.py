@@ -131,15 +131,13 @@ def measure(base: str, token: str, seeded: dict, rounds: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=100_000)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--quick", action="store_true", help="10,000 jobs, 5 rounds")
-    ap.add_argument("--json", help="write the figures to this file")
-    a = ap.parse_args(argv)
-    jobs, rounds = (10_000, 5) if a.quick else (a.jobs, a.rounds)
-    bp = BenchPG()
+def run(jobs: int = 100_000, rounds: int = 30, bp: BenchPG | None = None) -> dict:
+    """Seed ``jobs`` completed jobs, start a server, time every page ``rounds`` times; on
+    ``bp`` (the suite's PostgreSQL, this section's database dropped after) or on one of
+    its own. ``met``: every page's p95 under the target; ``worst_p95_ms``: the slowest."""
+    own = bp is None
+    bp = bp or BenchPG()
+    url = None
     try:
         url = bp.database("dash")
         seeded = asyncio.run(seed(url, jobs))
@@ -150,10 +148,26 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             c.stop()
     finally:
-        bp.close()
+        if own:
+            bp.close()
+        elif url:
+            bp.drop(url)
     res.update(jobs=jobs, rounds=rounds, insert_s=seeded["insert_s"], target_p95_ms=TARGET_P95_MS)
-    worst = max(p["p95_ms"] for p in res["pages"].values())
-    res["met"] = worst < TARGET_P95_MS
+    res["worst_p95_ms"] = max(p["p95_ms"] for p in res["pages"].values())
+    res["met"] = res["worst_p95_ms"] < TARGET_P95_MS
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--quick", action="store_true", help="10,000 jobs, 5 rounds")
+    ap.add_argument("--json", help="write the figures to this file")
+    a = ap.parse_args(argv)
+    jobs, rounds = (10_000, 5) if a.quick else (a.jobs, a.rounds)
+    res = run(jobs, rounds)
+    worst = res["worst_p95_ms"]
     t = Table(title=f"dashboard page loads, {jobs:,} completed jobs, {rounds} rounds (ms)")
     for col in ("page", "p50", "p95", "max"):
         t.add_column(col, justify="left" if col == "page" else "right")

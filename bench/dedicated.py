@@ -96,8 +96,12 @@ async def latency(cluster, path: str, runs: int) -> dict:
     return {"runs": runs, "p50_ms": pct(out, 50), "p99_ms": pct(out, 99), "min_ms": min(out)}
 
 
-def run(jobs: int, runs: int, backend: str, subworkers: int) -> dict:
-    bp = BenchPG()
+def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None = None) -> dict:
+    """Both measures on one dedicated and one standard worker; on ``bp`` (the suite's
+    PostgreSQL, this section's database dropped after) or on one of its own."""
+    own = bp is None
+    bp = bp or BenchPG()
+    url = None
     try:
         url = bp.database("dedicated")
         std_tag = f"py{uuid.uuid4().hex[:6]}"
@@ -125,7 +129,10 @@ def run(jobs: int, runs: int, backend: str, subworkers: int) -> dict:
         finally:
             cluster.stop()
     finally:
-        bp.close()
+        if own:
+            bp.close()
+        elif url:
+            bp.drop(url)
 
 
 def report(r: dict) -> str:

@@ -82,9 +82,13 @@ async def measure(cluster, jobs: int, locks: int) -> dict:
     return res
 
 
-def run(backend: str = "process", jobs: int = 30, locks: int = 3) -> dict:
-    bp = BenchPG()
+def run(backend: str = "process", jobs: int = 30, locks: int = 3, bp: BenchPG | None = None) -> dict:
+    """The three rows on one worker of ``backend``; on ``bp`` (the suite's PostgreSQL, this
+    section's database dropped after) or on one of its own."""
+    own = bp is None
+    bp = bp or BenchPG()
     cache = Path("/var/cache/sandmill") / f"bench-pydeps-{uuid.uuid4().hex[:8]}"
+    url = None
     try:
         url = bp.database("pydeps")
         cluster = bp.cluster(url, "pydeps", env={"SANDMILL_PYDEPS_DIR": str(cache)})
@@ -96,7 +100,10 @@ def run(backend: str = "process", jobs: int = 30, locks: int = 3) -> dict:
         finally:
             cluster.stop()
     finally:
-        bp.close()
+        if own:
+            bp.close()
+        elif url:
+            bp.drop(url)
         shutil.rmtree(cache, ignore_errors=True)
     return {"backend": backend, "rows": res}
 

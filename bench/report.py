@@ -1,10 +1,12 @@
 """The report of `python -m bench`: PNG charts (matplotlib) and report.md, plus the
-targets with their verdicts."""
+targets with their verdicts (the feature sections' parts: bench/report_more.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from . import report_more
 
 WINDMILL = {"python3": 15.0, "bash": 120.0}  # jobs/s of one standard worker, published
 TARGETS = {
@@ -74,7 +76,7 @@ def targets(res: dict) -> list[dict]:
         v = i["tx_per_s"]
         out.append({"name": "idle cluster load", "target": "< 5 tx/s", "value": f"{v:.2f} tx/s",
                     "met": v < TARGETS["idle_tx_s"], "gap": f"{v - 5:.2f} tx/s over" if v >= 5 else ""})
-    return out
+    return out + report_more.targets(res)  # the feature sections' rows
 
 
 def charts(res: dict, out: Path, machine: str) -> list[str]:
@@ -177,7 +179,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
                          f"{_spread_txt(rc['spread'], 's', '.2f', 'min-max')}; ping timeout {rc['ping_timeout_s']:g} s,"
                          f" monitor every {rc['monitor_every_s']:g} s", fontsize=9)
         made.append(_save(fig, out, "idle_recovery.png", foot))
-    return made
+    return made + report_more.charts(res, out, foot, plt)
 
 
 def _verdict(m) -> str:
@@ -260,6 +262,7 @@ def markdown(res: dict, machine: dict, pngs: list[str], cmd: str, notes: dict[st
               " ping) and ping timeout + monitor interval."]
     if i or rc:
         L += ["", "![idle and recovery](idle_recovery.png)"]
+    L += report_more.markdown(res)  # sections 6-10
     if notes:
         L += ["", "## What holds the missed targets back", ""]
         for k, v in notes.items():

@@ -41,13 +41,29 @@ class Counts:
     idle_settle_s: float = 11    # PostgreSQL flushes an idle backend's counters up to 10 s late
     recovery_repeats: int = 3
     recovery_env: dict = field(default_factory=dict)  # defaults: SANDMILL_PING_TIMEOUT_S 6, MONITOR_EVERY_S 2
+    # the sections of bench/sections_more.py (pydeps runs on ``backends``)
+    dedicated_backends: list[str] = field(default_factory=lambda: ["process", "nsjail"])
+    dedicated_jobs: int = 5000   # no-op jobs drained by the dedicated worker (the standard one: a tenth)
+    dedicated_runs: int = 200    # fib(10) run_wait_result calls per worker
+    agent_jobs: int = 3000
+    agent_rounds: int = 3
+    agent_idle_agents: int = 200
+    agent_idle_s: float = 60
+    autoscale_quick: bool = False  # the ramp's small burst
+    pydeps_jobs: int = 30
+    pydeps_locks: int = 3
+    dashboard_jobs: int = 100_000
+    dashboard_rounds: int = 30
 
 
 QUICK = Counts(backends=["process"], latency_runs=5, batch_jobs=10, batches=1, docker_batch_jobs=5,
                docker_latency_runs=3, scaling_n=[5, 10], scaling_jobs=60, scaling_repeats=1,
                queue_jobs=200, queue_repeats=1, idle_window_s=1, idle_windows=2, idle_settle_s=1,
                recovery_repeats=1,
-               recovery_env={"SANDMILL_PING_TIMEOUT_S": "2", "SANDMILL_MONITOR_EVERY_S": "0.5"})
+               recovery_env={"SANDMILL_PING_TIMEOUT_S": "2", "SANDMILL_MONITOR_EVERY_S": "0.5"},
+               dedicated_backends=["process"], dedicated_jobs=500, dedicated_runs=30, agent_jobs=300,
+               agent_rounds=1, agent_idle_agents=20, agent_idle_s=6, autoscale_quick=True, pydeps_jobs=5,
+               pydeps_locks=1, dashboard_jobs=10_000, dashboard_rounds=5)
 
 
 def available_backends(wanted: list[str]) -> dict[str, str]:

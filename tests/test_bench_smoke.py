@@ -1,7 +1,10 @@
-"""`python -m bench --quick` runs every section and writes the report with its charts."""
+"""`python -m bench --quick` runs its sections and writes the report with its charts: the
+core sections 1-5 and the feature sections 6-10 (dedicated, agent, autoscale, pydeps,
+dashboard) side by side."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -17,7 +20,9 @@ def test_bench_quick_writes_report_and_charts(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("pgqueuer")
     out = tmp_path / "tmp"
-    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+    # sections 1-5 (the feature sections 6-10: the tests below and each benchmark's own)
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
+                        "--only", "overhead,scaling,queue,idle,recovery"], cwd=REPO,
                        capture_output=True, text=True, timeout=230)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = (out / "report.md").read_text()
@@ -76,3 +81,88 @@ def test_sections_that_do_not_run_the_peer_do_not_need_it(monkeypatch):
     assert "pgqueuer" not in missing_extras(["overhead", "scaling", "idle", "recovery"])
     assert "pgqueuer" not in missing_extras(["queue"], replot=True)
     assert "pgqueuer" in missing_extras(["queue"])
+
+
+MORE = ["dedicated", "agent", "autoscale", "pydeps", "dashboard"]
+MORE_HEADINGS = ["## 6. Dedicated workers", "## 7. Agent workers", "## 8. Autoscaling",
+                 "## 9. Python dependencies", "## 10. Dashboard"]
+
+
+def _more_results() -> dict:
+    """What `python -m bench --quick --only dedicated,agent,autoscale,pydeps,dashboard` wrote."""
+    return json.loads((REPO / "tests" / "data" / "bench_more_results.json").read_text())
+
+
+def test_the_feature_sections_report_side_by_side(tmp_path):
+    """The feature benchmarks' figures land in one report: their Targets rows with verdicts,
+    a section each with its table, and their charts (the autoscale ramp among them)."""
+    pytest.importorskip("matplotlib")
+    from bench.__main__ import main
+
+    (tmp_path / "results.json").write_text(json.dumps(_more_results()))
+    assert main(["--out", str(tmp_path), "--replot", "--only", ",".join(MORE)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for heading in MORE_HEADINGS:
+        assert heading in report, heading
+    assert report.index("## Targets") < report.index(MORE_HEADINGS[0])
+    targets = report[report.index("## Targets"):report.index(MORE_HEADINGS[0])]
+    for row in ("| dedicated worker drain (process) | >= 2,000 jobs/s | 1,385 jobs/s",
+                "| fib(10) run_wait_result p50, dedicated (process) | <= 5 ms | 10.9 ms",
+                "| agent vs DB worker, 8 subworkers each | >= 80% of DB jobs/s | 31%",
+                "| 200 idle agents: server CPU |", "| 200 idle agents: database |",
+                "| autoscale: burst -> first scale-out | none (reported) | 0.23 s",
+                "| pydeps: first job of a new lock (process) |", "| dashboard page load p95, 100,000 jobs |"):
+        assert row in targets, row
+    assert targets.count("**missed**") == 3  # the two dedicated targets and the agent's share, in that run
+    for png in ("autoscale.png", "pydeps.png", "dashboard.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+        assert f"({png})" in report
+    assert "### agent vs DB worker, 8 subworkers each" in report  # a missed target says where to read on
+
+
+def test_feature_targets_are_judged_only_at_their_size():
+    """--quick's 20 idle agents and 10,000 dashboard jobs are not the targets' 200 and
+    100,000: no verdict; at full size, a verdict."""
+    from bench.report_more import targets
+
+    res = _more_results()
+    verdict = {t["name"]: t["met"] for t in targets(res)}
+    assert verdict["200 idle agents: server CPU"] is None and verdict["200 idle agents: database"] is None
+    assert verdict["dashboard page load p95, 100,000 jobs"] is None
+    assert verdict["agent vs DB worker, 8 subworkers each"] is False
+    res["agent"]["idle"]["agents"], res["dashboard"]["jobs"] = 200, 100_000
+    res["agent"]["idle"]["tx_per_s"] = 5.5
+    rows = {t["name"]: t for t in targets(res)}
+    assert rows["200 idle agents: server CPU"]["met"] is True
+    assert rows["200 idle agents: database"]["met"] is False and rows["200 idle agents: database"]["gap"] == "0.50 tx/s over"
+    assert rows["dashboard page load p95, 100,000 jobs"]["met"] is True
+
+
+@pytest.mark.timeout(150)
+def test_the_feature_sections_run_through_the_suite(tmp_path):
+    """`python -m bench` runs the feature benchmarks on its one PostgreSQL (tinier than
+    --quick, to keep the test run short; autoscale's ramp runs in tests/test_autoscale_bench.py)."""
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    from rich.console import Console
+
+    from bench import suite
+    from bench.__main__ import run
+
+    tiny = dataclasses.replace(suite.QUICK, dedicated_jobs=100, dedicated_runs=3, agent_jobs=100,
+                               agent_idle_agents=3, agent_idle_s=1, pydeps_jobs=2, dashboard_jobs=1000,
+                               dashboard_rounds=2)
+    only = ["dedicated", "agent", "pydeps", "dashboard"]
+    res = run(tmp_path, quick=True, only=only, counts=tiny, console=Console(file=io.StringIO()))
+    (ded,) = res["dedicated"]["rows"]
+    assert ded["drain_dedicated"]["jobs"] == 100 and ded["drain_dedicated"]["failed"] == 0
+    assert ded["latency_dedicated"]["runs"] == 3
+    assert res["agent"]["throughput"]["agent_median"] > 0 and res["agent"]["idle"]["agents"] == 3
+    (pd,) = res["pydeps"]["rows"]
+    assert pd["backend"] == "process" and pd["rows"]["later jobs"]["n"] == 2
+    assert res["dashboard"]["jobs"] == 1000 and res["dashboard"]["worst_p95_ms"] > 0
+    report = (tmp_path / "report.md").read_text()
+    for heading in MORE_HEADINGS[:2] + MORE_HEADINGS[3:]:
+        assert heading in report, heading
+    assert json.loads((tmp_path / "results.json").read_text())["dashboard"]["rounds"] == 2
