@@ -153,7 +153,8 @@ async def _idle_agent(base: str, token: str, i: int, started: asyncio.Event, pin
         await client.close()
 
 
-def idle(bp: BenchPG, agents: int, seconds: float, ping_s: float = 15.0, poll_s: float = 60.0) -> dict:
+def idle(bp: BenchPG, agents: int, seconds: float, ping_s: float = 15.0, poll_s: float = 60.0,
+         warmup_s: float = 15.0) -> dict:
     """The server's CPU and the database's tx/s with ``agents`` idle agents."""
     url = bp.database("agentidle")
     c = bp.cluster(url, "agentidle")
@@ -167,7 +168,9 @@ def idle(bp: BenchPG, agents: int, seconds: float, ping_s: float = 15.0, poll_s:
                      for i in range(agents)]
             await wait_registered(url, "gidle", agents, timeout=120)
             started.set()
-            await asyncio.sleep(min(5.0, seconds / 2))  # the phases spread
+            # the phases spread, and the statistics of the registrations reach the counters
+            # (a backend reports its commits up to 10 s late when it goes idle)
+            await asyncio.sleep(warmup_s)
             cpu0, t0 = server.cpu_times(), time.monotonic()
             tx = await measure_commits_per_s(url, seconds)
             cpu1, t1 = server.cpu_times(), time.monotonic()
@@ -207,8 +210,9 @@ def main() -> int:
               f" agent {', '.join(f'{x:.0f}' for x in tp['agent_jobs_per_s'])}]")
         for kind, by in tp["cpu_ms_per_1000_jobs"].items():
             print(f"  CPU ms per 1000 jobs, {kind} drain: " + ", ".join(f"{k} {v:.0f}" for k, v in by.items()))
-        base = idle(bp, 0, a.idle_s)  # the server alone: its monitor, its own reads
-        il = idle(bp, a.agents, a.idle_s)
+        warmup = 3.0 if a.quick else 15.0
+        base = idle(bp, 0, a.idle_s, warmup_s=warmup)  # the server alone: its monitor, its own reads
+        il = idle(bp, a.agents, a.idle_s, warmup_s=warmup)
         il["baseline"] = base
         print(f"idle: {il['agents']} agents over {il['seconds']:.0f} s: server CPU"
               f" {100 * il['server_cpu_share']:.1f}% of a core (goal < 5%),"

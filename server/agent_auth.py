@@ -115,7 +115,9 @@ class AgentKeys:
                 if self.secret is None:
                     await self.load()
             return
-        if time.monotonic() - self._read_at >= self.refresh_s and not self._lock.locked():
+        # keep_fresh() reads them every refresh_s; a request reads them only when that
+        # task is late (twice the period), not on top of it
+        if time.monotonic() - self._read_at >= 2 * self.refresh_s and not self._lock.locked():
             async with self._lock:
                 try:
                     await self.refresh()
