@@ -36,6 +36,7 @@ import json
 import os
 import select
 import socket
+import stat
 import struct
 import sys
 
@@ -316,7 +317,7 @@ def _bind_mounts(mounts, fds, roots):
                 _mount(None, mine, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC)
                 opened.add(mine)
             os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-            if _is_dir(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
                 os.mkdir(target, 0o755)
             else:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
@@ -330,12 +331,6 @@ def _bind_mounts(mounts, fds, roots):
         os.close(fd)
     for r in opened:
         _mount(None, r, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-
-
-def _is_dir(fd):
-    import stat
-
-    return stat.S_ISDIR(os.fstat(fd).st_mode)
 
 
 def _exec(job):
