@@ -19,7 +19,6 @@ import os
 import resource
 import signal
 import socket
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +28,10 @@ from sandmill.isolation.supervise import job_rlimits
 from sandmill.isolation.warm import JobRequest, WarmError, WarmPool, Zygote
 
 from .dedicated_channel import Channel, ResultFn, Sent
+from .runtimes import template
 
 RUNTIME_NAME = "dedicated_runtime.py"
-RUNTIME_SOURCE = resources.files("sandmill.worker").joinpath("templates/dedicated_runtime.py").read_bytes()
+RUNTIME_SOURCE = template(RUNTIME_NAME)
 START_TIMEOUT_S = 15.0
 
 

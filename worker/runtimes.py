@@ -15,7 +15,18 @@ from sandmill.profiles import Profile
 
 from sandmill.store.storable import MAX_RESULT_JSON_BYTES, decode_output, json_problem, storable_text
 
-_PY_WRAPPER = resources.files("sandmill.worker").joinpath("templates/python_wrapper.py").read_bytes()
+_INCLUDE = re.compile(rb"^# sandmill: include (\w+\.py)\n", re.M)
+
+
+def template(name: str) -> bytes:
+    """An in-sandbox program of worker/templates, with its ``# sandmill: include F`` lines
+    replaced by F's text (one copy of the code the programs share, one file each to run)."""
+    base = resources.files("sandmill.worker").joinpath("templates")
+    return _INCLUDE.sub(lambda m: base.joinpath(m.group(1).decode()).read_bytes(),
+                        base.joinpath(name).read_bytes())
+
+
+_PY_WRAPPER = template("python_wrapper.py")
 # `name="$1"` / `name="${2:-default}"`: how a bash script declares its parameters.
 _BASH_PARAM = re.compile(r"""^\s*(?:local\s+|declare\s+)?([A-Za-z_]\w*)=["']?\$\{?(\d+)""", re.M)
 
