@@ -6,7 +6,7 @@
 2. latency: `run_wait_result` of fib(10), one request after the other, p50 and p99.
 
     python -m bench.dedicated [--jobs 5000] [--runs 200] [--backend process|nsjail]
-                              [--subworkers 1] [--quick]
+                              [--subworkers 1] [--timeout 600] [--quick]
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ async def latency(cluster, path: str, runs: int) -> dict:
     return {"runs": runs, "p50_ms": pct(out, 50), "p99_ms": pct(out, 99), "min_ms": min(out)}
 
 
-def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None = None) -> dict:
+def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None = None,
+        timeout: float = 600) -> dict:
     """Both measures on one dedicated and one standard worker; on ``bp`` (the suite's
     PostgreSQL, this section's database dropped after) or on one of its own."""
     own = bp is None
@@ -120,9 +121,9 @@ def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None 
             cluster.wait_workers("std")
             res = {"backend": backend, "subworkers": subworkers}
             bp.checkpoint()
-            res["drain_dedicated"] = asyncio.run(drain(url, s["f/noop"], jobs))
+            res["drain_dedicated"] = asyncio.run(drain(url, s["f/noop"], jobs, timeout))
             bp.checkpoint()
-            res["drain_standard"] = asyncio.run(drain(url, s["f/noop_std"], max(100, jobs // 10)))
+            res["drain_standard"] = asyncio.run(drain(url, s["f/noop_std"], max(100, jobs // 10), timeout))
             res["latency_dedicated"] = asyncio.run(latency(cluster, "f/fib", runs))
             res["latency_standard"] = asyncio.run(latency(cluster, "f/fib_std", runs))
             return res
@@ -161,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--backend", default="process", choices=["process", "nsjail"])
     ap.add_argument("--subworkers", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds a drain may take before it fails")
     ap.add_argument("--quick", action="store_true", help="500 jobs, 30 runs: a smoke run")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     a = ap.parse_args(argv)
     jobs, runs = (500, 30) if a.quick else (a.jobs, a.runs)
-    r = run(jobs, runs, a.backend, a.subworkers)
+    r = run(jobs, runs, a.backend, a.subworkers, timeout=a.timeout)
     print(report(r))
     if a.json:
         print(json.dumps(r))

@@ -105,6 +105,7 @@ class Dedicated:
         self.w = w
         self.completer = Completer(w)
         self.canceled: set[uuid.UUID] = set()
+        self.claims = 0  # claims that returned jobs so far (their number stamps the jobs)
         self.loops: list[ScriptLoop] = []
         for script in w.profile.dedicated:
             ws, _, path = script.partition(":")
@@ -163,13 +164,20 @@ class Dedicated:
         every = self.w.settings.job_ping_s
         while True:
             await asyncio.sleep(every)
-            starting = [(s.job["id"], s.started_at) for lp in self.loops for s in lp.running()]
-            try:
-                held, canceled = await store.ping(self.w.pool, self.w.name, starting)
-            except Exception as e:  # noqa: BLE001 - the next ping tries again
-                log.warning("dedicated heartbeat failed: %s", e)
-                continue
-            for j in canceled - self.canceled:
-                self.cancel(j)
-            for lp in self.loops:
-                lp.drop_lost(held)
+            await self.ping_once()
+
+    async def ping_once(self) -> None:
+        """One heartbeat of every held job; drop the jobs it says are not ours any more."""
+        starting = [(s.job["id"], s.started_at) for lp in self.loops for s in lp.running()]
+        # Only jobs whose claim had returned (so committed) before the ping's snapshot can
+        # be judged by it: a claim committing while the ping runs is not in its answer.
+        seen = self.claims
+        try:
+            held, canceled = await store.ping(self.w.pool, self.w.name, starting)
+        except Exception as e:  # noqa: BLE001 - the next ping tries again
+            log.warning("dedicated heartbeat failed: %s", e)
+            return
+        for j in canceled - self.canceled:
+            self.cancel(j)
+        for lp in self.loops:
+            lp.drop_lost(held, seen)

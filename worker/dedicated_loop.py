@@ -153,6 +153,9 @@ class ScriptLoop:
         finally:
             self.claiming = None
         if jobs:
+            self.d.claims += 1
+            for job in jobs:  # which heartbeats may judge it (drop_lost)
+                job["claim_no"] = self.d.claims
             self.local.extend(jobs)
         elif gen == self.wakes:
             self.drained = True
@@ -202,18 +205,25 @@ class ScriptLoop:
                 rt.kill("canceled")
         # sent behind: killed when it starts (on_start); local: completed in _feed
 
-    def drop_lost(self, held: set[uuid.UUID]) -> None:
-        """Jobs the heartbeat says are not ours any more (the monitor gave them away)."""
+    def drop_lost(self, held: set[uuid.UUID], seen: int) -> None:
+        """Jobs the heartbeat says are not ours any more (the monitor gave them away). Only
+        those claimed by the first ``seen`` claims: a claim that committed after the
+        heartbeat's snapshot is missing from ``held`` although the jobs are ours (marking
+        them lost left them held, heartbeated and never run: issue 18)."""
+        before = len(self.lost)
         for job in self.local:
-            if job["id"] not in held:
+            if job["id"] not in held and job["claim_no"] <= seen:
                 self.lost.add(job["id"])
         rt = self.rt
         if rt is not None:
             for s in rt.inflight:
-                if s.job["id"] not in held:
+                if s.job["id"] not in held and s.job["claim_no"] <= seen:
                     self.lost.add(s.job["id"])
                     if s is rt.inflight[0] and s.started is not None:
                         rt.kill("lost")
+        if len(self.lost) > before:
+            log.warning("dedicated %s: %d job(s) no longer this worker's (the monitor gave them"
+                        " away): not run here", self.tag, len(self.lost) - before)
 
     # ---- runtimes --------------------------------------------------------------------------
 
