@@ -105,7 +105,7 @@ mkdir -p "$STATE_DIR"
 # The bench extra too: the test run includes a smoke run of the benchmark set (its
 # charts need matplotlib; its queue section runs the peer, pgqueuer).
 # ...and only when the installed sandmill is this checkout's (another clone may have installed its own).
-installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter, schemathesis, uv, jwt, selenium, prometheus_client, kubernetes; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
+installed_from() { (cd / && "$PY" -c 'import os, sandmill.store, pytest, pgqueuer, matplotlib, importlinter, schemathesis, uv, jwt, selenium, prometheus_client, kubernetes, orjson, httptools; print(os.path.dirname(os.path.dirname(sandmill.store.__file__)))' 2>/dev/null); }
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ "$(installed_from)" = "$REPO" ]; then
     step "python: sandmill already installed in $PY"
 else

@@ -24,6 +24,7 @@ import uuid
 from typing import Any
 
 import httpx
+import orjson
 
 log = logging.getLogger("sandmill.worker")
 
@@ -54,7 +55,20 @@ def _default(o: Any) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, default=_default, separators=(",", ":")).encode()
+    """JSON bytes: orjson (UUIDs and datetimes as the server reads them), else the json
+    module for what orjson refuses (an int over 64 bits, a key not a string)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, default=_default, separators=(",", ":")).encode()
+
+
+def loads(raw: bytes) -> Any:
+    """Parse JSON (orjson; the json module for what only it reads: NaN, Infinity)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 class Backoff:
@@ -110,7 +124,7 @@ class AgentClient:
                 why = f"{type(e).__name__}: {e}"
             else:
                 if r.status_code < 300:
-                    return r.json()
+                    return loads(r.content)
                 if r.status_code < 500:
                     raise AgentRefused(r.status_code, _message(r))
                 why = f"HTTP {r.status_code}: {_message(r)}"

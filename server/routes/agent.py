@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 
@@ -58,7 +59,11 @@ def _default(o: Any) -> Any:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, default=_default, separators=(",", ":")).encode()
+    # orjson: a tenth of json's CPU on the job rows; json for what it refuses (big ints)
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, default=_default, separators=(",", ":")).encode()
 
 
 def _json(body: bytes) -> Response:
