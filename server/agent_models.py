@@ -6,15 +6,14 @@ plain type checks, and through its model only when those fail (for the 422's det
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from sandmill.store import queue
+from sandmill.store.wirejson import loads
 
 from .models import GROUP_RE, _Storable
 
@@ -163,15 +162,8 @@ def _when(v: Any) -> dt.datetime | None:
     return t
 
 
-def _loads(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:  # NaN, Infinity, 1e400: what only json reads
-        return json.loads(raw)
-
-
 def _fast(raw: bytes) -> tuple[str, list[dict[str, Any]], Complete]:
-    b = _loads(raw)
+    b = loads(raw)
     name = b["name"]
     if type(name) is not str or not 2 <= len(name) <= 200:
         raise ValueError(name)

@@ -13,8 +13,6 @@ parts that take a connection for a statement take this client instead."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import logging
 import random
 import socket
@@ -24,7 +22,8 @@ import uuid
 from typing import Any
 
 import httpx
-import orjson
+
+from sandmill.store.wirejson import dumps, loads
 
 log = logging.getLogger("sandmill.worker")
 
@@ -44,31 +43,6 @@ class AgentRefused(Exception):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
-
-
-def _default(o: Any) -> Any:
-    if isinstance(o, uuid.UUID):
-        return str(o)
-    if isinstance(o, (dt.datetime, dt.date)):
-        return o.isoformat()
-    raise TypeError(f"{type(o).__name__} is not JSON")
-
-
-def dumps(obj: Any) -> bytes:
-    """JSON bytes: orjson (UUIDs and datetimes as the server reads them), else the json
-    module for what orjson refuses (an int over 64 bits, a key not a string)."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, default=_default, separators=(",", ":")).encode()
-
-
-def loads(raw: bytes) -> Any:
-    """Parse JSON (orjson; the json module for what only it reads: NaN, Infinity)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 class Backoff:

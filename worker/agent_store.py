@@ -22,7 +22,9 @@ from typing import Any
 
 from sandmill.store.claims import Completion
 
-from .agent_client import AgentClient, AgentRefused, dumps
+from sandmill.store.wirejson import dumps
+
+from .agent_client import AgentClient, AgentRefused
 
 log = logging.getLogger("sandmill.worker")
 

@@ -8,23 +8,21 @@ of its own workers. Token management (create, blacklist) is the admin's."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hmac
-import json
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 
 from sandmill.store import agent as store_agent
 from sandmill.store import queue, workers
+from sandmill.store.wirejson import dumps
 
 from ..agent_auth import AgentClaims, bearer
 from ..agent_state import AgentState, agent_state, lifespan
-from ..agent_models import (MAX_WAIT_S, request_body, AdminJob, AgentTokenCreate, AgentTokenRevoke, Complete, JobRef,
+from ..agent_models import (request_body, AdminJob, AgentTokenCreate, AgentTokenRevoke, Complete, JobRef,
                             Listen, Logs, Named, Ping, Pull, Register, Result, completions)
 from ..deps import Admin, Pool
 from .errors import AUTHED, TEXT, error
@@ -48,22 +46,6 @@ async def agent(request: Request, st: State) -> AgentClaims:
 
 
 Agent = Annotated[AgentClaims, Depends(agent)]
-
-
-def _default(o: Any) -> Any:
-    if isinstance(o, uuid.UUID):
-        return str(o)
-    if isinstance(o, (dt.datetime, dt.date)):
-        return o.isoformat()
-    raise TypeError(f"{type(o).__name__} is not JSON")
-
-
-def _dumps(obj: Any) -> bytes:
-    # orjson: a tenth of json's CPU on the job rows; json for what it refuses (big ints)
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, default=_default, separators=(",", ":")).encode()
 
 
 def _json(body: bytes) -> Response:
@@ -251,7 +233,7 @@ async def pull_job(body: Pull, a: Agent, pool: Pool, st: State, request: Request
     # with none: when the next may come due, if known (the idle slots' next_due, then, needs
     # no request of its own)
     known, due = hub.empty_due(a.tags, bases) if not jobs else (False, None)
-    out = _dumps({"jobs": jobs, "idle": {"due": due}} if known else {"jobs": jobs})
+    out = dumps({"jobs": jobs, "idle": {"due": due}} if known else {"jobs": jobs})
     st.keep_reply(key, out)
     return _json(out)
 
@@ -305,7 +287,7 @@ async def complete(a: Agent, pool: Pool, st: State, request: Request) -> Respons
     else:
         statuses = await queue.complete_many(pool, done)
     acked, refused = await _sorted(pool, [d.job_id for d in done], statuses, name)
-    out = _dumps({"statuses": statuses_json(statuses), "acked": acked, "refused": refused, "jobs": jobs})
+    out = dumps({"statuses": statuses_json(statuses), "acked": acked, "refused": refused, "jobs": jobs})
     st.keep_reply(key, out)
     return _json(out)
 
@@ -369,6 +351,6 @@ async def insert_completed(body: AdminJob, a: Agent, pool: Pool, st: State, requ
         tag=f"{body.kind}-{name}", worker=name, started_at=body.started_at, status=body.status,
         result=body.result, error=body.error, logs=body.logs, duration_ms=body.duration_ms,
         cpu_ms=body.cpu_ms, mem_peak_kb=body.mem_peak_kb, outcome=body.outcome)
-    out = _dumps({"id": job_id})
+    out = dumps({"id": job_id})
     st.keep_reply(key, out)
     return _json(out)
