@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sandmill.isolation import cgroups, workdir
+from sandmill.isolation import cgroup_sweep, cgroups, workdir
 from support import wait_done
 
 
@@ -59,7 +59,7 @@ def test_cgroup_sweep_removes_empty_job_cgroups_only():
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         busy.add(sleeper.pid)
-        removed = cgroups.sweep_stale(recheck_s=0.1, parent=parent)
+        removed = cgroup_sweep.sweep_stale(recheck_s=0.1, parent=parent)
         assert sorted(removed) == sorted(empty.unique_dirs() + warm.unique_dirs())
         assert all(not d.exists() for d in empty.unique_dirs() + warm.unique_dirs())
         assert all(d.exists() for d in busy.unique_dirs())

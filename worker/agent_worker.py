@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
@@ -19,11 +18,10 @@ import jwt
 
 from sandmill.profiles import Profile
 
-from . import eventloop
 from .agent_client import AgentClient, AgentRefused, AgentUnreachable, Backoff
 from .agent_store import AgentStore, Outbox
-from .main import fast_child_watcher, freeze_startup_objects
-from .settings import WorkerInitError, WorkerSettings, WorkerStartError
+from .main import serve
+from .settings import WorkerSettings, WorkerStartError
 from .worker import Worker
 
 log = logging.getLogger("sandmill.worker")
@@ -171,26 +169,5 @@ def run_agent(profile: Profile, url: str, token: str, *, data_dir: Path, ca_file
     while it ran (revoked, expired)."""
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-
-    async def main() -> int:
-        fast_child_watcher()
-        try:
-            w = AgentWorker(profile, url, token, data_dir=data_dir, ca_file=ca_file, settings=settings)
-        except WorkerStartError as e:
-            log.error("agent worker %s cannot start: %s", profile.name, e)
-            return 2
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, w.stop)
-        try:
-            await w.run(on_started=freeze_startup_objects)
-        except WorkerStartError as e:
-            log.error("agent worker %s cannot start: %s", profile.name, e)
-            return 2
-        except WorkerInitError as e:
-            log.error("agent worker %s: %s; exiting", profile.name, e)
-            return 3
-        return EXIT_REFUSED if w.refused else 0
-
-    with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:
-        return runner.run(main())
+    return serve(lambda: AgentWorker(profile, url, token, data_dir=data_dir, ca_file=ca_file, settings=settings),
+                 f"agent worker {profile.name}", lambda w: EXIT_REFUSED if w.refused else 0)

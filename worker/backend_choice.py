@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sandmill.isolation import Backend, cgroups, get_backend, workdir
+from sandmill.isolation import Backend, cgroup_sweep, get_backend, workdir
 from sandmill.profiles import Profile
 
 from .settings import WorkerSettings, WorkerStartError
@@ -104,7 +104,7 @@ async def sweep_loop(profile: Profile, settings: WorkerSettings) -> None:
     while True:
         try:
             dirs = await asyncio.to_thread(workdir.sweep_stale, root, settings.sweep_grace_s)
-            cgs = await asyncio.to_thread(cgroups.sweep_stale, parent=parent)
+            cgs = await asyncio.to_thread(cgroup_sweep.sweep_stale, parent=parent)
             cts = await asyncio.to_thread(sweep_containers, docker_url=docker_url)
             if dirs or cgs or cts:
                 log.info("removed %d work dir root(s), %d cgroup(s) and %d container(s) of dead workers",

@@ -58,6 +58,7 @@ class Channel:
     on_result: ResultFn
     on_start: Callable[[Sent], None] | None
     on_change: Callable[[], None]
+    kill: Callable[[str], None]  # the runtime's: end the process, ``why`` for its jobs
     _ready: asyncio.Future[None]
 
     def _init_channel(self) -> None:
@@ -67,9 +68,6 @@ class Channel:
         self._wq: collections.deque[list[Any]] = collections.deque()  # [memoryview, fds]
         self._loop = asyncio.get_running_loop()
         self.jobs_done = 0
-
-    def kill(self, why: str) -> None:
-        raise NotImplementedError
 
     # ---- sending ---------------------------------------------------------------------------
 

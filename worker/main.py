@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from sandmill.profiles import Profile
 
@@ -40,26 +41,37 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def run_worker(profile: Profile, database_url: str, settings: WorkerSettings | None = None) -> int:
-    """Entry point of `sandmill worker`: run until SIGTERM/SIGINT. Returns the exit code:
-    0, 2 when the worker cannot start, 3 when the group's init script failed."""
+def serve(make: Callable[[], Worker], what: str, exit_code: Callable[[Worker], int] = lambda w: 0) -> int:
+    """Run the worker ``make`` builds until SIGTERM/SIGINT, on sandmill's event loop.
+    Returns ``exit_code(worker)``; 2 when it cannot start, 3 when the group's init script
+    failed. ``what`` names it in the log ("worker NAME")."""
 
     async def main() -> int:
         fast_child_watcher()
-        w = Worker(profile, database_url, settings=settings)
+        try:
+            w = make()
+        except WorkerStartError as e:
+            log.error("%s cannot start: %s", what, e)
+            return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, w.stop)
         try:
             await w.run(on_started=freeze_startup_objects)
         except WorkerStartError as e:
-            log.error("worker %s cannot start: %s", profile.name, e)
+            log.error("%s cannot start: %s", what, e)
             return 2
         except WorkerInitError as e:
-            log.error("worker %s: %s; exiting", profile.name, e)
+            log.error("%s: %s; exiting", what, e)
             print(f"sandmill worker: {e}. Its logs:\n{e.logs.rstrip()}", file=sys.stderr, flush=True)
             return 3
-        return 0
+        return exit_code(w)
 
     with asyncio.Runner(loop_factory=eventloop.new_event_loop) as runner:
         return runner.run(main())
+
+
+def run_worker(profile: Profile, database_url: str, settings: WorkerSettings | None = None) -> int:
+    """Entry point of `sandmill worker`: run until SIGTERM/SIGINT. Returns the exit code:
+    0, 2 when the worker cannot start, 3 when the group's init script failed."""
+    return serve(lambda: Worker(profile, database_url, settings=settings), f"worker {profile.name}")
