@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -27,16 +26,18 @@ from typing import Any
 
 import docker
 import requests
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import DockerException, ImageNotFound
 
 from . import docker_cgroup as cg
 from .base import Backend, OutputCallback, Probe
+from .docker_cleanup import ContainerCleanup
 from .docker_config import GPU_MODE_WORDS, WORKDIR, gpu_mode, host_config
 from .docker_files import collect, make_workdir
 from .docker_job import Job, in_thread
 from .docker_status import classify, gaps
 from .docker_stream import Demux, in_loop, start_stdin_writer
 from .docker_sweep import LABEL, OWNER_LABEL, owner_value, sweep_at_start, sweep_stale
+from .docker_warm import DockerWarm
 from .spec import Outcome, RunSpec, Status, mounts_problem
 
 __all__ = ["DEFAULT_IMAGE", "LABEL", "OWNER_LABEL", "DockerBackend", "sweep_stale"]
@@ -49,13 +50,9 @@ POLL_S = 0.05
 # Timeout of the kill and remove calls: short, and retried, so that a slow dockerd
 # cannot hold a cancel (the job's processes are killed through its cgroup first anyway).
 KILL_API_TIMEOUT_S = 10.0
-# How long a run waits for its clean-up (kill + remove) before it returns or re-raises;
-# the clean-up thread goes on (close() waits for it), retrying the removal this long.
-CLEANUP_WAIT_S = 5.0
-REMOVE_FOR_S = 120.0
 
 
-class DockerBackend(Backend):
+class DockerBackend(ContainerCleanup, Backend):
     """Runs each RunSpec in a fresh container of ``image`` on dockerd at ``docker_url``
     (default: ``DOCKER_HOST`` or the local socket), as ``uid:uid``. dockerd must see the
     worker's filesystem (the job dir is a bind mount): a daemon on this host.
@@ -70,6 +67,9 @@ class DockerBackend(Backend):
     ``workdir_root``: where job dirs are made (default: the temp dir; dockerd must see
     the same path). ``labels``: added to every container (every container always has
     ``sandmill.job=1`` and ``sandmill.job.id=<id>``).
+    ``warm``: jobs start by fork in an already running container of the image
+    (docker_warm.py): None (default) where the probe says it works, else cold; True:
+    the probe refuses the backend where it cannot; False: a fresh container per job.
     """
 
     name = "docker"
@@ -77,7 +77,7 @@ class DockerBackend(Backend):
     def __init__(self, image: str = DEFAULT_IMAGE, docker_url: str | None = None, uid: int = 65534,
                  *, clear_image_env: bool = True, log_driver: str = "none", log_max_size: str = "1m",
                  workdir_root: str | None = None, labels: dict[str, str] | None = None,
-                 api_timeout_s: float = 60.0) -> None:
+                 api_timeout_s: float = 60.0, warm: bool | None = None) -> None:
         self.image = image
         self.docker_url = docker_url
         self.uid = uid
@@ -93,6 +93,8 @@ class DockerBackend(Backend):
         self._driver: str | None = None
         self._gpu_mode: str | None = None  # how GPUs pass (docker_config.gpu_mode), from the probe
         self._cleanups: set[threading.Thread] = set()  # clean-ups still going on
+        self.warm = DockerWarm(self, warm) if warm is not False else None
+        self.warm_pool = self.warm.pool if self.warm is not None else None
 
     # -- docker plumbing (blocking; called in threads) ---------------------------------
 
@@ -147,8 +149,14 @@ class DockerBackend(Backend):
             return Probe(self.name, False, f"docker info failed: {e}")
         self._driver, self._gpu_mode = str(info.get("CgroupDriver") or ""), gpu_mode(info)
         sweep_at_start(self.api)  # a starting worker removes dead workers' containers
+        warm = "cold (warm: false)"
+        if self.warm is not None:
+            why = self.warm.why_not()
+            if why and self.warm.requested:  # asked for warm: never run colder than configured
+                return Probe(self.name, False, f"warm: true, but warm docker cannot run here: {why}")
+            warm = f"cold (warm unavailable: {why})" if why else "warm"
         return Probe(self.name, True, f"dockerd {info.get('ServerVersion')}, image {self.image},"
-                     f" {GPU_MODE_WORDS[self._gpu_mode]}", gaps(info, self._is_local()))
+                     f" {GPU_MODE_WORDS[self._gpu_mode]}, {warm}", gaps(info, self._is_local()))
 
     def _setup(self, spec: RunSpec, job: Job) -> None:
         """Create, attach and start. Sets ``job.setup_done`` however it ends, so that a
@@ -238,80 +246,14 @@ class DockerBackend(Backend):
         job.exited = True
         return state
 
-    def _cleanup(self, job: Job) -> None:
-        """Kill (unless it exited), remove the container, close the socket, remove the
-        work dir and parent cgroup. Never raises. A setup still in its thread is told to
-        stop (``abandoned``); the container is removed by name if its id is not known
-        yet, and 'no such container' counts as gone only once no setup is in flight."""
-        with job.lock:
-            begun = job.setup_begun
-            job.abandoned = True
-        if not job.exited:
-            self._kill(job, None)
-        deadline = time.monotonic() + REMOVE_FOR_S
-        while True:
-            settled = not begun or job.setup_done.is_set()
-            if job.container_id is None and settled:
-                break  # never created
-            try:
-                self.kill_api.remove_container(job.container_id or job.name, force=True, v=True)
-                gone = True
-            except NotFound:
-                gone = True
-            except Exception as e:  # slow or busy dockerd: retry; the work dir and cgroup must go too
-                gone = False
-                if time.monotonic() > deadline:
-                    log.error("container %s not removed after %.0f s: %s", job.name, REMOVE_FOR_S, e)
-                    break
-            if gone and settled:
-                break
-            job.setup_done.wait(0.2)
-            if gone:  # a create in flight may still make it: look again once setup ends
-                continue
-            time.sleep(0.2)
-        if job.sock is not None:
-            with contextlib.suppress(OSError):
-                job.sock.close()
-        if job.own_parent:
-            cg.kill_all(cg.job_parent(job.job_id), timeout=1.0)
-            cg.remove_parent(job.job_id)
-        shutil.rmtree(job.workdir, ignore_errors=True)
-
-    def close(self) -> None:
-        """Wait (a bounded time) for clean-ups still removing containers."""
-        deadline = time.monotonic() + REMOVE_FOR_S
-        for t in list(self._cleanups):
-            t.join(max(0.0, deadline - time.monotonic()))
-
-    async def _clean(self, job: Job) -> None:
-        """Run ``_cleanup`` in its own thread and wait for it up to CLEANUP_WAIT_S, also
-        when cancelled again meanwhile: the job is dead by then (its cgroup is killed
-        first); a removal that dockerd is slow to do goes on in the thread."""
-        done = threading.Event()
-
-        def target() -> None:
-            try:
-                self._cleanup(job)
-            finally:
-                done.set()
-                self._cleanups.discard(threading.current_thread())
-
-        t = threading.Thread(target=target, name="sandmill-docker-cleanup", daemon=True)
-        self._cleanups.add(t)
-        t.start()
-        waiter = in_thread(done.wait, CLEANUP_WAIT_S)
-        while not waiter.done():
-            try:
-                await asyncio.shield(waiter)
-            except asyncio.CancelledError:
-                continue
-
     # -- the run ------------------------------------------------------------------------
 
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` in a fresh container; see the module docstring for the setup."""
         if why := mounts_problem(spec.mounts):
             return Outcome(Status.sandbox_error, detail=why)
+        if self.warm is not None and (out := await self.warm.run(spec, on_output)) is not None:
+            return out
         loop = asyncio.get_running_loop()
         try:
             workdir = make_workdir(spec.files, self.uid, self.workdir_root)
