@@ -16,6 +16,9 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
+
+import psutil
 
 from sandmill.store import db as dbmod
 from sandmill.store import queue, scripts
@@ -82,18 +85,79 @@ async def drain(url: str, s: dict, jobs: int, timeout: float = 600) -> dict:
     return {"jobs": jobs, "seconds": secs, "jobs_per_s": jobs / secs, "failed": bad}
 
 
-async def latency(cluster, path: str, runs: int) -> dict:
-    """Sequential run_wait_result of fib(10): ms per request."""
-    out = []
+async def latency(cluster, path: str, runs: int, url: str | None = None,
+                  procs: dict | None = None) -> dict:
+    """Sequential run_wait_result of fib(10): ms per request. With ``url``, the median of
+    each stage of a request (stages()); with ``procs`` ({name: psutil.Process}), the CPU
+    each spent per request."""
+    out, marks = [], []
+    cpu0 = _cpu(procs)
     async with cluster.async_client() as c:
         for i in range(runs + 5):
+            if i == 5:  # the first ones warm up connections and the runtime
+                cpu0 = _cpu(procs)
+            sent = time.time()
             t0 = time.perf_counter()
             r = await c.post(f"/api/w/{WS}/jobs/run_wait_result/p/{path}", json={"n": 10})
             ms = (time.perf_counter() - t0) * 1000
             assert r.status_code == 200 and r.json() == 55, r.text
-            if i >= 5:  # the first ones warm up connections and the runtime
+            if i >= 5:
                 out.append(ms)
-    return {"runs": runs, "p50_ms": pct(out, 50), "p99_ms": pct(out, 99), "min_ms": min(out)}
+                marks.append((r.headers["x-sandmill-job-id"], sent, sent + ms / 1000))
+    res = {"runs": runs, "p50_ms": pct(out, 50), "p99_ms": pct(out, 99), "min_ms": min(out)}
+    if procs:
+        cpu1 = _cpu(procs)
+        res["cpu_ms_per_job"] = {k: (cpu1[k] - cpu0[k]) * 1000 / runs for k in cpu1}
+    if url:
+        res["stages_ms"] = await stages(url, marks)
+    return res
+
+
+STAGES = ("api_in", "to_start", "run_complete", "api_out")
+
+
+async def stages(url: str, marks: list[tuple[str, float, float]]) -> dict:
+    """The median of each stage of a request, from the job's own stamps (one machine, one
+    clock): api_in, request sent -> job inserted (its created_at: HTTP, auth, the script's
+    lookup, the insert); to_start, inserted -> the runtime's start frame (started_at: the
+    NOTIFY, the worker's wake-up and claim, the job frame); run_complete, start frame ->
+    the completion's commit (the run, the result frame, the completion statement);
+    api_out, commit -> response received (the NOTIFY done, the API's wake-up, reply)."""
+    conn = await dbmod.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT id::text, extract(epoch FROM created_at)::float8 AS created,"
+            " extract(epoch FROM started_at)::float8 AS started,"
+            " extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 AS committed"
+            " FROM completed_job WHERE id = ANY($1::uuid[])", [m[0] for m in marks])
+    finally:
+        await conn.close()
+    by = {r["id"]: r for r in rows}
+    cols: dict[str, list[float]] = {k: [] for k in STAGES}
+    for jid, sent, got in marks:
+        r = by.get(jid)
+        if r is None or r["committed"] is None:
+            continue
+        for k, a, b in zip(STAGES, (sent, r["created"], r["started"], r["committed"]),
+                           (r["created"], r["started"], r["committed"], got)):
+            cols[k].append((b - a) * 1000)
+    return {k: pct(v, 50) for k, v in cols.items() if v}
+
+
+def _cpu(procs: dict | None) -> dict[str, float]:
+    """CPU seconds so far of each named process and its children (the runtime is the
+    worker's child; PostgreSQL's backends the postmaster's)."""
+    out: dict[str, float] = {}
+    for name, p in (procs or {}).items():
+        total = 0.0
+        for q in [p, *p.children(recursive=True)]:
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
 
 
 def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None = None,
@@ -124,8 +188,12 @@ def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None 
             res["drain_dedicated"] = asyncio.run(drain(url, s["f/noop"], jobs, timeout))
             bp.checkpoint()
             res["drain_standard"] = asyncio.run(drain(url, s["f/noop_std"], max(100, jobs // 10), timeout))
-            res["latency_dedicated"] = asyncio.run(latency(cluster, "f/fib", runs))
-            res["latency_standard"] = asyncio.run(latency(cluster, "f/fib_std", runs))
+            pg_pid = int((Path(bp.pg.pgdata) / "postmaster.pid").read_text().split()[0])
+            procs = {"server": psutil.Process(cluster.procs[0].pid),
+                     "worker": psutil.Process(cluster.procs[1].pid),
+                     "postgres": psutil.Process(pg_pid)}
+            res["latency_dedicated"] = asyncio.run(latency(cluster, "f/fib", runs, url, procs))
+            res["latency_standard"] = asyncio.run(latency(cluster, "f/fib_std", runs, url))
             return res
         finally:
             cluster.stop()
@@ -150,6 +218,10 @@ def report(r: dict) -> str:
         f"    dedicated  p50 {ld['p50_ms']:6.2f} ms  p99 {ld['p99_ms']:6.2f} ms  ({ld['runs']} runs;"
         f" goal p50 <= {GOAL_P50_MS:g} ms: {'met' if ld['p50_ms'] <= GOAL_P50_MS else 'NOT met'})",
         f"    standard   p50 {ls['p50_ms']:6.2f} ms  p99 {ls['p99_ms']:6.2f} ms  ({ls['runs']} runs)",
+        "    dedicated, median per stage: " + ", ".join(
+            f"{k} {v:.2f} ms" for k, v in ld.get("stages_ms", {}).items()),
+        "    dedicated, CPU per request: " + ", ".join(
+            f"{k} {v:.2f} ms" for k, v in ld.get("cpu_ms_per_job", {}).items()),
         "  for scale (Windmill's published figures): dedicated ~1,300-1,400 no-op jobs/s in its CI;"
         " fib(10) run_wait_result 54 ms dedicated, AWS Lambda 73 ms",
     ])

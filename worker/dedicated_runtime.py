@@ -212,11 +212,18 @@ class Runtime(Channel):
 
     def _drop_output(self) -> None:
         """The runtime's own output (outside jobs): its last 4 KiB are kept for errors."""
+        fd = self._own_out
         try:
-            while chunk := os.read(self._own_out, 65536):
+            while chunk := os.read(fd, 65536):
                 self.own_output = (self.own_output + chunk)[-4096:]
         except (BlockingIOError, OSError, TypeError):
-            pass
+            return
+        # EOF: the runtime gave its fds 1 and 2 to its first job. A reader left on a pipe at
+        # EOF is readable for good: the worker spun a core on it (issue 18's latency)
+        if fd is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+            self._own_out = None
 
     def peak_memory_kb(self) -> int:
         """The runtime's memory high-water mark (its cgroup's), in KiB."""
