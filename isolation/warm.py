@@ -197,8 +197,12 @@ class WarmPool:
         try:
             cgroup = JobCgroup.create(memory_bytes=self.memory_mb * 1024 * 1024, pids=64,
                                       parent=self.cgroup_parent, prefix="warm")
+            # A zygote that only execs (no runtime script) preloads nothing: its job
+            # processes never use the modules, and every page it maps is torn down again
+            # by each job's exec (docs/performance.md, "Warm exec").
+            preload = ",".join(self.preload) if script else ""
             argv = [python, *PYTHON_FLAGS, "-E", "-s", "-c", ZYGOTE_SOURCE,
-                    str(theirs.fileno()), ",".join(self.preload), script,
+                    str(theirs.fileno()), preload, script,
                     source.decode(errors="surrogateescape"), json.dumps(self.mount_roots)]
             proc = await self.starter(argv, zdir, theirs.fileno(), cgroup)
             theirs.close()
@@ -295,8 +299,10 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             log.info("a job's mounts cannot be made warm, running it cold: %s", e)
             return None
         except (WarmError, OSError) as e:  # this zygote only: the next job gets a new one
-            log.warning("warm run failed before the job started, running it cold: %s", e)
             z.broken = True
+            if z.job_sent:  # the sandbox died under the job, whose code may have run: never twice
+                return Outcome(Status.sandbox_error, detail=f"the warm sandbox died during the job: {e}")
+            log.warning("warm run failed before the job started, running it cold: %s", e)
             return None
         except BaseException:  # cancelled: its messages are unread, it cannot be reused
             z.broken = True

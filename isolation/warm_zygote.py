@@ -80,6 +80,7 @@ class Zygote:
         self._reaped = False  # the zygote reported its last child gone (Z)
         self.pending: asyncio.Future[None] | None = None  # after-job work still running
         self.broken = False
+        self.job_sent = False  # the running job's J went out: its code may have run
 
     async def _recv(self) -> tuple[bytes, int | None]:
         """One message and the sender's pid (in our pid namespace) when attached."""
@@ -157,6 +158,7 @@ class Zygote:
     async def start_job(self, req: JobRequest, fds: list[int], cgroup: JobCgroup) -> None:
         """Hand the waiting job process its job and fds (once it is sure to be in
         ``cgroup``); the zygote moves on to the next cgroup meanwhile."""
+        self.job_sent = False
         try:
             msg, pid = await self._recv()
             if msg[:1] == b"E":
@@ -170,6 +172,7 @@ class Zygote:
             payload = b"J" + json.dumps(req.__dict__).encode()
             self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                            array.array("i", fds))])
+            self.job_sent = True
         except (OSError, WarmError):
             self.broken = True
             raise

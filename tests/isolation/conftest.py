@@ -18,7 +18,7 @@ from sandmill.isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, 
 from sandmill.isolation.registry import BACKENDS, backend_class
 from sandmill.isolation.spec import Outcome, RunSpec
 
-WARM_BACKENDS = ("process", "nsjail")  # the ones with a ``warm`` option
+WARM_BACKENDS = ("process", "nsjail", "docker")  # the ones with a ``warm`` option
 
 
 def variants() -> list[str]:
@@ -106,8 +106,10 @@ def backend(backend_name: str):
         yield cls()
         return
     warm = backend_name != name
-    # Work dirs under a root of this process's own, as a worker keeps them.
-    b = cls(warm=warm, workdir_root=str(workdir.owner_root(workdir.default_root())))
+    # Work dirs under a root of this process's own, as a worker keeps them. Docker's
+    # warm variants insist (warm=True): its probe refuses where warm cannot run.
+    b = cls(warm=True if warm and name == "docker" else warm,
+            workdir_root=str(workdir.owner_root(workdir.default_root())))
     yield MustRunWarm(b, backend_name.endswith("+exec")) if warm else b
     b.close()
 

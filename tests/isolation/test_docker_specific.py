@@ -41,7 +41,9 @@ def tag(available: None) -> str:
 def backend(tag: str, tmp_path: Path) -> DockerBackend:
     root = tmp_path / "jobs"
     root.mkdir()
-    return DockerBackend(workdir_root=str(root), labels={"sandmill.test": tag})
+    # A fresh container per job (cold): warm containers have tests of their own
+    # (test_docker_warm.py).
+    return DockerBackend(workdir_root=str(root), labels={"sandmill.test": tag}, warm=False)
 
 
 def ours(tag: str) -> list[dict]:
