@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from .supervisor import stop_children
+from .supervisor import SERVER_APP_NAME, stop_children
 
 PROCESS_PROFILE = """
 name: {name}
@@ -54,7 +54,7 @@ class LocalCluster:
         return p
 
     def start_server(self, env: dict | None = None) -> subprocess.Popen:
-        p = self.spawn("server", "--port", str(self.port), env=env)
+        p = self.spawn("server", "--port", str(self.port), env={"PGAPPNAME": SERVER_APP_NAME, **(env or {})})
         deadline = time.time() + 30
         while time.time() < deadline:
             try:

@@ -30,6 +30,8 @@ log = logging.getLogger("sandmill.up")
 # How long stopping children get after SIGTERM before SIGKILL: a worker's own grace for
 # its jobs (SANDMILL_GRACE_S, 30 s) and its clean-up fit in it.
 STOP_GRACE_S = 40.0
+# The server's application_name (workers name theirs: 'sandmill-worker GROUP').
+SERVER_APP_NAME = "sandmill-server"
 
 
 @dataclass
@@ -41,9 +43,10 @@ class Child:
     started: float = field(default_factory=time.monotonic)
 
     pids: list[int] = field(default_factory=list)  # every process it ran (restarts too)
+    env: dict[str, str] = field(default_factory=dict)  # its own, over the shared env
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.argv, env=env)
+        self.proc = subprocess.Popen(self.argv, env={**env, **self.env})
         self.pids.append(self.proc.pid)
         self.started = time.monotonic()
 
@@ -103,7 +106,8 @@ def run_up(args: argparse.Namespace) -> int:
            "SANDMILL_PROFILES": os.pathsep.join(profiles)}
     py = [sys.executable, "-m", "sandmill"]
     children = [Child("server", py + ["server", "--data-dir", str(data_dir), "--host", args.host,
-                                      "--port", str(args.port), *tls_argv(args)])]
+                                      "--port", str(args.port), *tls_argv(args)],
+                     env={"PGAPPNAME": SERVER_APP_NAME})]  # its backends in pg_stat_activity
     scalers = autoscaled_groups(profiles, py)  # local autoscaling: counts from the database
     poll = DesiredPoll(url, [g.name for g in scalers]) if scalers else None
     for prof in profiles:

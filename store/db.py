@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import re
 import time
@@ -67,18 +68,31 @@ async def migrate_url(url: str) -> list[int]:
         await conn.close()
 
 
-async def connect(url: str) -> asyncpg.Connection:
-    """One connection with sandmill's codecs (jsonb as Python objects)."""
-    conn = await asyncpg.connect(url)
+def session_settings(settings: dict[str, str] | None = None, app_name: str | None = None) -> dict[str, str] | None:
+    """``settings`` with the connection's ``application_name``: ``app_name``, else
+    PGAPPNAME (as libpq reads it; `sandmill up` sets it for the server), so that
+    pg_stat_activity tells a worker's backends ('sandmill-worker GROUP') from the server's
+    ('sandmill-server')."""
+    name = app_name or os.environ.get("PGAPPNAME")
+    if not name:
+        return settings
+    return {**(settings or {}), "application_name": name[:63]}  # NAMEDATALEN - 1
+
+
+async def connect(url: str, settings: dict[str, str] | None = None,
+                  app_name: str | None = None) -> asyncpg.Connection:
+    """One connection with sandmill's codecs (jsonb as Python objects); ``settings``:
+    PostgreSQL settings of its session."""
+    conn = await asyncpg.connect(url, server_settings=session_settings(settings, app_name))
     await _init_conn(conn)
     return conn
 
 
 async def create_pool(url: str, min_size: int = 1, max_size: int = 4,
-                      settings: dict[str, str] | None = None) -> asyncpg.Pool:
+                      settings: dict[str, str] | None = None, app_name: str | None = None) -> asyncpg.Pool:
     """A pool with sandmill's codecs; ``settings``: PostgreSQL settings of its sessions."""
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_conn,
-                                     reset=_reset, server_settings=settings)
+                                     reset=_reset, server_settings=session_settings(settings, app_name))
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

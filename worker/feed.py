@@ -118,7 +118,7 @@ class Feed:
     def __init__(self, group: Group, settings: WorkerSettings, hot: HotConns, pace: Pace,
                  held: set[uuid.UUID], canceled_held: set[uuid.UUID],
                  spawn: Callable[[Coroutine[Any, Any, Any]], None],
-                 timing: StatementTiming | None = None):
+                 timing: StatementTiming | None = None, completions_in_flight: int = 2):
         self.group = group
         self.settings = settings
         self.hot = hot
@@ -129,9 +129,9 @@ class Feed:
         self.timing = timing if timing is not None else StatementTiming()
         self.claims = Batcher(self._claim)
         self.ahead = Batcher(self._claim_ahead)
-        # two completions in flight at once (the database works on one batch while this
-        # process handles the answer to the other)
-        self.completer = Batcher(self.complete_batch, in_flight=2)
+        # two completions in flight at once where each has a connection (the database
+        # works on one batch while this process handles the answer to the other)
+        self.completer = Batcher(self.complete_batch, in_flight=completions_in_flight)
 
     # ---- claims ----------------------------------------------------------------------------
 

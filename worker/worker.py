@@ -25,6 +25,7 @@ from sandmill.store import queue, workers
 from .admin_scripts import ADMIN_WORKSPACE, periodic_loop, run_admin_script
 from .backend_choice import resolve_backend, sweep_loop, work_root
 from .batching import HotConns
+from .dbconn import DbConn
 from .dedicated import Dedicated, dedicated_tags
 from .execute import Executor, Running
 from .feed import Feed, Pace
@@ -39,12 +40,17 @@ from .watch import Stats, Watch, ping_loop
 
 log = logging.getLogger("sandmill.worker")
 
+# The worker's connections for statements: 1 (all its statements through one connection,
+# worker/dbconn.py), or 0 for the layout before it, a pool of one connection per slot plus
+# five, kept to measure against (bench: SANDMILL_WORKER_DB_CONNS=0).
+DB_CONNS = int(os.environ.get("SANDMILL_WORKER_DB_CONNS", "1"))
+
 
 class Worker:
     """One worker process of a group, with ``profile.subworkers`` concurrent slots."""
 
     def __init__(self, profile: Profile, database_url: str, *, name: str | None = None,
-                 settings: WorkerSettings | None = None):
+                 settings: WorkerSettings | None = None, db_conns: int | None = None):
         self.profile = profile
         self.file_profile = profile  # the YAML profile; the group's DB config overrides it
         self.database_url = database_url
@@ -54,7 +60,10 @@ class Worker:
         self.dedicated: Dedicated | None = None  # the dedicated path (worker/dedicated.py), when dedicated
         self.backend: Backend | None = None
         self.env = job_env(profile)
-        self.pool: asyncpg.Pool | None = None
+        # the connection of every statement (DbConn), or with db_conns 0 a pool
+        self.pool: DbConn | asyncpg.Pool | None = None
+        self.db_conns = DB_CONNS if db_conns is None else db_conns
+        self.app_name = f"sandmill-worker {profile.name}"  # in pg_stat_activity
         self.gpus: GpuPool | None = None  # a GPU group's GPUs (gpus_per_job), set at start
         # the store's functions (the job SQL, the worker table): an agent swaps in its own
         # over HTTP (worker/agent_worker.py); the call sites are the same
@@ -70,12 +79,15 @@ class Worker:
         self.pace = Pace(self.settings)
         self._stopping = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
-        # the claims' and completions' connections: one for each statement that may be
-        # in flight at once (the feed's two claims, the completer's two)
-        self.hot = HotConns(keep=2 + 2)
+        # with a pool (db_conns 0), the claims' and completions' connections: one for each
+        # statement that may be in flight at once (the feed's two claims, the completer's
+        # two); with the one connection, none is kept apart: they take it in turn
+        self.hot = HotConns(keep=2 + 2 if self.db_conns == 0 else 0)
         self.timing = StatementTiming()  # claim/completion latency, sent with each ping
+        # one connection runs one statement at a time: a second completion in flight would
+        # only take its batch early, and wait
         self.feed = Feed(self, self.settings, self.hot, self.pace, self.held, self._canceled_held, self._spawn,
-                         timing=self.timing)
+                         timing=self.timing, completions_in_flight=2 if self.db_conns == 0 else 1)
         self.watch = Watch(self, self.settings, self.running, release=self.feed.release_held)
         self.executor = Executor(self, self.running, self._canceled_held, self.watch)
         self.slots = Slots(self, self.settings, self._stopping, self.feed, self.executor, self.watch,
@@ -122,17 +134,27 @@ class Worker:
             log.info("init script done (job %s)", job_id)
 
     async def _open_store(self) -> None:
-        """Connect (the pool, the hot connections), read the group's DB config."""
-        # A connection per subworker plus one for pings, and those that claims and
-        # completions keep between statements: no slot waits for a connection.
+        """Connect (the statements' connection, or the pool and its hot connections), read
+        the group's DB config."""
         # (a worker started while the database restarts waits for it, as its running peers do)
-        self.pool = self.hot.pool = await dbmod.until_reachable(lambda: dbmod.create_pool(
-            self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
-            settings=queue.CLAIM_SETTINGS))
+        if self.db_conns == 0:
+            # A connection per subworker plus one for pings, and those that claims and
+            # completions keep between statements: no slot waits for a connection.
+            self.pool = self.hot.pool = await dbmod.until_reachable(lambda: dbmod.create_pool(
+                self.database_url, min_size=1, max_size=self.profile.subworkers + 1 + self.hot.keep,
+                settings=queue.CLAIM_SETTINGS, app_name=self.app_name))
+        else:
+            # every statement on one connection; a new one (after a restart) prepares the
+            # claim and completion statements before its first use, as the first one does
+            self.pool = self.hot.pool = DbConn(
+                self.database_url, settings=queue.CLAIM_SETTINGS, app_name=self.app_name,
+                on_connect=lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags))
+            await dbmod.until_reachable(self.pool.open)
         await self._apply_config(await dbmod.until_reachable(
             lambda: workers.get_config(self.pool, f"worker__{self.profile.name}")))
-        await dbmod.until_reachable(lambda: self.hot.prepare(
-            lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags)))
+        if self.db_conns == 0:
+            await dbmod.until_reachable(lambda: self.hot.prepare(
+                lambda conn: queue.prepare_worker_statements(conn, self.name, self.tags)))
 
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Start, then serve jobs until ``stop()``; then finish (or after the grace period,
@@ -201,7 +223,7 @@ class Worker:
 
     async def _listen(self) -> None:
         """Open the LISTEN connection and listen on the worker's channels."""
-        conn = await dbmod.connect(self.database_url)
+        conn = await dbmod.connect(self.database_url, app_name=self.app_name)
         try:
             await conn.add_listener(queue.CH_QUEUE, self._on_queue)
             await conn.add_listener(queue.CH_CANCEL, self._on_cancel)
