@@ -33,23 +33,38 @@ def default_root() -> Path:
     return Path(tempfile.gettempdir()) / f"sandmill-jobs-{os.geteuid()}"
 
 
+_ready_roots: set[Path] = set()  # roots this process made 0711 (once, not per job)
+
+
 def create(root: Path, files: dict[str, bytes], uid: int | None, gid: int | None) -> Path:
     """A fresh, empty dir under ``root`` holding ``files``; owned by uid:gid when given.
     ``root`` is 0711 so jobs (all one uid) cannot list each other's dirs."""
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o711)
-    wd = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+    if root not in _ready_roots:
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)
+        _ready_roots.add(root)
     try:
+        wd = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+    except FileNotFoundError:  # the root went away since: make it again
+        _ready_roots.discard(root)
+        return create(root, files, uid, gid)
+    try:
+        # Only what we made is chowned (no walk of the dir: a job's files are few).
+        made = [str(wd)]
         for name, data in files.items():
             rel = _rel(name)
             target = wd / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if len(rel.parts) > 1:
+                for i in range(1, len(rel.parts)):
+                    d = wd.joinpath(*rel.parts[:i])
+                    if not d.is_dir():
+                        d.mkdir()
+                        made.append(str(d))
             target.write_bytes(data)
+            made.append(str(target))
         if uid is not None:
-            for dirpath, dirnames, filenames in os.walk(wd):
-                os.chown(dirpath, uid, gid if gid is not None else -1)
-                for n in filenames:
-                    os.chown(os.path.join(dirpath, n), uid, gid if gid is not None else -1)
+            for path in made:
+                os.chown(path, uid, gid if gid is not None else -1)
     except BaseException:
         remove(wd)
         raise
@@ -60,6 +75,8 @@ def collect(wd: Path, names: list[str], cap: int) -> dict[str, bytes]:
     """Read back each named regular file (first ``cap`` bytes). Missing files, non-regular
     files and paths through symlinks are skipped."""
     out: dict[str, bytes] = {}
+    if not names:  # nothing to read back (a bash job): no path walk
+        return out
     base = os.path.realpath(wd)
     for name in names:
         try:

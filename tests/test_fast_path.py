@@ -1,0 +1,96 @@
+"""The warm fast path for exec'd programs (bash) and python3 jobs: what keeps a job's
+path short must keep being taken (docs/performance.md, "Warm exec"). Timing goals are in
+the benchmark (``python -m bench.latency``), not here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "isolation"))
+
+from sandmill.isolation import Backend, RunSpec, Status, workdir  # noqa: E402
+from sandmill.isolation.nsjail import NsjailBackend  # noqa: E402
+from sandmill.isolation.process import ProcessBackend  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+PY = "/usr/bin/python3"
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def _usable(cls: type[Backend]) -> Backend:
+    b = cls()
+    if not b.probe().available or b.warm_pool is None:  # type: ignore[attr-defined]
+        b.close()
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI runs the warm suite, but {cls.name} has no warm interpreters here")
+        pytest.skip(f"{cls.name}: no warm interpreters here")
+    return b
+
+
+@pytest.fixture(params=["process", "nsjail"])
+def warm(request):
+    b = _usable(ProcessBackend if request.param == "process" else NsjailBackend)
+    yield b
+    b.close()
+
+
+def _zygotes(b) -> dict[str, int]:
+    """"exec" or "python" -> pid of that idle zygote (one that only execs has no script)."""
+    return {"python" if z.key[1] else "exec": z.pid for zs in b.warm_pool.idle.values() for z in zs}
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+async def test_exec_zygote_preloads_nothing(warm) -> None:
+    # bash is exec'd by a job process forked from the exec zygote: every page the zygote
+    # maps is copied at the fork and torn down by the exec, so it imports no job modules.
+    o = await warm.run(RunSpec(argv=["/bin/bash", "-c", "echo 1"], env=ENV))
+    assert o.status is Status.success and o.warm and o.stdout == b"1\n", o
+    wrapper = b"import sys\nprint('py')\n"
+    o = await warm.run(RunSpec(argv=[PY, "-u", "w.py"], env=ENV, files={"w.py": wrapper}, warm="w.py"))
+    assert o.status is Status.success and o.warm and o.stdout == b"py\n", o
+    zs = _zygotes(warm)
+    assert set(zs) == {"exec", "python"}, zs
+    assert "_hashlib" not in _maps(zs["exec"])  # no warm_preload in the exec zygote
+    assert "_hashlib" in _maps(zs["python"])  # the python3 zygote keeps its preload
+
+
+async def test_job_modules_are_imported_once_in_the_zygote(warm) -> None:
+    # What a job process needs (resource for its rlimits, signal before an exec) is
+    # imported by the zygote, not by every job process on its job's path.
+    o = await warm.run(RunSpec(argv=["/bin/bash", "-c", "ulimit -c; trap - PIPE; yes | head -n 1"],
+                               env=ENV))
+    assert o.status is Status.success and o.warm and o.stdout == b"0\ny\n", o
+    maps = _maps(_zygotes(warm)["exec"])
+    assert "/resource.cpython" in maps, "the zygote did not import resource itself"
+
+
+def test_work_dir_files_nested_and_owned(tmp_path: Path) -> None:
+    # Work dirs are made without a walk of the tree: every dir made and file written is
+    # chowned, and nothing else.
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    root = tmp_path / "jobs"
+    wd = workdir.create(root, {"a/b/c.txt": b"c", "a/d.txt": b"d", "e": b""}, 65534, 65534)
+    try:
+        assert (root.stat().st_mode & 0o777) == 0o711
+        for rel in ("", "a", "a/b", "a/b/c.txt", "a/d.txt", "e"):
+            st = (wd / rel).stat()
+            assert (st.st_uid, st.st_gid) == (65534, 65534), rel
+        assert (wd / "a/b/c.txt").read_bytes() == b"c"
+        assert workdir.collect(wd, [], 100) == {}
+        assert workdir.collect(wd, ["a/d.txt"], 100) == {"a/d.txt": b"d"}
+    finally:
+        workdir.remove(wd)
+    # The root is made again when it went away between two jobs.
+    os.rmdir(root)
+    wd = workdir.create(root, {"x": b"1"}, None, None)
+    assert wd.parent == root and (wd / "x").read_bytes() == b"1"
