@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 from fastapi import HTTPException
@@ -15,7 +15,7 @@ from sandmill.store import queue, scripts
 from .models import Preview, check_args, check_code, check_text
 from .pydeps import check_requirements
 from .routing import RoutingError, dedicated_tag, interpolate, resolve_tag
-from .waiters import ResultWaiters
+from .waiters import Result, ResultWaiters
 
 
 def concurrency_key(ws: str, s: dict[str, Any], args: dict[str, Any]) -> str | None:
@@ -42,7 +42,7 @@ async def script_or_404(pool: asyncpg.Pool, ws: str, path: str | None = None,
 # wait=True: the caller waits for the result (wait_result), so its completion NOTIFYs
 async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any, tag: str | None,
                       scheduled_in_secs: float, priority: int | None, wait: bool = False,
-                      created_by: str = "admin") -> uuid.UUID:
+                      created_by: str = "admin", job_id: uuid.UUID | None = None) -> uuid.UUID:
     args = check_args(args)
     check_text("workspace", ws)
     check_text("tag", tag)
@@ -60,13 +60,13 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
         timeout_s=s["timeout_s"], scheduled_in_secs=scheduled_in_secs,
         concurrency_key=key, concurrent_limit=s["concurrent_limit"] if key else None,
         concurrency_time_window_s=s["concurrency_time_window_s"] if key else None,
-        notify_done=wait, created_by=created_by,
+        notify_done=wait, created_by=created_by, job_id=job_id,
     )
 
 
 async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | None,
                        scheduled_in_secs: float, priority: int | None, wait: bool = False,
-                       created_by: str = "admin") -> uuid.UUID:
+                       created_by: str = "admin", job_id: uuid.UUID | None = None) -> uuid.UUID:
     check_code(body.language, body.content)
     check_requirements(body.language, body.content)  # resolved by the worker that runs it
     check_text("workspace", ws)
@@ -78,25 +78,31 @@ async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | No
     return await queue.push(
         pool, workspace=ws, language=body.language, content=body.content, args=body.args,
         tag=job_tag, kind="preview", priority=priority or 0, scheduled_in_secs=scheduled_in_secs,
-        notify_done=wait, created_by=created_by,
+        notify_done=wait, created_by=created_by, job_id=job_id,
     )
 
 
-async def wait_result(pool: asyncpg.Pool, waiters: ResultWaiters, ws: str, job_id: uuid.UUID,
-                      timeout_s: float) -> Response:
-    """The job's result once it completes: 200, or 400 with its error as the body when it
-    failed (never a 5xx); 408 after ``timeout_s``, the job going on."""
-    # registered before reading the state, so a completion between the two is not missed
+async def push_and_wait(pool: asyncpg.Pool, waiters: ResultWaiters, ws: str,
+                        push: Callable[[uuid.UUID], Awaitable[uuid.UUID]],
+                        timeout_s: float) -> Response:
+    """Queue a job with ``push(job_id)`` and answer its result once it completes: 200, or
+    400 with its error as the body when it failed (never a 5xx); 408 after ``timeout_s``,
+    the job going on. The waiter is registered before the insert, so no completion can
+    come first and no read of the job's state is needed before waiting; a NOTIFY that
+    carries the result (dedicated workers') spares the read after it too."""
+    job_id = uuid.uuid4()
     with waiters.register(job_id) as done:
-        st = await queue.job_state(pool, ws, job_id)
-        if not (st and st["completed"]):
-            try:
-                await asyncio.wait_for(done, timeout_s)
-            except asyncio.TimeoutError:
-                raise HTTPException(
-                    408, f"job {job_id} did not complete within {timeout_s:g} s; it goes on:"
-                         f" poll /api/w/{ws}/jobs_u/completed/get_result_maybe/{job_id}",
-                    headers={"x-sandmill-job-id": str(job_id)}) from None
-            st = await queue.job_state(pool, ws, job_id)
-    return JSONResponse(st["result"], status_code=200 if st["success"] else 400,
-                        headers={"x-sandmill-job-id": str(job_id)})
+        await push(job_id)
+        try:
+            got = await asyncio.wait_for(done, timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                408, f"job {job_id} did not complete within {timeout_s:g} s; it goes on:"
+                     f" poll /api/w/{ws}/jobs_u/completed/get_result_maybe/{job_id}",
+                headers={"x-sandmill-job-id": str(job_id)}) from None
+    headers = {"x-sandmill-job-id": str(job_id)}
+    if isinstance(got, Result):  # the JSON text as stored: sent as is, not decoded and encoded
+        return Response(got.json, status_code=200 if got.success else 400, headers=headers,
+                        media_type="application/json")
+    st = await queue.job_state(pool, ws, job_id)
+    return JSONResponse(st["result"], status_code=200 if st["success"] else 400, headers=headers)

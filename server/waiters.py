@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import asyncpg
 
@@ -17,17 +17,39 @@ from sandmill.store import queue
 log = logging.getLogger("sandmill.api")
 
 
+class Result(NamedTuple):
+    """A completed job's answer as its NOTIFY carried it: success, and the result as JSON
+    text (the completion statement's own, read from the row it wrote)."""
+
+    success: bool
+    json: str
+
+
+def parse_done(payload: str) -> tuple[uuid.UUID, Result | None]:
+    """A sandmill_done payload: '<id>' (read the result), or '<id> <1|0><result JSON>' as
+    dedicated_complete sends it when the result fits in a NOTIFY (no read after it)."""
+    if len(payload) > 37 and payload[36] == " ":
+        return uuid.UUID(payload[:36]), Result(payload[37] == "1", payload[38:])
+    return uuid.UUID(payload), None
+
+
 class ResultWaiters:
-    """Per job id, the futures of the requests waiting for it to complete."""
+    """Per job id, the futures of the requests waiting for it to complete. A future's
+    value: the Result when the NOTIFY carried it, else True (read it)."""
 
     def __init__(self) -> None:
         self._by_job: dict[uuid.UUID, list[asyncio.Future]] = {}
 
     def on_done(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        """The asyncpg listener callback: the payload is the completed job's id."""
-        for fut in self._by_job.pop(uuid.UUID(payload), []):
+        """The asyncpg listener callback: the payload names the completed job (parse_done)."""
+        try:
+            job_id, result = parse_done(payload)
+        except ValueError:  # not ours to answer: a waiter times out rather than the listener dying
+            log.warning("%s: a payload that names no job: %.80r", queue.CH_DONE, payload)
+            return
+        for fut in self._by_job.pop(job_id, []):
             if not fut.done():
-                fut.set_result(True)
+                fut.set_result(result or True)
 
     def waiting(self) -> list[uuid.UUID]:
         """The ids of the jobs someone waits for."""

@@ -47,11 +47,13 @@ async def push(
     concurrent_limit: int | None = None,
     concurrency_time_window_s: int | None = None,
     notify_done: bool = False,
+    job_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
-    """Queue one job and wake the workers that serve its tag. Returns the job id.
+    """Queue one job and wake the workers that serve its tag. Returns the job id (``job_id``
+    when given: a result waiter registers under it before the insert).
     ``notify_done``: someone waits for the result, NOTIFY CH_DONE when it completes (a
     NOTIFY wakes every listening backend of the database, so only when asked)."""
-    job_id = uuid.uuid4()
+    job_id = job_id or uuid.uuid4()
     await db.fetchrow(
         _PUSH, job_id, workspace, kind, script_path, script_hash, language, content, args,
         tag, priority, timeout_s, created_by, float(scheduled_in_secs),

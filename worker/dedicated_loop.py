@@ -50,6 +50,7 @@ class ScriptLoop:
         self.changed = asyncio.Event()
         self.claiming: asyncio.Task | None = None
         self.drained = False  # the last claim found nothing: wait for a wake-up
+        self.due: Any = False  # the tag's next due time (None: no job waits; False: unknown)
         self.wakes = 0  # wake-ups so far: a claim that began before one may not idle on it
         self.import_failed: dict[str, tuple[str, float, int]] = {}  # hash -> (error, until, tries)
         self.starts = 0
@@ -99,18 +100,25 @@ class ScriptLoop:
         self.changed.clear()
 
     async def _idle(self, stopping: asyncio.Event) -> None:
-        """Nothing to do: wait for a NOTIFY of the tag, the next due time, or poll_s."""
-        try:
-            due = await queue.next_due(self.w.pool, [self.tag])
-        except Exception:  # noqa: BLE001
-            due = None
+        """Nothing to do: wait for a NOTIFY of the tag, the next due time, or poll_s. The
+        due time is read once and kept while it lies ahead: every job that becomes due
+        sooner comes with a NOTIFY (push, give-back, requeue), so a loop woken for a lone
+        job does not read it again after each one."""
+        if self.due is False or (self.due is not None and self.due <= now()):
+            try:
+                self.due = await queue.next_due(self.w.pool, [self.tag])
+            except Exception:  # noqa: BLE001
+                self.due = False
+        due = self.due
         wait = self.w.settings.poll_s
-        if due is not None:
+        if due:
             wait = min(wait, max(0.0, (due - now()).total_seconds()))
         if wait > 0 and not self.changed.is_set():
             waiter = asyncio.ensure_future(self.changed.wait())
             stop = asyncio.ensure_future(stopping.wait())
             await asyncio.wait([waiter, stop], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():  # timed out (poll_s, or the due time): read it again next time
+                self.due = False
             waiter.cancel()
             stop.cancel()
         self.changed.clear()
@@ -142,9 +150,10 @@ class ScriptLoop:
 
     async def _claim_now(self) -> None:
         gen = self.wakes
+        want = BATCH - len(self.local)
         try:
             t0 = time.perf_counter()
-            jobs = await store.claim(self.w.pool, self.tag, self.w.name, BATCH - len(self.local))
+            jobs = await store.claim(self.w.pool, self.tag, self.w.name, want)
             self.w.timing.add(DEDICATED_CLAIM, t0)
         except Exception as e:  # noqa: BLE001 - try again in a second
             log.warning("dedicated %s: claim failed: %s", self.tag, e)
@@ -157,7 +166,9 @@ class ScriptLoop:
             for job in jobs:  # which heartbeats may judge it (drop_lost)
                 job["claim_no"] = self.d.claims
             self.local.extend(jobs)
-        elif gen == self.wakes:
+        # fewer than asked: nothing else was due at its snapshot, and a job committed since
+        # comes with a NOTIFY (a wake-up): no empty claim after each lone job
+        if len(jobs) < want and gen == self.wakes:
             self.drained = True
         self.changed.set()
 

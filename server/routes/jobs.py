@@ -15,7 +15,7 @@ from ..deps import (CancelJobs, ListJobs, Pool, ReadJobs, RunJobs, RunStored, Se
                     Waiters, job_uuid)
 from ..models import CancelBody, Preview
 from ..routing import dedicated_tag
-from ..submit import push_preview, push_script, script_or_404, wait_result
+from ..submit import push_and_wait, push_preview, push_script, script_or_404
 from ..views import _job_json, _listed_json
 from .errors import IN_WORKSPACE, WAIT
 
@@ -64,8 +64,9 @@ def _add_script_routes(by: str, route: str, ref_of: Callable[..., ScriptRef]) ->
                        args: Any = Body(default_factory=dict), tag: str | None = Tag,
                        priority: int | None = Prio, timeout_s: float | None = WaitT) -> Response:
         s = await script_or_404(db, ws, ref.path, ref.hash)
-        jid = await push_script(pool, ws, s, args, tag, 0, priority, wait=True, created_by=u.name)
-        return await wait_result(pool, waiters, ws, jid, timeout_s or settings.wait_timeout_s)
+        return await push_and_wait(pool, waiters, ws, lambda jid: push_script(
+            pool, ws, s, args, tag, 0, priority, wait=True, created_by=u.name, job_id=jid),
+            timeout_s or settings.wait_timeout_s)
 
     # the names keep the operation ids and summaries of the OpenAPI document
     router.add_api_route(f"/jobs/run/{route}", run, methods=["POST"], name=f"run_{by}",
@@ -105,8 +106,9 @@ def due_in(scheduled_for: str | None, scheduled_in_secs: float) -> float:
 async def run_wait_preview(ws: str, body: Preview, u: RunJobs, pool: Pool, settings: Settings,
                            waiters: Waiters, tag: str | None = Tag, priority: int | None = Prio,
                            timeout_s: float | None = WaitT) -> Response:
-    jid = await push_preview(pool, ws, body, tag, 0, priority, wait=True, created_by=u.name)
-    return await wait_result(pool, waiters, ws, jid, timeout_s or settings.wait_timeout_s)
+    return await push_and_wait(pool, waiters, ws, lambda jid: push_preview(
+        pool, ws, body, tag, 0, priority, wait=True, created_by=u.name, job_id=jid),
+        timeout_s or settings.wait_timeout_s)
 
 
 # ---- reading --------------------------------------------------------------------------------

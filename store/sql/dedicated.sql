@@ -22,7 +22,7 @@ RETURNING q.id, q.seq, q.workspace, q.script_path, q.script_hash, q.language, q.
 
 
 -- name: dedicated_complete
--- Complete a batch of a worker's jobs as complete does, and append each job's log text (one row per job that printed) in the same statement.
+-- Complete a batch of a worker's jobs as complete does, and append each job's log text (one row per job that printed) in the same statement; a waiter's NOTIFY carries the result when it fits ('<id> <1|0><result JSON>': success, then the result), so the API need not read it.
 -- $1..$10 one array each, an element per job: id, worker, status, result (JSON text), error, duration_ms, cpu_ms, mem_peak, outcome (JSON text), started (worker's clock); $11 log texts ('' for none).
 WITH i AS (
     SELECT id, worker, status, result::jsonb AS result, error, duration_ms, cpu_ms, mem_peak,
@@ -33,8 +33,7 @@ WITH i AS (
 ), gone AS (
     DELETE FROM queue USING i
      WHERE queue.id = ANY($1::uuid[]) AND queue.id = i.id AND queue.worker = i.worker
-    RETURNING queue.*,
-              CASE WHEN queue.notify_done THEN pg_notify('sandmill_done', queue.id::text) END AS notified
+    RETURNING queue.*
 ), logs AS (
     INSERT INTO job_logs (job_id, chunk)
     SELECT l.id, l.chunk FROM unnest($1::uuid[], $11::text[]) AS l(id, chunk)
@@ -54,9 +53,16 @@ WITH i AS (
            i.duration_ms, i.cpu_ms, i.mem_peak, i.outcome, q.restarts, q.canceled_by,
            q.canceled_reason, q.concurrency_key
       FROM gone q JOIN i ON i.id = q.id
-    RETURNING id, status
+    RETURNING id, status, result
 )
-SELECT id, status FROM done;
+SELECT d.id, d.status,
+       -- after the insert: the status is the final one (a canceled job's); a payload is under 8000 bytes
+       CASE WHEN g.notify_done THEN pg_notify('sandmill_done', d.id::text || CASE
+           WHEN octet_length(r.text) < 7900
+           THEN ' ' || CASE WHEN d.status = 'success' THEN '1' ELSE '0' END || r.text
+           ELSE '' END) END AS notified
+  FROM done d JOIN gone g ON g.id = d.id
+ CROSS JOIN LATERAL (SELECT coalesce(d.result::text, 'null') AS text) r;
 
 
 -- name: dedicated_ping
