@@ -20,8 +20,11 @@
 # and the script itself. The zygote never reads a job's message, args or files: every
 # job process is forked from the same clean state, so nothing of one job can reach the
 # next through inherited memory. The job process is cloned straight into fresh user,
-# mount, pid, net, ipc and uts namespaces (where clone(2) cannot be called raw, a child
-# unshares them and forks it), pid 1 there: it mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
+# mount, pid, ipc and uts namespaces (where clone(2) cannot be called raw, a child
+# unshares them and forks it), pid 1 there; its network namespace is the zygote's own
+# (the backend made it: empty, loopback down, owned by a user namespace where the job
+# has no capability), shared by its jobs one after another: a fresh one per job cost
+# 1 ms of CPU, half of it in kernel threads (docs/performance.md). It mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
 # the others), mounts a size-capped /tmp, sets the rlimits, drops every capability and
 # runs the script in-process, or execs the job's program (J with "exec").
 #
@@ -43,7 +46,7 @@ import struct
 import sys
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWUSER, CLONE_NEWPID = 0x10000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 MS_RDONLY, MS_REMOUNT = 1, 32
 ST_NOEXEC = 8
@@ -146,8 +149,7 @@ def _clone_job(sock):
     if nr is None:
         raise OSError("no clone syscall number for this machine")
     uid, gid = os.getuid(), os.getgid()
-    flags = (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
-             | CLONE_NEWUTS | SIGCHLD)
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD
     # Through PyDLL the GIL stays held: the child continues as this very thread.
     pid = _pylibc.syscall(nr, flags, 0, 0, 0, 0)
     if pid < 0:
@@ -191,8 +193,8 @@ def _child(sock):
     try:
         _prctl(PR_SET_PDEATHSIG, SIGKILL)
         uid, gid = os.getuid(), os.getgid()
-        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
-                             | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC
+                             | CLONE_NEWUTS), "unshare")
         # Non-dumpable (inherited from the zygote), /proc/self/* would belong to a uid
         # not mapped here and the maps could not be written.
         _prctl(PR_SET_DUMPABLE, 1)
