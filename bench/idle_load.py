@@ -42,6 +42,25 @@ async def measure_commits_per_s(database_url: str, seconds: float) -> float:
     return max(0, after - before - 2) / elapsed
 
 
+IDLE_WORKER_PROCESSES = 2  # start_idle_cluster's: a default and a native worker
+
+
+async def idle_backends(database_url: str) -> dict:
+    """The idle cluster's PostgreSQL backends by application_name ('sandmill-server',
+    'sandmill-worker GROUP'), and the workers' backends per worker process."""
+    from .dbload import backends_by_app
+
+    conn = await dbmod.connect(database_url, app_name="sandmill-bench-probe")
+    try:
+        by_app = await backends_by_app(conn)
+    finally:
+        await conn.close()
+    workers = sum(n for app, n in by_app.items() if app.startswith("sandmill-worker "))
+    return {"by_app": by_app, "total": sum(by_app.values()), "server": by_app.get("sandmill-server", 0),
+            "workers": workers, "worker_processes": IDLE_WORKER_PROCESSES,
+            "per_worker_process": workers / IDLE_WORKER_PROCESSES}
+
+
 def start_idle_cluster(c: LocalCluster) -> None:
     """The cluster whose idle load is measured: server, a default and a native worker."""
     c.start_server()
@@ -72,6 +91,7 @@ def main() -> int:
             # so that the start-up burst does not land inside the window.
             time.sleep(11)
             rate = asyncio.run(measure_commits_per_s(url, args.seconds))
+            backends = asyncio.run(idle_backends(url))
         finally:
             c.stop()
             if pg is not None:
@@ -79,6 +99,8 @@ def main() -> int:
     verdict = "ok" if rate < TARGET_TX_PER_S else "OVER TARGET"
     print(f"| idle cluster (server + default + native worker), {args.seconds:g} s "
           f"| {rate:.2f} committed tx/s | target < {TARGET_TX_PER_S:g} | {verdict} |")
+    print(f"| backends | {backends['total']} in all: server {backends['server']}, workers {backends['workers']}"
+          f" ({backends['per_worker_process']:g} per worker process) | {backends['by_app']} |")
     return 0 if rate < TARGET_TX_PER_S else 1
 
 

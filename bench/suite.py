@@ -16,7 +16,7 @@ from sandmill.store import queue
 from . import latency as lat
 from .common import BenchPG, spread, start_native_workers, wait_registered
 from .drain import drain_once
-from .idle_load import measure_commits_per_s, start_idle_cluster
+from .idle_load import idle_backends, measure_commits_per_s, start_idle_cluster
 from .pgq import pgqueuer_drain
 
 
@@ -33,6 +33,13 @@ class Counts:
     scaling_n: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     scaling_jobs: int = 2000
     scaling_repeats: int = 3
+    # the large point(s): 500 subworkers in 5 processes of 100, on a PostgreSQL of their own
+    # at max_connections 100 (asserted); 15,000 jobs (3 s of ideal: the ramp at the start and
+    # the tail at the end, ~0.1 s each, stay small beside it)
+    scaling_large: list[int] = field(default_factory=lambda: [500])
+    scaling_large_jobs: int = 15000
+    scaling_large_per_process: int = 100
+    scaling_large_max_connections: int = 100
     queue_jobs: int = 5000
     queue_repeats: int = 3
     queue_subworkers: int = 8    # the native group's default
@@ -58,6 +65,7 @@ class Counts:
 
 QUICK = Counts(backends=["process"], latency_runs=5, batch_jobs=10, batches=1, docker_batch_jobs=5,
                docker_latency_runs=3, scaling_n=[5, 10], scaling_jobs=60, scaling_repeats=1,
+               scaling_large=[20], scaling_large_jobs=200, scaling_large_per_process=10,
                queue_jobs=200, queue_repeats=1, idle_window_s=1, idle_windows=2, idle_settle_s=1,
                recovery_repeats=1,
                recovery_env={"SANDMILL_PING_TIMEOUT_S": "2", "SANDMILL_MONITOR_EVERY_S": "0.5"},
@@ -147,7 +155,49 @@ def scaling(bp: BenchPG, counts: Counts, log=print) -> dict:
         rows.append({"subworkers": n, "processes": samples[0]["processes"], "ideal": n * 10.0,
                      "jobs_per_s": jps, "jps": spread(jps),
                      "efficiency": spread([j / (n * 10.0) for j in jps])})
-    return {"rows": rows, "jobs": counts.scaling_jobs, "repeats": counts.scaling_repeats}
+    return {"rows": rows, "jobs": counts.scaling_jobs, "repeats": counts.scaling_repeats,
+            "large": scaling_large(counts, log)}
+
+
+def scaling_large(counts: Counts, log=print) -> dict:
+    """The large points, on a PostgreSQL of their own at max_connections
+    ``scaling_large_max_connections`` (PostgreSQL's default, 100): the drain must fit in it
+    (asserted: the setting, and the peak of client backends sampled during each drain),
+    with where the time goes (bench/dbload.py: CPU of PostgreSQL and of the workers,
+    transactions/s)."""
+    if not counts.scaling_large:
+        return {"rows": []}
+    limit = counts.scaling_large_max_connections
+    bp = BenchPG(max_connections=limit)
+    try:
+        got = int(bp.pg.psql("SHOW max_connections;").split()[2])
+        assert got == limit, f"max_connections is {got}, not {limit}"
+        rows = []
+        for n in counts.scaling_large:
+            samples = []
+            for i in range(counts.scaling_repeats):
+                r = drain_once(bp, subworkers=n, jobs=counts.scaling_large_jobs, language="sleep",
+                               args={"seconds": 0.1}, per_process=counts.scaling_large_per_process, probe=True)
+                peak = r["load"]["peak_backends_total"]
+                assert peak < limit, f"{peak} backends at {n} subworkers: max_connections {limit} exceeded"
+                samples.append(r)
+                ld = r["load"]
+                log(f"  {n} subworkers ({r['processes']} processes), max_connections {limit}, run {i + 1}:"
+                    f" {r['jobs_per_s']:.1f} jobs/s ({100 * r['jobs_per_s'] / (n * 10):.1f}% of ideal);"
+                    f" peak backends {peak}; CPU per 1,000 jobs: PostgreSQL {ld['pg_cpu_ms_per_1000_jobs']:.0f} ms,"
+                    f" workers {ld['workers_cpu_ms_per_1000_jobs']:.0f} ms; cores used {ld['cores_used']:.2f}")
+            jps = [s["jobs_per_s"] for s in samples]
+            loads = [s["load"] for s in samples]
+            mid = sorted(range(len(jps)), key=jps.__getitem__)[len(jps) // 2]  # the median run's load
+            rows.append({"subworkers": n, "processes": samples[0]["processes"], "ideal": n * 10.0,
+                         "jobs_per_s": jps, "jps": spread(jps),
+                         "efficiency": spread([j / (n * 10.0) for j in jps]),
+                         "peak_backends": max(ld["peak_backends_total"] for ld in loads),
+                         "load": loads[mid], "loads": loads})
+        return {"rows": rows, "jobs": counts.scaling_large_jobs, "max_connections": limit,
+                "per_process": counts.scaling_large_per_process}
+    finally:
+        bp.close()
 
 
 # ---- 3. queue throughput vs pgqueuer ---------------------------------------------------------
@@ -180,11 +230,12 @@ def idle(bp: BenchPG, counts: Counts, log=print) -> dict:
         start_idle_cluster(c)
         time.sleep(counts.idle_settle_s)
         windows = [asyncio.run(measure_commits_per_s(url, counts.idle_window_s)) for _ in range(counts.idle_windows)]
+        backends = asyncio.run(idle_backends(url))
     finally:
         c.stop()
     total_s = counts.idle_window_s * counts.idle_windows
     return {"windows": windows, "window_s": counts.idle_window_s, "total_s": total_s,
-            "tx_per_s": sum(windows) / len(windows), "spread": spread(windows)}
+            "tx_per_s": sum(windows) / len(windows), "spread": spread(windows), "backends": backends}
 
 
 # ---- 5. recovery -----------------------------------------------------------------------------

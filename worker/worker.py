@@ -63,6 +63,8 @@ class Worker:
         # the connection of every statement (DbConn), or with db_conns 0 a pool
         self.pool: DbConn | asyncpg.Pool | None = None
         self.db_conns = DB_CONNS if db_conns is None else db_conns
+        if not database_url:  # an agent (worker/agent_worker.py): its store is HTTP, where
+            self.db_conns = 0  # two requests at once each go their own way, as a pool's did
         self.app_name = f"sandmill-worker {profile.name}"  # in pg_stat_activity
         self.gpus: GpuPool | None = None  # a GPU group's GPUs (gpus_per_job), set at start
         # the store's functions (the job SQL, the worker table): an agent swaps in its own
