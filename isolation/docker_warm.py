@@ -137,10 +137,10 @@ class DockerWarm:
         try:
             rc, out = self._one_off([self.pool.python, "-E", "-s", "-c", PROBE], 30.0)
         except (DockerException, requests.RequestException, OSError) as e:
-            return f"probe container failed: {e}"
+            return f"the warm probe container failed: {e}"
         if rc != 0:
-            return (f"a job process cannot make its namespaces in a warm container of {self.b.image}"
-                    f" (exit {rc}): {out.strip()[-300:]}")
+            return (f"the warm probe (a job process's namespaces and /proc, with {self.pool.python})"
+                    f" failed in a container of {self.b.image} (exit {rc}): {out.strip()[-300:]}")
         return ""
 
     def _one_off(self, command: list[str], timeout: float) -> tuple[int, str]:
