@@ -20,7 +20,13 @@ def _safe_rel(name: str) -> str:
 def make_workdir(files: dict[str, bytes], uid: int, root: str | None) -> str:
     """A fresh, empty dir with ``files`` in it, owned by the job's uid (when we are
     root) so the job can write next to them."""
-    d = tempfile.mkdtemp(prefix="sandmill-docker-", dir=root)
+    try:
+        d = tempfile.mkdtemp(prefix="sandmill-docker-", dir=root)
+    except FileNotFoundError:  # a root not made yet (or removed since): 0711, as workdir.create's
+        if root is None:
+            raise
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        d = tempfile.mkdtemp(prefix="sandmill-docker-", dir=root)
     try:
         for name, data in files.items():
             path = os.path.join(d, _safe_rel(name))
