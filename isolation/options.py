@@ -94,6 +94,10 @@ class DockerOptions(_Options):
         None, description="absolute directory for the jobs' work dirs (dockerd must see the same path); unset: the temp dir")
     labels: dict[str, str] | None = Field(None, description="extra labels on each job container")
     api_timeout_s: float = Field(60.0, gt=0, description="timeout of each call to dockerd's API")
+    warm: bool | None = Field(
+        None, description="jobs start by fork in an already running container of the image (isolation/README.md,"
+                          " 'Warm Docker'); unset: where the probe says it works, else a fresh container per job;"
+                          " true: the worker refuses to start where it cannot; false: a fresh container per job")
 
 
 # backend name -> its options model (the names are those of registry.BACKENDS)
