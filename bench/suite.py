@@ -90,7 +90,8 @@ def available_backends(wanted: list[str]) -> dict[str, str]:
 
 # ---- 1. per-job overhead ---------------------------------------------------------------------
 
-WARM_BACKENDS = ("process", "nsjail")  # python3 jobs fork from a warm interpreter there
+# python3 jobs fork from a warm interpreter there (docker: bash jobs too, in a warm container)
+WARM_BACKENDS = ("process", "nsjail", "docker")
 
 def overhead(bp: BenchPG, counts: Counts, log=print) -> dict:
     """One worker per backend; per language: bare interpreter start, submit->result latency
@@ -116,8 +117,10 @@ def overhead(bp: BenchPG, counts: Counts, log=print) -> dict:
             c.wait_workers("bench")
             with c.client() as api:
                 used = next(w["backend"] for w in api.get("/api/workers/list").json() if w["worker_group"] == "bench")
-            runs = counts.docker_latency_runs if backend == "docker" else counts.latency_runs
-            batch = counts.docker_batch_jobs if backend == "docker" else counts.batch_jobs
+            # Fewer jobs for a fresh container each (~120 ms); warm docker takes the usual counts.
+            slow = backend == "docker" and cold
+            runs = counts.docker_latency_runs if slow else counts.latency_runs
+            batch = counts.docker_batch_jobs if slow else counts.batch_jobs
             for language in ("python3",) if cold else ("python3", "bash"):
                 log(f"  {name} / {language}: {runs} latency runs, {counts.batches} x {batch} jobs")
 
