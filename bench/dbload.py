@@ -38,6 +38,23 @@ def _cpu_s(pids: list[int]) -> dict[int, float]:
     return out
 
 
+_JOBS = ("SELECT avg(duration_ms)::float8 AS mean, percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50,"
+         " percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms) AS p99, sum(duration_ms)::float8 / 1000 AS busy_s,"
+         " extract(epoch FROM max(completed_at) - min(started_at))::float8 AS span_s"
+         "  FROM completed_job WHERE tag = $1")
+
+
+async def job_times(conn, tag: str, subworkers: int) -> dict:
+    """How the slots spent a drain of ``tag``: the jobs' own run time as the workers timed
+    it (mean, p50, p99 ms: a 100 ms sleep that ends late is the event loop's or the cores'
+    delay), and the slots' busy share from the first start to the last completion (the
+    rest: the ramp, the tail, waits for claims)."""
+    r = await conn.fetchrow(_JOBS, tag)
+    span = r["span_s"] or 0.0
+    return {"job_ms_mean": r["mean"], "job_ms_p50": r["p50"], "job_ms_p99": r["p99"],
+            "slot_busy_share": r["busy_s"] / (span * subworkers) if span else 0.0}
+
+
 @dataclass
 class Probe:
     """Sample a drain: call ``start()`` before it, ``stop()`` after; ``sample()`` (every

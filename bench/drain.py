@@ -18,7 +18,7 @@ from sandmill.store import db as dbmod
 
 from .common import (BenchPG, commit_time, enqueue, last_completion_time, start_native_workers,
                      wait_drained, wait_registered)
-from .dbload import Probe
+from .dbload import Probe, job_times
 
 
 def split_processes(subworkers: int, per_process: int = 25) -> tuple[int, int]:
@@ -75,6 +75,7 @@ def drain_once(bp: BenchPG, *, subworkers: int, jobs: int, language: str, args: 
                     stop_probe.set()
                     await sampler
                     load = await pr.stop(jobs)
+                    load.update(await job_times(conn, tag, subworkers))
                 committed = await commit_time(conn, xid)
                 last = await last_completion_time(conn, tag)
             finally:
@@ -102,7 +103,9 @@ def _load_txt(load: dict) -> str:
             f" CPU per 1,000 jobs: PostgreSQL {load['pg_cpu_ms_per_1000_jobs']:.0f} ms,"
             f" workers {load['workers_cpu_ms_per_1000_jobs']:.0f} ms; cores used {load['cores_used']:.2f}"
             f" of {load['cores']}; worker processes' core share {load['worker_core_share']};"
-            f" {load['tx_per_s']:.0f} tx/s ({load['tx_per_job']:.3f} a job)")
+            f" {load['tx_per_s']:.0f} tx/s ({load['tx_per_job']:.3f} a job); jobs' own time ms mean"
+            f" {load['job_ms_mean']:.1f}, p50 {load['job_ms_p50']:.0f}, p99 {load['job_ms_p99']:.0f};"
+            f" slots busy {100 * load['slot_busy_share']:.1f}%")
 
 
 def main() -> None:

@@ -227,8 +227,9 @@ def markdown(res: dict, machine: dict, pngs: list[str], cmd: str, notes: dict[st
               " Latency: sequential `run_wait_result/preview` calls; throughput: a batch submitted at once"
               " (20 in flight), timed until its last completion, repeated; beside the bare interpreter start"
               " (`python3 -c pass`, `bash -c 'echo 1'`) timed in the same run. python3 jobs on process and nsjail"
-              " fork from a warm interpreter inside the sandbox (`isolation/README.md`, \"Warm runs\"); the"
-              " `-cold` rows run the same jobs with `warm: false`, a fresh interpreter each. \"warm\" is the share"
+              " fork from a warm interpreter inside the sandbox (`isolation/README.md`, \"Warm runs\"); on docker,"
+              " python3 and bash jobs fork in an already running container (\"Warm Docker\"); the"
+              " `-cold` rows run the same jobs with `warm: false`, a fresh interpreter (docker: a fresh container) each. \"warm\" is the share"
               " of the run's jobs whose outcome says they ran warm.", "",
               "| backend | language | bare start p50 | latency p50 | latency p95 | overhead p50 | jobs/s median (min-max) | warm | Windmill 1 worker |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -263,17 +264,23 @@ def markdown(res: dict, machine: dict, pngs: list[str], cmd: str, notes: dict[st
                   f" {lg['per_process']} subworkers, on a PostgreSQL of their own at **max_connections"
                   f" {lg['max_connections']}** (asserted, and the peak of client backends sampled every 0.25 s"
                   " asserted under it); where the time goes (the median run; psutil CPU of PostgreSQL's processes"
-                  " and of the worker processes over the drain):", "",
+                  " and of the worker processes over the drain; a job's own time as its worker timed it: a 100 ms"
+                  " sleep that ends late is the event loop's or the cores' delay; slots busy: the jobs' time over"
+                  " the slots' time from the first start to the last completion, the rest is the ramp, the tail"
+                  " and waits for claims):", "",
                   "| subworkers | processes | ideal jobs/s | jobs/s median (min-max) | % of ideal | peak backends"
-                  " | CPU ms / 1,000 jobs: PostgreSQL, workers | cores used | worker core share | tx/s (a job) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  " | CPU ms / 1,000 jobs: PostgreSQL, workers | cores used | worker core share | tx/s (a job)"
+                  " | a 100 ms job's own ms: mean, p99 | slots busy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in big:
                 ld = r["load"]
                 L.append(f"| {r['subworkers']} | {r['processes']} | {r['ideal']:.0f} | {r['jps']['median']:.1f}"
                          f" ({r['jps']['min']:.1f}-{r['jps']['max']:.1f}) | {100 * r['efficiency']['median']:.1f}%"
                          f" | {r['peak_backends']} | {ld['pg_cpu_ms_per_1000_jobs']:.0f}, {ld['workers_cpu_ms_per_1000_jobs']:.0f}"
                          f" | {ld['cores_used']:.2f} of {ld['cores']} | {', '.join(f'{x:.2f}' for x in ld['worker_core_share'])}"
-                         f" | {ld['tx_per_s']:.0f} ({ld['tx_per_job']:.3f}) |")
+                         f" | {ld['tx_per_s']:.0f} ({ld['tx_per_job']:.3f})"
+                         f" | {ld.get('job_ms_mean', 0):.1f}, {ld.get('job_ms_p99', 0):.0f}"
+                         f" | {100 * ld.get('slot_busy_share', 0):.1f}% |")
         L += ["", "Windmill publishes 981 jobs/s with 100 workers (98.1%).", "", "![scaling](scaling.png)"]
     q = res.get("queue")
     if q:

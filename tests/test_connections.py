@@ -179,3 +179,21 @@ async def test_the_claim_and_completion_statements_are_prepared_on_the_connectio
     finally:
         w.stop()
         await asyncio.wait_for(run, 20)
+
+
+async def test_a_statement_canceled_midway_leaves_the_connection_to_the_next(pg_url):
+    """A job's heartbeat or log flush is canceled when the job ends, maybe mid-statement:
+    the next caller gets the same connection, usable at once."""
+    c = DbConn(pg_url)
+    try:
+        await c.open()
+        for i in range(3):
+            t = asyncio.create_task(c.fetchval("SELECT pg_sleep(5)"))
+            await asyncio.sleep(0.1)
+            t.cancel()
+            t0 = time.monotonic()
+            assert await c.fetchval("SELECT $1::int", i) == i
+            assert time.monotonic() - t0 < 2.0
+        assert c.opened == 1
+    finally:
+        await c.close()

@@ -42,6 +42,7 @@ class LogSink:
         self._dropped = 0
         self._wake: asyncio.Event | None = None  # with the flusher: most jobs print nothing
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def on_output(self, stream: str, chunk: bytes) -> None:
         if self._stored >= MAX_LOG_BYTES:  # full: count what is not stored, decode nothing
@@ -84,7 +85,7 @@ class LogSink:
             self._wake.set()
 
     async def _run(self, wake: asyncio.Event) -> None:
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(wake.wait(), FLUSH_EVERY_S)
             except asyncio.TimeoutError:
@@ -108,10 +109,13 @@ class LogSink:
         if self._task is None and not (self._pending or self._dropped or self._decoders):
             return  # nothing was logged (a native job's usual case): nothing to do
         if self._task:
-            self._task.cancel()
+            # the flusher ends after its flush in hand, not in it: canceled while its write
+            # waited (for the worker's one connection), the lines it had taken were lost
+            self._closing = True
+            self._wake.set()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except Exception:  # noqa: BLE001 - flush() logs its own failures
                 pass
         for stream in ("stdout", "stderr"):
             dec = self._decoders.get(stream)
