@@ -242,3 +242,13 @@ async def test_hardening_as_dockerd_sees_it(backend: DockerBackend, tag: str) ->
                    for o in host["SecurityOpt"])
     assert host["MaskedPaths"] == ["/sys/firmware", "/sys/devices/virtual/powercap"]
     assert host["Memory"] > 0 and host["PidsLimit"] > 0
+
+
+async def test_own_loopback_without_network(backend: DockerBackend) -> None:
+    """As a cold container: no network, but a loopback of its own (the warm container's
+    network namespace, which no job has a capability over)."""
+    code = ("import socket\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+            "socket.create_connection(s.getsockname(), timeout=2); print('lo ok')\n"
+            "print(sorted(n for _, n in socket.if_nameindex()))\n")
+    o = await backend.run(job(code))
+    assert o.status is Status.success and o.warm and o.stdout == b"lo ok\n['lo']\n", explain(o)
