@@ -3,7 +3,12 @@ jobs per second over a batch, beside the bare cost of starting the same interpre
 the same machine in the same run.
 
     python -m bench.latency [--backend process|nsjail|docker] [--language python3|bash]
-                            [--jobs 200] [--latency-runs 50] [--cold]
+                            [--jobs 200] [--latency-runs 50] [--cold] [--quick]
+
+Over the throughput batch it also reports the CPU ms per job of each process (psutil):
+the server, the worker, the sandbox (every process under the worker: nsjail, warm
+interpreters and the job processes they reaped) and PostgreSQL (postmaster and backends).
+Kernel threads (e.g. a network namespace's teardown) are not counted.
 
 python3 jobs on process and nsjail fork from a warm interpreter by default; --cold runs
 each in a fresh interpreter (the backend option ``warm: false``).
@@ -15,6 +20,9 @@ import argparse
 import asyncio
 import statistics
 import time
+from pathlib import Path
+
+import psutil
 
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
@@ -79,6 +87,31 @@ async def throughput(cluster: LocalCluster, language: str, jobs: int) -> float:
     return jobs / (t1 - t0)
 
 
+def _cpu(p: psutil.Process, reaped: bool = True) -> float:
+    """CPU seconds of ``p``, with those of its children it has reaped when ``reaped``."""
+    try:
+        t = p.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system + ((t.children_user + t.children_system) if reaped else 0.0)
+
+
+def cpu_by_process(cluster: LocalCluster, pg_dir: Path) -> dict[str, float]:
+    """CPU seconds so far of the server, the worker, its sandbox processes and PostgreSQL."""
+    server, worker = (psutil.Process(p.pid) for p in cluster.procs[:2])
+    out = {"server": _cpu(server), "worker": _cpu(worker, reaped=False)}
+    try:
+        t = worker.cpu_times()
+        out["sandbox"] = t.children_user + t.children_system  # reaped cold sandboxes
+        out["sandbox"] += sum(_cpu(c) for c in worker.children(recursive=True))
+    except psutil.Error:
+        out["sandbox"] = 0.0
+    pg = [p for p in psutil.process_iter(["cmdline"])
+          if str(pg_dir) in " ".join(p.info["cmdline"] or ())]
+    out["postgres"] = sum(_cpu(p) + sum(_cpu(c) for c in p.children(recursive=True)) for p in pg)
+    return out
+
+
 async def warm_share(cluster: LocalCluster, language: str) -> float:
     """Share of the completed ``language`` jobs that ran warm (Outcome.warm)."""
     conn = await dbmod.connect(cluster.db_url)
@@ -106,14 +139,17 @@ async def run(args: argparse.Namespace) -> dict:
         cluster.wait_workers("bench")
         bare = await bare_start(BARE[args.language], args.latency_runs)
         lat = await latency(cluster, args.language, args.latency_runs)
+        cpu0 = cpu_by_process(cluster, tmp / "pg")
         jps = await throughput(cluster, args.language, args.jobs)
+        cpu1 = cpu_by_process(cluster, tmp / "pg")
+        cpu = {k: (cpu1[k] - cpu0[k]) * 1000 / args.jobs for k in cpu0}
         warm = await warm_share(cluster, args.language)
     finally:
         cluster.stop()
         pg.cleanup()
         drop_scratch(tmp)
     return {"backend": args.backend + (" (cold)" if args.cold else ""), "language": args.language, "bare": bare, "latency": lat, "jobs_per_s": jps,
-            "jobs": args.jobs, "warm_share": warm}
+            "jobs": args.jobs, "warm_share": warm, "cpu_ms_per_job": cpu}
 
 
 def report(r: dict) -> str:
@@ -127,6 +163,8 @@ def report(r: dict) -> str:
         f" {'met' if over <= TARGET_OVERHEAD_MS else 'NOT met'})",
         f"  throughput               {r['jobs_per_s']:7.1f} jobs/s over {r['jobs']} jobs",
         f"  ran warm                 {100 * r['warm_share']:7.1f} % of the jobs (a fork of a warm interpreter)",
+        "  CPU per job (batch)      " + "   ".join(f"{k} {v:.2f} ms" for k, v in r["cpu_ms_per_job"].items())
+        + f"   total {sum(r['cpu_ms_per_job'].values()):.2f} ms",
         "  for scale: Windmill publishes ~50 ms overhead per standard job (~65 ms per Python job in its CI)",
     ]
     return "\n".join(lines)
@@ -139,7 +177,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--cold", action="store_true", help="a fresh interpreter per job (warm: false)")
-    print(report(asyncio.run(run(ap.parse_args()))))
+    ap.add_argument("--quick", action="store_true", help="a small run (40 jobs, 10 latency runs)")
+    args = ap.parse_args()
+    if args.quick:
+        args.jobs, args.latency_runs = min(args.jobs, 40), min(args.latency_runs, 10)
+    print(report(asyncio.run(run(args))))
 
 
 if __name__ == "__main__":

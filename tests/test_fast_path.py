@@ -4,17 +4,21 @@ the benchmark (``python -m bench.latency``), not here."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "isolation"))
-
-from sandmill.isolation import Backend, RunSpec, Status, workdir  # noqa: E402
-from sandmill.isolation.nsjail import NsjailBackend  # noqa: E402
-from sandmill.isolation.process import ProcessBackend  # noqa: E402
+from sandmill.isolation import Backend, RunSpec, Status, workdir
+from sandmill.isolation.nsjail import NsjailBackend
+from sandmill.isolation.process import ProcessBackend
+from sandmill.profiles import profile_from_dict
+from sandmill.store import db as dbmod
+from sandmill.store import queue
+from sandmill.worker.settings import WorkerSettings
+from sandmill.worker.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,3 +133,51 @@ async def test_jobs_share_the_zygotes_netns_and_cannot_configure_it(warm) -> Non
     assert bash.stdout.decode().strip() == os.readlink(f"/proc/{_zygotes(warm)['exec']}/ns/net")
     assert (state, change) == ("lo down", "Operation not permitted"), lines[0]
     assert connect.startswith("connect: "), connect
+
+
+async def test_the_next_job_starts_while_the_last_ones_logs_are_written(pg_url, monkeypatch) -> None:
+    # A bash job always prints (its result is its last line). The slot starts the job it
+    # holds ahead as soon as a job ends; the job's logs are written meanwhile, and its
+    # completion is sent only after them: who sees it completed sees all its logs.
+    if ProcessBackend().warm_pool is None:
+        pytest.skip("no warm process backend here")
+    pool = await dbmod.create_pool(pg_url)
+    tag = "fastlogs-" + uuid.uuid4().hex[:6]
+    early: list[uuid.UUID] = []  # jobs completed before their logs were written (never)
+    write = queue.append_logs
+
+    async def slow_append_logs(db, job_id, chunks):
+        await asyncio.sleep(0.4)
+        if await pool.fetchval("SELECT count(*) FROM completed_job WHERE id = $1", job_id):
+            early.append(job_id)
+        await write(db, job_id, chunks)
+
+    monkeypatch.setattr(queue, "append_logs", slow_append_logs)
+    ids = [await queue.push(pool, workspace="w", language="bash", content=f"echo start $EPOCHREALTIME; sleep {s}; echo end $EPOCHREALTIME; echo hi{i}",
+                            args={}, tag=tag) for i, s in enumerate((0.3, 0, 0))]
+    w = Worker(profile_from_dict({"name": "fastlogs", "tags": [tag], "backend": {"kind": "process"},
+                                  "claim_ahead": True}), pg_url,
+               settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, claim_ahead_hold_s=5.0))
+    run = asyncio.create_task(w.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while await pool.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1)", ids) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "jobs did not complete"
+            await asyncio.sleep(0.05)
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+    rows = {r["id"]: r for r in await pool.fetch(
+        "SELECT id, status, result, started_at, duration_ms FROM completed_job WHERE id = ANY($1)", ids)}
+    logs = {r["job_id"]: r["text"] for r in await pool.fetch(
+        "SELECT job_id, string_agg(chunk, '' ORDER BY id) AS text FROM job_logs"
+        " WHERE job_id = ANY($1) GROUP BY job_id", ids)}
+    await pool.close()
+    assert early == []
+    assert [rows[i]["result"] for i in ids] == ["hi0", "hi1", "hi2"], rows
+    assert all(f"hi{n}" in logs[i] for n, i in enumerate(ids)), logs
+    # the second job started as the first one ended (by the jobs' own clocks), not 0.4 s
+    # later, after the first one's logs
+    stamps = [dict(line.split() for line in logs[i].splitlines() if " " in line) for i in ids]
+    gap = float(stamps[1]["start"]) - float(stamps[0]["end"])
+    assert gap < 0.25, gap

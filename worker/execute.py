@@ -69,7 +69,18 @@ class Executor:
     async def execute(self, job: dict[str, Any]) -> queue.Completion | None:
         """Run one job in the calling slot's task; returns its completion for the slot to
         hand in (None when the job is not this worker's to complete any more, or went back
-        to the queue)."""
+        to the queue), once the job's logs are written."""
+        done, logs = await self.execute_deferred(job)
+        if logs is not None:
+            await logs
+        return done
+
+    async def execute_deferred(self, job: dict[str, Any]) -> tuple[queue.Completion | None, asyncio.Future[None] | None]:
+        """``execute``, but the write of the job's last logs may still be under way: the
+        second item, when not None, is that write, which must end before the completion is
+        sent (a reader who sees the job completed sees all its logs). The slot starts its
+        next job meanwhile: a bash job always prints, and its logs' statement on the
+        slot's path cost a database round trip per job (docs/performance.md)."""
         g = self.group
         job_id: uuid.UUID = job["id"]
         sink = LogSink(g.pool, job_id, g.q)
@@ -135,16 +146,16 @@ class Executor:
         if r.why == "lost":
             sink.note(f"job taken away from worker {g.name} (heartbeat lost); not completing it here")
             await sink.close()
-            return None
+            return None, None
         if r.why == "shutdown":
             sink.note(f"worker {g.name} shutting down; job put back in the queue")
             await sink.close()
             await g.q.requeue(g.pool, job_id, g.name)
-            return None
+            return None, None
         if r.why == "canceled":
             sink.note("job canceled; killed")
             result = canceled("canceled")
-        await sink.close()
+        logs = _closing(sink)
         result = storable_result(result)  # nothing a job wrote may fail the statement
         return queue.Completion(
             job_id, g.name, status=result.status, result=result.result, error=result.error,
@@ -152,7 +163,16 @@ class Executor:
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
             outcome=storable_json(outcome.to_json()) if outcome else None, started_at=started,
-        )
+        ), logs
+
+
+def _closing(sink: LogSink) -> asyncio.Future[None] | None:
+    """The close of ``sink`` under way, or None when it has nothing to write (most python3
+    jobs print nothing: no task for them). An unknown state counts as something to write."""
+    if (getattr(sink, "_task", 0) is None and not getattr(sink, "_pending", 1)
+            and not getattr(sink, "_dropped", 1) and not getattr(sink, "_decoders", 1)):
+        return None
+    return asyncio.ensure_future(sink.close())
 
 
 async def _const(v: Any) -> Any:

@@ -40,6 +40,7 @@ class Slots:
         self.wake = asyncio.Event()
         # the wake event and next_due's read under it, shared by the idle slots (next_due)
         self._due: tuple[asyncio.Event, asyncio.Future] | None = None
+        self._after: set[asyncio.Future] = set()  # completions waiting for their logs (_after_logs)
 
     def wake_all(self) -> None:
         """Wake every idle slot (a NOTIFY for our tags, a config reload)."""
@@ -92,8 +93,9 @@ class Slots:
                 watch.holds[st] = t0 + hold_s
                 watch.arm()
             started = now()
+            logs: asyncio.Future[None] | None = None  # its last logs' write, still under way
             try:
-                done = await self.executor.execute(current)
+                done, logs = await self.executor.execute_deferred(current)
             except Exception as e:  # noqa: BLE001 - one bad job must not kill the worker
                 log.exception("job %s: internal error", current["id"])
                 done = self._failed(current, started, f"{type(e).__name__}: {e}")
@@ -117,9 +119,16 @@ class Slots:
             ahead = 0
             if self.group.profile.claim_ahead and not stopping and ran_s < hold_s:
                 ahead = max(0, self.pace.depth() - len(st.ready) - st.asked)
-            fut = feed.completer.enqueue(Done(done, now=job is None and not stopping, ahead=ahead,
-                                              starting=(job["id"], now()) if job is not None else None),
-                                         wait_s=self._completion_wait_s(st, current, ran_s, job, stopping))
+            d = Done(done, now=job is None and not stopping, ahead=ahead,
+                     starting=(job["id"], now()) if job is not None else None)
+            wait_s = self._completion_wait_s(st, current, ran_s, job, stopping)
+            if logs is not None and job is None:
+                await logs  # nothing to run meanwhile: the completion follows its logs
+            if logs is not None and job is not None:
+                # the next job runs while the logs are written; the completion follows them
+                fut = self._after_logs(logs, d, 0.0 if ahead else wait_s)
+            else:
+                fut = feed.completer.enqueue(d, wait_s=wait_s)
             if ahead:
                 st.coming.append((fut, ahead))
                 st.asked += ahead
@@ -135,6 +144,24 @@ class Slots:
             await feed.give_back(job)
         while (held := await feed.next_held(st)) is not None:
             await feed.give_back(held)
+        if self._after:  # completions still waiting for their logs are handed in
+            await asyncio.wait(list(self._after))
+
+    def _after_logs(self, logs: asyncio.Future[None], d: Done, wait_s: float) -> asyncio.Future:
+        """Hand ``d`` in once ``logs`` are written (a reader who sees the job completed
+        sees all its logs); the slot goes on with its next job meanwhile. A completion
+        that a claim of held jobs rides on (``d.ahead``) is sent at once then."""
+        async def send() -> Any:
+            try:
+                await logs
+            except Exception:  # noqa: BLE001 - LogSink.close logs its own failures
+                pass
+            return await self.feed.completer.enqueue(d, wait_s=wait_s)
+
+        t = asyncio.ensure_future(send())
+        self._after.add(t)
+        t.add_done_callback(self._after.discard)
+        return t
 
     def _failed(self, job: dict[str, Any], started: dt.datetime, cause: str) -> queue.Completion:
         """The completion of a job that failed inside sandmill (not of itself)."""
