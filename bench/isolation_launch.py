@@ -8,10 +8,10 @@ run, teardown, i.e. one job's cost to the worker), the p50 overhead above the ba
 subprocess in ms and as a ratio, and the target where there is one (nsjail: at most
 +10 ms; docker: under 300 ms per job).
 
-process and nsjail are measured cold (``warm=False``: a fresh sandbox per run) and warm
+process, nsjail and docker are measured cold (``warm=False``: a fresh sandbox per run) and warm
 (``+warm``: a job process forked ahead into fresh namespaces execs the argv; and
 ``python3 script``: a runtime script run in-process by a warm interpreter, against the
-same bare ``python3 -c pass``). See isolation/README.md, "Warm runs".
+same bare ``python3 -c pass``). See isolation/README.md, "Warm runs" and "Warm Docker".
 
 Between two timed runs the backend sits idle for ``--gap-ms`` (default 5 ms, untimed,
 for every row alike): a worker's next job never comes back-to-back, it has at least a
@@ -35,7 +35,7 @@ ARGVS: dict[str, list[str]] = {
 }
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 WARMUP = 2
-WARM_BACKENDS = ("process", "nsjail")
+WARM_BACKENDS = ("process", "nsjail", "docker")  # cold (warm=False) and +warm rows
 SCRIPT = "python3 script"  # the warm in-process row
 
 
