@@ -55,3 +55,32 @@ def test_job_rows_from_asyncpg_are_written_by_orjson(monkeypatch):
     with pytest.raises(AssertionError):  # a run of 19 digits: read by json (exact)
         loads(b'{"n": "x1234567890123456789"}')
     assert loads(b'{"n": 123456789012345678, "s": "a1b22c333"}') == {"n": 123456789012345678, "s": "a1b22c333"}
+
+
+def test_completion_ids_read_as_text_and_other_spellings_agree(make_cluster, ws):
+    """The fast reader keeps a job id as text (asyncpg sends it as a uuid); an id spelled
+    otherwise (upper case) is read by the model as a UUID: both complete, acknowledge and
+    refuse alike, and the answer names each job by its canonical text."""
+    from agent_support import agent_name, agent_token, as_agent, push
+
+    c = make_cluster()
+    tag = "txt" + uuid.uuid4().hex[:8]
+    token = agent_token(c, "edge", [tag])
+    name = agent_name(token)
+    a_id, b_id, other = push(c, ws, tag), push(c, ws, tag), push(c, ws, tag)
+    done = {"status": "success", "result": 1, "duration_ms": 1}
+    with as_agent(c, token) as a:
+        assert a.post("/register", json={"name": name, "group": "edge", "tags": [tag]}).status_code == 200
+        got = [j["id"] for j in a.post("/pull_job", json={"name": name, "n": 2}).json()["jobs"]]
+        assert sorted(got) == sorted([a_id, b_id])
+        r = a.post("/complete", json={"name": name, "done": [{"id": a_id, **done}]}).json()
+        assert r["statuses"] == {a_id: "success"} and r["acked"] == [] and r["refused"] == []
+        r = a.post("/complete", json={"name": name, "done": [{"id": b_id.upper(), **done}]}).json()
+        assert r["statuses"] == {b_id: "success"} and r["acked"] == [] and r["refused"] == []
+        r = a.post("/complete", json={"name": name, "done": [
+            {"id": a_id, **done}, {"id": b_id.upper(), **done}, {"id": other.upper(), **done}]}).json()
+        assert r["statuses"] == {} and r["acked"] == [a_id, b_id] and r["refused"] == [other], r
+        r = a.post("/complete", json={"name": name, "done": [{"id": a_id, **done}, {"id": other, **done}]}).json()
+        assert r["acked"] == [a_id] and r["refused"] == [other], r
+        bad = a.post("/complete", json={"name": name, "done": [{"id": "not-a-uuid", **done}]})
+        assert bad.status_code == 422 and "error" in bad.json(), bad.text

@@ -254,12 +254,11 @@ async def next_due(body: Named, a: Agent, pool: Pool, st: State) -> dict[str, An
 
 
 
-async def _sorted(pool: Any, ids: list[uuid.UUID], statuses: dict[uuid.UUID, str],
-                  name: str) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
-    """Of the jobs not completed now: (those this worker completed before: a result sent
-    again, acknowledged), (the others: not this worker's, refused)."""
+async def _sorted(pool: Any, ids: list[str], statuses: dict[str, str], name: str) -> tuple[list[str], list[str]]:
+    """Of the jobs not completed now (ids as text): (those this worker completed before: a
+    result sent again, acknowledged), (the others: not this worker's, refused)."""
     rest = [i for i in ids if i not in statuses]
-    before = await store_agent.completed_by(pool, rest, name) if rest else set()
+    before = {str(i) for i in await store_agent.completed_by(pool, rest, name)} if rest else set()
     return [i for i in rest if i in before], [i for i in rest if i not in before]
 
 
@@ -286,8 +285,9 @@ async def complete(a: Agent, pool: Pool, st: State, request: Request) -> Respons
             ahead_after_s=body.ahead_after_s, starting=list(body.starting))
     else:
         statuses = await queue.complete_many(pool, done)
-    acked, refused = await _sorted(pool, [d.job_id for d in done], statuses, name)
-    out = dumps({"statuses": statuses_json(statuses), "acked": acked, "refused": refused, "jobs": jobs})
+    by_text = statuses_json(statuses)
+    acked, refused = await _sorted(pool, [str(d.job_id) for d in done], by_text, name)
+    out = dumps({"statuses": by_text, "acked": acked, "refused": refused, "jobs": jobs})
     st.keep_reply(key, out)
     return _json(out)
 
