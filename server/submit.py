@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -10,6 +11,7 @@ import asyncpg
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response
 
+from sandmill.store import jobs as store_jobs
 from sandmill.store import queue, scripts
 
 from .models import Preview, check_args, check_code, check_text
@@ -42,7 +44,10 @@ async def script_or_404(pool: asyncpg.Pool, ws: str, path: str | None = None,
 # wait=True: the caller waits for the result (wait_result), so its completion NOTIFYs
 async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any, tag: str | None,
                       scheduled_in_secs: float, priority: int | None, wait: bool = False,
-                      created_by: str = "admin", job_id: uuid.UUID | None = None) -> uuid.UUID:
+                      created_by: str = "admin", job_id: uuid.UUID | None = None,
+                      if_latest: bool = False) -> uuid.UUID | None:
+    """Queue a run of script version ``s``. ``if_latest``: only while it is still the
+    newest version at its path (None, nothing queued, when it is not)."""
     args = check_args(args)
     check_text("workspace", ws)
     check_text("tag", tag)
@@ -53,7 +58,8 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
         key = concurrency_key(ws, s, args)
     except RoutingError as e:
         raise HTTPException(400, str(e)) from None
-    return await queue.push(
+    push = store_jobs.push_if_latest if if_latest else queue.push
+    return await push(
         pool, workspace=ws, language=s["language"], content=s["content"], args=args,
         tag=job_tag, kind="script", script_path=s["path"], script_hash=s["hash"],
         priority=priority if priority is not None else (s["priority"] or 0),
@@ -62,6 +68,41 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
         concurrency_time_window_s=s["concurrency_time_window_s"] if key else None,
         notify_done=wait, created_by=created_by, job_id=job_id,
     )
+
+
+# (workspace, path) -> the newest version there as last looked up, so that a run by path
+# queues in one statement (push_if_latest checks it is still the newest) instead of a read
+# and an insert. Versions are content-addressed (their hash covers every field), so a
+# remembered version that is still the newest is exactly what a read would return.
+_LATEST: collections.OrderedDict[tuple[str, str], dict[str, Any]] = collections.OrderedDict()
+LATEST_MAX = 1024
+
+
+async def push_stored(pool: asyncpg.Pool, db: Any, ws: str, path: str | None, h: str | None,
+                      args: Any, tag: str | None, scheduled_in_secs: float, priority: int | None,
+                      wait: bool = False, created_by: str = "admin",
+                      job_id: uuid.UUID | None = None) -> uuid.UUID:
+    """Queue a run of the stored script at ``path`` (its newest version) or of version
+    ``h``; 404 when there is none. ``db`` is the lookup's executor (deps.lookup: the pool,
+    or nothing for another workspace's token); only a lookup on the pool is remembered."""
+    key = (ws, path or "")
+    s = _LATEST.get(key) if path and db is pool else None
+    if s is not None:
+        jid = await push_script(pool, ws, s, args, tag, scheduled_in_secs, priority, wait,
+                                created_by, job_id, if_latest=True)
+        if jid is not None:
+            return jid
+        _LATEST.pop(key, None)  # a newer version since: read it
+    s = await script_or_404(db, ws, path, h)
+    if path and db is pool:
+        _LATEST[key] = s
+        _LATEST.move_to_end(key)
+        if len(_LATEST) > LATEST_MAX:
+            _LATEST.popitem(last=False)
+    jid = await push_script(pool, ws, s, args, tag, scheduled_in_secs, priority, wait,
+                            created_by, job_id)
+    assert jid is not None
+    return jid
 
 
 async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | None,

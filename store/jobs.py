@@ -16,6 +16,7 @@ from .claims import complete
 from .queries import Executor, sql
 
 _PUSH = sql("push")
+_PUSH_IF_LATEST = sql("push_if_latest")
 _REQUEUE = sql("requeue")
 _STALE_JOBS = sql("stale_jobs")
 _COUNT_RESTART = sql("count_restart")
@@ -48,18 +49,26 @@ async def push(
     concurrency_time_window_s: int | None = None,
     notify_done: bool = False,
     job_id: uuid.UUID | None = None,
+    _stmt: str = _PUSH,
 ) -> uuid.UUID:
     """Queue one job and wake the workers that serve its tag. Returns the job id (``job_id``
     when given: a result waiter registers under it before the insert).
     ``notify_done``: someone waits for the result, NOTIFY CH_DONE when it completes (a
     NOTIFY wakes every listening backend of the database, so only when asked)."""
     job_id = job_id or uuid.uuid4()
-    await db.fetchrow(
-        _PUSH, job_id, workspace, kind, script_path, script_hash, language, content, args,
+    row = await db.fetchrow(
+        _stmt, job_id, workspace, kind, script_path, script_hash, language, content, args,
         tag, priority, timeout_s, created_by, float(scheduled_in_secs),
         concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done,
     )
-    return job_id
+    return job_id if row is not None else None  # type: ignore[return-value] # push_if_latest's None
+
+
+async def push_if_latest(db: Executor, **kw: Any) -> uuid.UUID | None:
+    """Queue one job as ``push`` does (same keywords), only while ``script_hash`` is still
+    the newest version at ``script_path`` (a server's remembered lookup, checked in the
+    same statement); None, nothing queued, when it is not."""
+    return await push(db, _stmt=_PUSH_IF_LATEST, **kw)
 
 
 async def cancel(db: Executor, workspace: str, job_id: uuid.UUID, by: str, reason: str) -> str | None:

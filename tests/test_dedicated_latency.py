@@ -12,8 +12,9 @@ import psutil
 
 from sandmill.server.waiters import Result, ResultWaiters, parse_done
 from sandmill.store import db as dbmod
+from sandmill.store import jobs as store_jobs
 from sandmill.store import queue
-from test_dedicated import group, script
+from test_dedicated import done, group, script
 
 
 def _cpu_s(p: psutil.Process) -> float:
@@ -142,3 +143,45 @@ def test_parse_done_reads_both_payloads():
     assert parse_done(f"{jid} 0{{}}") == (jid, Result(False, "{}"))
     w = ResultWaiters()
     w.on_done(None, 0, "", "not a job id")  # logged, never raised into the listener
+
+
+def test_a_run_by_path_runs_the_newest_version_without_reading_it_first(make_cluster, pg_url, ws):
+    # the server remembers the newest version of a path it ran and queues the next run in
+    # one statement (push_if_latest); a newer version, created since, is read and run
+    c = make_cluster()
+    with c.client() as api:
+        script(api, ws, "f/v", "def main():\n    return 1\n")
+        _group(c, ws, "f/v")
+        for _ in range(2):
+            r = api.post(f"/api/w/{ws}/jobs/run_wait_result/p/f/v", json={})
+            assert r.status_code == 200 and r.json() == 1, r.text
+        script(api, ws, "f/v", "def main():\n    return 2\n")
+        r = api.post(f"/api/w/{ws}/jobs/run_wait_result/p/f/v", json={})
+        assert r.status_code == 200 and r.json() == 2, r.text
+        r = api.post(f"/api/w/{ws}/jobs/run/p/f/v", json={})
+        assert r.status_code == 201
+        assert done(api, ws, r.text)["result"] == 2
+        # a path with no script: 404 as before
+        r = api.post(f"/api/w/{ws}/jobs/run_wait_result/p/f/nope", json={})
+        assert r.status_code == 404 and "f/nope" in r.json()["error"], r.text
+
+
+async def _push_if_latest(url: str, ws: str, path: str, h: str) -> object:
+    conn = await dbmod.connect(url)
+    try:
+        return await store_jobs.push_if_latest(
+            conn, workspace=ws, language="python3", content="", args={}, tag="t",
+            script_path=path, script_hash=h)
+    finally:
+        await conn.close()
+
+
+def test_push_if_latest_queues_only_the_newest_version(make_cluster, pg_url, ws):
+    c = make_cluster()
+    with c.client() as api:
+        old = script(api, ws, "f/w", "def main():\n    return 1\n")
+        assert isinstance(asyncio.run(_push_if_latest(pg_url, ws, "f/w", old)), uuid.UUID)
+        new = script(api, ws, "f/w", "def main():\n    return 2\n")
+    assert asyncio.run(_push_if_latest(pg_url, ws, "f/w", old)) is None
+    assert isinstance(asyncio.run(_push_if_latest(pg_url, ws, "f/w", new)), uuid.UUID)
+    assert asyncio.run(_push_if_latest(pg_url, ws, "f/none", new)) is None

@@ -246,6 +246,8 @@ async def _sent_since() -> set[str]:
     db.answers = [{"held": [J1], "canceled": []}]
     await dedicated.ping(db, "w", [(J1, dt.datetime.now(dt.timezone.utc))])
     await dedicated.give_back(db, "w", [J1])
+    await jobs.push_if_latest(db, workspace="ws", language="python3", content="", args={}, tag="t",
+                              script_path="f/x", script_hash="h")  # a run by path, remembered
     from sandmill.store import pydeps  # python dependencies' locks (migration 0011)
     db.answers = ["0123456789abcdef"]
     await pydeps.request_lock(db, "ws", "0123456789abcdef", "six\n", "t", {"content": "x", "path": "f/x"})

@@ -15,7 +15,7 @@ from ..deps import (CancelJobs, ListJobs, Pool, ReadJobs, RunJobs, RunStored, Se
                     Waiters, job_uuid)
 from ..models import CancelBody, Preview
 from ..routing import dedicated_tag
-from ..submit import push_and_wait, push_preview, push_script, script_or_404
+from ..submit import push_and_wait, push_preview, push_stored
 from ..views import _job_json, _listed_json
 from .errors import IN_WORKSPACE, WAIT
 
@@ -55,18 +55,16 @@ def _add_script_routes(by: str, route: str, ref_of: Callable[..., ScriptRef]) ->
                   scheduled_in_secs: float = Sched, priority: int | None = Prio,
                   scheduled_for: str | None = SchedFor) -> str:
         delay = due_in(scheduled_for, scheduled_in_secs)
-        s = await script_or_404(db, ws, ref.path, ref.hash)
-        return str(await push_script(pool, ws, s, args, tag, delay, priority,
+        return str(await push_stored(pool, db, ws, ref.path, ref.hash, args, tag, delay, priority,
                                      created_by=u.name))
 
     async def run_wait(ws: str, u: User, db: RunStored, pool: Pool, settings: Settings,
                        waiters: Waiters, ref: ScriptRef = Depends(ref_of),
                        args: Any = Body(default_factory=dict), tag: str | None = Tag,
                        priority: int | None = Prio, timeout_s: float | None = WaitT) -> Response:
-        s = await script_or_404(db, ws, ref.path, ref.hash)
-        return await push_and_wait(pool, waiters, ws, lambda jid: push_script(
-            pool, ws, s, args, tag, 0, priority, wait=True, created_by=u.name, job_id=jid),
-            timeout_s or settings.wait_timeout_s)
+        return await push_and_wait(pool, waiters, ws, lambda jid: push_stored(
+            pool, db, ws, ref.path, ref.hash, args, tag, 0, priority, wait=True,
+            created_by=u.name, job_id=jid), timeout_s or settings.wait_timeout_s)
 
     # the names keep the operation ids and summaries of the OpenAPI document
     router.add_api_route(f"/jobs/run/{route}", run, methods=["POST"], name=f"run_{by}",

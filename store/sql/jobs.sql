@@ -18,6 +18,23 @@ RETURNING id, scheduled_for,
                      ELSE '' END);
 
 
+-- name: push_if_latest
+-- Queue one job as push does, only while version $5 is still the newest of script $4 in workspace $2 (the server's remembered lookup, checked in the same statement); no row when it is not.
+-- $1..$17 as push.
+INSERT INTO queue (id, workspace, kind, script_path, script_hash, language, content, args,
+                   tag, priority, timeout_s, created_by, scheduled_for,
+                   concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done)
+SELECT $1::uuid, $2::text, $3::text, $4::text, $5::text, $6::text, $7::text, $8::jsonb,
+       $9::text, $10::smallint, $11::real, $12::text, now() + make_interval(secs => $13::float8),
+       $14::text, $15::integer, $16::integer, $17::boolean
+ WHERE (SELECT hash FROM script WHERE workspace = $2 AND path = $4
+         ORDER BY created_at DESC LIMIT 1) = $5
+RETURNING id, scheduled_for,
+          pg_notify('sandmill_queue', $9 || CASE WHEN $13 > 0
+                     THEN '|' || extract(epoch FROM now() + make_interval(secs => $13))::text
+                     ELSE '' END);
+
+
 -- name: requeue
 -- Put a running job back in the queue, give its concurrency slot back and wake its tag's workers; a row only if it was this worker's.
 -- $1 job id, $2 worker, $3 count it as a restart (0 or 1; never for a job held ahead that never started).
