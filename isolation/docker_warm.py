@@ -114,6 +114,7 @@ class DockerWarm:
         self._why: str | None = None  # why warm runs cannot work here ("" = they can)
         self._probe_lock = threading.Lock()
         self._programs: dict[tuple[str, str], str] = {}  # (PATH, argv[0]) -> path in the image ("" none)
+        self.apparmor = False  # dockerd confines containers with AppArmor (from the probe)
 
     # -- can it run here ----------------------------------------------------------------
 
@@ -135,6 +136,8 @@ class DockerWarm:
         if gap := probe_gap():
             return f"no job cgroups: {gap}"
         try:
+            security = self.b.api.info().get("SecurityOptions") or []
+            self.apparmor = any("name=apparmor" in str(o) for o in security)
             rc, out = self._one_off([self.pool.python, "-E", "-s", "-c", PROBE], 30.0)
         except (DockerException, requests.RequestException, OSError) as e:
             return f"the warm probe container failed: {e}"
@@ -146,7 +149,7 @@ class DockerWarm:
     def _one_off(self, command: list[str], timeout: float) -> tuple[int, str]:
         """Run ``command`` in a warm-configured container without a zygote; (exit, output)."""
         api = self.b.api
-        host = warm_host_config(None, 64)
+        host = warm_host_config(None, 64, self.apparmor)
         host["log_config"] = LogConfig(type="json-file", config={"max-size": "64k", "max-file": "1"})
         created = api.create_container(
             self.b.image, command=command, entrypoint=[], user=f"{self.b.uid}:{self.b.uid}",
@@ -233,7 +236,7 @@ class DockerWarm:
 
     def _create_start(self, name: str, zdir: Path, argv: list[str]) -> None:
         api = self.b.api
-        host = warm_host_config(str(zdir), self.pool.memory_mb)
+        host = warm_host_config(str(zdir), self.pool.memory_mb, self.apparmor)
         api.create_container(
             self.b.image,
             command=[argv[0], "-E", "-s", "-c", BOOT, f"{WORKDIR}/.boot", *argv],

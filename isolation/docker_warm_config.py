@@ -4,7 +4,7 @@ profile, the boot program that hands the zygote its socket, and the probe progra
 A warm container runs one zygote (``zygote.py``) that clones each job process into
 fresh user, mount, pid, net, ipc and uts namespaces. Docker's defaults forbid that to a
 container without CAP_SYS_ADMIN, so the warm container differs from a cold job's in
-exactly two ways (isolation/README.md, "Warm Docker", says why neither weakens a job):
+exactly these ways (isolation/README.md, "Warm Docker", says why neither weakens a job):
 
 - seccomp: ``WARM_SECCOMP`` instead of Docker's default. Docker's default allows
   ``unshare``/``mount``/``umount2``/``clone`` with namespace flags only with
@@ -13,6 +13,9 @@ exactly two ways (isolation/README.md, "Warm Docker", says why neither weakens a
   attack surface without any capability (bpf, perf_event_open, userfaultfd, io_uring,
   keyctl, ptrace, process_vm_*, ...) and everything that needs a capability the
   container never has (modules, kexec, reboot, clock, swap, quota, ...).
+- on a host with AppArmor, no AppArmor profile (docker-default denies mount(2); the rest
+  of its rules are writes the job's uid cannot make anyway and ptrace, which seccomp
+  refuses here).
 - /proc is not masked (``MaskedPaths`` only /sys's two, ``ReadonlyPaths`` none): the
   kernel lets a user namespace mount a fresh proc only where no part of proc is covered
   ("systempaths=unconfined"). Each job mounts its own /proc over it.
@@ -111,17 +114,22 @@ print(json.dumps(out))
 """
 
 
-def warm_host_config(zdir: str | None, memory_mb: int) -> dict[str, Any]:
+def warm_host_config(zdir: str | None, memory_mb: int, apparmor: bool = False) -> dict[str, Any]:
     """``create_host_config`` keyword arguments of a warm container (``zdir``, the
     zygote's jobs dir, bound rw at /work; None for the probe). Its memory and pids are
-    the outer bound of the zygote (each job's own limits are its job cgroup's)."""
+    the outer bound of the zygote (each job's own limits are its job cgroup's).
+    ``apparmor``: dockerd confines containers with AppArmor, whose docker-default
+    profile denies mount(2): the warm container runs without it (README, "Warm Docker")."""
+    security = ["no-new-privileges", "seccomp=" + json.dumps(WARM_SECCOMP)]
+    if apparmor:
+        security.append("apparmor=unconfined")
     host: dict[str, Any] = dict(
         binds={zdir: {"bind": WORKDIR, "mode": "rw"}} if zdir else {},
         network_mode="none",
         read_only=True,
         tmpfs={"/tmp": "rw,nosuid,nodev,mode=1777,size=1m"},
         cap_drop=["ALL"],
-        security_opt=["no-new-privileges", "seccomp=" + json.dumps(WARM_SECCOMP)],
+        security_opt=security,
         init=True,
         log_config=LogConfig(type="none"),
         ulimits=[Ulimit(name="core", soft=0, hard=0)],
