@@ -3,7 +3,7 @@ jobs that each sleep 100 ms; ideal N x 10 jobs/s) and queue throughput (no-op jo
 drained as fast as the queue allows).
 
     python -m bench.drain scaling [--subworkers 10,20,50,100] [--jobs 2000] [--probe]
-    python -m bench.drain scaling --subworkers 500 --per-process 100 --jobs 15000 --max-connections 100 --probe
+    python -m bench.drain scaling --subworkers 500 --per-process 100 --jobs 20000 --max-connections 100 --probe
     python -m bench.drain queue [--jobs 5000] [--db-conns 0,1]   (the worker's pool before, its one connection now)
 """
 

@@ -34,10 +34,10 @@ class Counts:
     scaling_jobs: int = 2000
     scaling_repeats: int = 3
     # the large point(s): 500 subworkers in 5 processes of 100, on a PostgreSQL of their own
-    # at max_connections 100 (asserted); 15,000 jobs (3 s of ideal: the ramp at the start and
+    # at max_connections 100 (asserted); 20,000 jobs (4 s of ideal: the ramp at the start and
     # the tail at the end, ~0.1 s each, stay small beside it)
     scaling_large: list[int] = field(default_factory=lambda: [500])
-    scaling_large_jobs: int = 15000
+    scaling_large_jobs: int = 20000
     scaling_large_per_process: int = 100
     scaling_large_max_connections: int = 100
     queue_jobs: int = 5000
