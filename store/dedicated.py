@@ -44,6 +44,7 @@ class Done:
     outcome: str | None
     started_at: dt.datetime | None
     log: str = ""
+    cpu_ms: int = 0
 
 
 async def complete(db: Executor, worker: str, done: list[Done]) -> dict[uuid.UUID, str]:
@@ -54,7 +55,7 @@ async def complete(db: Executor, worker: str, done: list[Done]) -> dict[uuid.UUI
     rows = await db.fetch(
         _COMPLETE, [d.job_id for d in done], [worker] * len(done), [d.status for d in done],
         [d.result for d in done], [d.error for d in done], [d.duration_ms for d in done],
-        [0] * len(done), [d.mem_peak_kb for d in done], [d.outcome for d in done],
+        [d.cpu_ms for d in done], [d.mem_peak_kb for d in done], [d.outcome for d in done],
         [d.started_at for d in done], [d.log for d in done])
     return {r["id"]: r["status"] for r in rows}
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from sandmill.isolation import Limits
 
 HDR = struct.Struct("<IB16s")
+CPU = struct.Struct("<I")  # the first bytes of a result frame (D, E, I): the job's CPU in µs
 MAX_FRAME = 64 * 1024 * 1024  # a bigger frame from the runtime is a protocol violation
 M, J = ord("M"), ord("J")
 
@@ -40,6 +41,7 @@ class Sent:
     started_at: dt.datetime | None = None
     timer: asyncio.TimerHandle | None = None
     reading: bool = False
+    cpu_ms: int = 0  # the runtime's CPU while it ran, as its result frame says
 
 
 # (sent job, kind: b"D" | b"E" | b"I", body)
@@ -192,9 +194,11 @@ class Channel:
                 if self.on_start is not None:
                     self.on_start(s)
             return
-        if s.started is None:
+        if s.started is None or len(body) < CPU.size:
             self.kill("protocol")
             return
+        s.cpu_ms = CPU.unpack_from(body)[0] // 1000
+        body = body[CPU.size:]
         q.popleft()
         if s.timer is not None:
             s.timer.cancel()

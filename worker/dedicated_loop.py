@@ -374,7 +374,8 @@ class ScriptLoop:
         self.w.stats.jobs_done += 1
         self.d.completer.add(store.Done(
             job["id"], status, result, error, int((t - started) * 1000), mem, outcome,
-            s.started_at if s is not None and s.started_at is not None else now(), logs))
+            s.started_at if s is not None and s.started_at is not None else now(), logs,
+            s.cpu_ms if s is not None else 0))
 
 
 def _result_problem(text: str, output_bytes: int) -> str | None:

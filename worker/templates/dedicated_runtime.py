@@ -13,14 +13,17 @@
 #                      J  body: hash (16 ascii) + args (JSON) + 1 fd  run a job
 #   runtime -> worker  R                                              ready
 #                      S                                              job started
-#                      D  body: result (JSON)                        job succeeded
-#                      E  body: {"name", "message", "stack"}         job failed (main raised)
-#                      I  body: {"name", "message", "stack"}         the version's import failed
+#                      D  body: cpu + result (JSON)                  job succeeded
+#                      E  body: cpu + {"name", "message", "stack"}   job failed (main raised)
+#                      I  body: cpu + {"name", "message", "stack"}   the version's import failed
 #                                                                     (its next jobs get E with
 #                                                                     it, until M comes again)
+# cpu: u32, the microseconds of CPU the runtime (its threads, and the children it waited
+# for) used while the job ran: the job's cpu_ms.
 # A job that exits (sys.exit, os._exit) ends the runtime with its code, as a standard job
 # ends its process; the worker fails it with that and starts another runtime.
 import os
+import resource
 import socket
 import struct
 import sys
@@ -29,6 +32,7 @@ import sys
 
 
 HDR = struct.Struct("<IB16s")
+CPU = struct.Struct("<I")
 MAX_MODULES = 4  # versions kept imported at once (an older one is imported again if asked)
 
 
@@ -38,6 +42,12 @@ def _tb(exc=None):
     if exc is not None:
         return "".join(traceback.format_exception_only(exc))
     return traceback.format_exc()
+
+
+def _cpu_s():
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 def _err(name, message, tb=""):
@@ -118,6 +128,7 @@ class Runtime:
         if out != self.null:
             os.close(out)
         self.send(b"S", jid)
+        cpu0 = _cpu_s()
         kind, reply = b"E", b""
         try:
             try:
@@ -137,7 +148,8 @@ class Runtime:
             # is in the pipe when the worker reads the result
             os.dup2(self.null, 1)
             os.dup2(self.null, 2)
-        self.send(kind, jid, reply.encode("utf-8", "backslashreplace"))
+        cpu = min(max(0, int((_cpu_s() - cpu0) * 1e6)), 0xFFFFFFFF)
+        self.send(kind, jid, CPU.pack(cpu) + reply.encode("utf-8", "backslashreplace"))
 
     def call(self, fn, args):
         try:
