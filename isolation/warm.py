@@ -4,7 +4,8 @@ A fork of a warm interpreter is far cheaper than a fresh interpreter's start (fi
 docs/performance.md, "Warm zygote"). The warm interpreter (``zygote.py``) runs inside
 the same sandbox a cold job gets (the backend starts it: nsjail, or the process
 backend's namespaces), and each job is a fork of it that goes on into fresh user, mount,
-pid, net, ipc and uts namespaces of its own, with its own work dir, /tmp, /proc and job
+pid, ipc and uts namespaces of its own (the network namespace is the zygote's: empty,
+loopback down, not the job's to change), with its own work dir, /tmp, /proc and job
 cgroup (the worker moves the job process into the cgroup before it forks the job), and
 no capabilities.
 

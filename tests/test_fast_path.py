@@ -181,3 +181,19 @@ async def test_the_next_job_starts_while_the_last_ones_logs_are_written(pg_url, 
     stamps = [dict(line.split() for line in logs[i].splitlines() if " " in line) for i in ids]
     gap = float(stamps[1]["start"]) - float(stamps[0]["end"])
     assert gap < 0.25, gap
+
+
+@pytest.mark.timeout(150)
+def test_latency_bench_quick_reports_cpu_per_process() -> None:
+    # `python -m bench.latency --quick` is small enough for a smoke test, and reports
+    # the CPU per job of each process.
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "bench.latency", "--backend", "process", "--language",
+                        "bash", "--quick"], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "throughput" in r.stdout and "over 40 jobs" in r.stdout, r.stdout
+    line = next(x for x in r.stdout.splitlines() if "CPU per job" in x)
+    assert all(k in line for k in ("server", "worker", "sandbox", "postgres")), line
