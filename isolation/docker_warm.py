@@ -187,7 +187,9 @@ class DockerWarm:
         any of the job's code ran)."""
         if spec.gpu is not None or spec.mounts or spec.network != "none" or not spec.argv:
             return None
-        if self.pool.disabled or await in_thread(self.why_not):
+        if self.pool.disabled:
+            return None
+        if self._why is None and await in_thread(self.why_not):  # the first run only: a probe
             return None
         program = await self.program(spec)
         if program is None:

@@ -47,7 +47,7 @@ DENIED = sorted({
     # kernel attack surface reachable without capabilities (also refused by Docker's default)
     "add_key", "keyctl", "request_key", "bpf", "perf_event_open", "userfaultfd", "ptrace",
     "process_vm_readv", "process_vm_writev", "kcmp", "get_kernel_syms", "query_module", "uselib",
-    "ustat", "sysfs", "vm86", "vm86old", "personality", "mbind", "set_mempolicy", "move_pages",
+    "ustat", "sysfs", "vm86", "vm86old", "mbind", "set_mempolicy", "move_pages",
     "get_mempolicy", "io_uring_setup", "io_uring_enter", "io_uring_register",
     # the new mount API (the zygote uses mount(2) only)
     "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
