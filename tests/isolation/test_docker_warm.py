@@ -254,3 +254,14 @@ async def test_own_loopback_without_network(backend: DockerBackend) -> None:
             "print(sorted(n for _, n in socket.if_nameindex()))\n")
     o = await backend.run(job(code))
     assert o.status is Status.success and o.warm and o.stdout == b"lo ok\n['lo']\n", explain(o)
+
+
+def test_worker_asking_for_warm_docker_where_it_cannot_run_refuses_to_start(make_cluster,
+                                                                            image_without_python: str) -> None:
+    """``warm: true`` in a profile never runs colder than configured: the worker exits 2."""
+    c = make_cluster()
+    p = c.start_worker(profile_text=f"name: warmless\ntags: [warmless]\n"
+                                    f"backend: {{kind: docker, image: '{image_without_python}', warm: true}}\n")
+    assert p.wait(timeout=90) == 2
+    out = (c.tmp / f"proc-{c.procs.index(p)}.log").read_text(errors="replace")
+    assert "backend docker is not available here" in out and "warm: true" in out, out
