@@ -99,6 +99,9 @@ class AgentStore:
         self._short = False  # the last claim of n got fewer: pull() finds nothing either
         self._due: tuple[float, float | None] | None = None  # (when, due) of the last empty claim
         self._stats: dict[str, Any] | None = None  # the worker's last ping, sent with the long poll
+        # the outbox file of a batch not yet answered for, by its job ids: the feed sends the
+        # same batch again after an outage, and its retries reuse the file (not one per try)
+        self._kept: dict[tuple[uuid.UUID, ...], Path] = {}
 
     # ---- claims and completions (store.claims) ----------------------------------------------
 
@@ -134,23 +137,28 @@ class AgentStore:
                                 starting: list[tuple[uuid.UUID, dt.datetime]] | None = None,
                                 ) -> tuple[dict[uuid.UUID, str], list[dict[str, Any]]]:
         body = [_done(c) for c in done]
-        kept = self.outbox.put(body) if self.outbox is not None and body else None
+        key = tuple(c.job_id for c in done)
+        if self.outbox is not None and body and key not in self._kept:
+            self._kept[key] = self.outbox.put(body)
         try:
             r = await self.client.post("complete", {
                 "name": self.name, "done": body, "want": want, "ahead": ahead,
                 "ahead_after_s": ahead_after_s, "starting": starting or []}, idempotent=True)
-        except AgentRefused:
-            if kept is not None:  # refused (a value the database cannot hold): sent apart
-                kept.unlink(missing_ok=True)
+        except AgentRefused:  # refused (a value the database cannot hold): sent apart
+            self._answered(key)
             raise
-        if kept is not None:
-            kept.unlink(missing_ok=True)  # answered for: completed, acknowledged or refused
+        self._answered(key)  # completed, acknowledged or refused
         if r["refused"]:
             log.warning("results refused by the server (jobs not this worker's any more): %s", r["refused"])
         # the ids back as the UUIDs sent (str() of one costs a third of parsing the text)
         sent = {str(c.job_id): c.job_id for c in done}
         statuses = {sent.get(k) or uuid.UUID(k): v for k, v in r["statuses"].items()}
         return statuses, [_job(j) for j in r["jobs"]]
+
+    def _answered(self, key: tuple[uuid.UUID, ...]) -> None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            kept.unlink(missing_ok=True)
 
     async def send_leftovers(self) -> int:
         """Send the results a dead agent process of this data dir left unanswered."""
