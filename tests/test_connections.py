@@ -197,3 +197,24 @@ async def test_a_statement_canceled_midway_leaves_the_connection_to_the_next(pg_
         assert c.opened == 1
     finally:
         await c.close()
+
+
+async def test_a_job_end_waits_for_the_log_write_in_hand_instead_of_dropping_it():
+    """The flusher took lines and waits for the connection (here: a store that answers in
+    0.3 s) when the job ends: those lines are stored, before the rest, not dropped."""
+    from sandmill.worker.logs import LogSink
+
+    stored: list[str] = []
+
+    class SlowStore:
+        async def append_logs(self, _db, _job_id, chunks):
+            await asyncio.sleep(0.3)
+            stored.extend(chunks)
+
+    sink = LogSink(None, uuid.uuid4(), SlowStore())
+    sink.on_output("stdout", b"first\n")
+    sink._wake.set()  # flush now: the write is in hand
+    await asyncio.sleep(0.05)
+    sink.on_output("stdout", b"second\n")
+    await sink.close()
+    assert "".join(stored) == "first\nsecond\n", stored
