@@ -150,7 +150,7 @@ def charts(res: dict, out: Path, machine: str) -> list[str]:
                                       [r["jps"]["max"] - m for m, r in zip(bm, big)]], fmt="s", capsize=4,
                         color="#55a868", label=f"{res['scaling']['large']['jobs']} jobs, max_connections"
                                                f" {res['scaling']['large']['max_connections']}")
-            ax.plot(bn, [r["ideal"] for r in big], "k_", markersize=14)
+            ax.plot([n[-1]] + bn, [sc[-1]["ideal"]] + [r["ideal"] for r in big], "k--")  # the ideal, on
             n, med, sc = n + bn, med + bm, sc + big
             ax.set_xscale("log")
             ax.set_yscale("log")
