@@ -19,7 +19,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from sandmill.isolation import RunSpec, Status
 from test_conformance import explain, spec
 
@@ -211,7 +210,7 @@ sys.stdin.read()
 """
 
 
-async def test_dead_workers_warm_container_is_swept(tag: str, tmp_path: Path) -> None:
+def test_dead_workers_warm_container_is_swept(tag: str, tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(path=sys.path, root=str(tmp_path), tag=tag)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
