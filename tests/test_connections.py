@@ -218,3 +218,34 @@ async def test_a_job_end_waits_for_the_log_write_in_hand_instead_of_dropping_it(
     sink.on_output("stdout", b"second\n")
     await sink.close()
     assert "".join(stored) == "first\nsecond\n", stored
+
+
+def test_a_dedicated_worker_process_holds_two_backends(make_cluster):
+    """The dedicated worker is the same Worker with its own loop: the same two backends,
+    idle and after a burst of its script's jobs."""
+    from support import wait_done
+
+    c = make_cluster()
+    ws, path = "w" + uuid.uuid4().hex[:6], "ded" + uuid.uuid4().hex[:6]
+    name = "dedc-" + uuid.uuid4().hex[:6]
+    with c.client() as api:
+        r = api.post(f"/api/w/{ws}/scripts/create", json={"path": path, "content": "def main(x):\n    return x\n",
+                                                          "language": "python3", "dedicated_worker": True})
+        assert r.status_code == 201, r.text
+        c.start_worker(profile_text=f'name: {name}\ndedicated_workers: ["{ws}:{path}"]\nbackend: {{kind: process}}\n'
+                                    'subworkers: 8\nlimits: {wall_s: 20, memory_mb: 128}\n')
+        c.wait_workers(name)
+
+        async def count() -> int:
+            conn = await dbmod.connect(c.db_url)
+            try:
+                return await conn.fetchval(_BACKENDS, f"sandmill-worker {name}")
+            finally:
+                await conn.close()
+
+        idle = asyncio.run(count())
+        ids = [api.post(f"/api/w/{ws}/jobs/run/p/{path}", json={"x": i}).text.strip('"') for i in range(40)]
+        for jid in ids:
+            assert wait_done(api, ws, jid, timeout=60)["success"], c.logs()
+        busy = asyncio.run(count())
+    assert idle == 2 and busy == 2, (idle, busy)
