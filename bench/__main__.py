@@ -121,11 +121,12 @@ def notes_for(res: dict) -> dict[str, str]:
     if bash:
         out["bash beside Windmill (no target, for scale)"] = (
             "bash jobs: " + ", ".join(f"{x['backend']} {x['jps']['median']:.0f}" for x in bash)
-            + " jobs/s on one worker against Windmill's ~120. On process and nsjail a bash job is exec'd by a"
+            + " jobs/s on one worker against Windmill's ~120. On process, nsjail and docker a bash job is exec'd by a"
             " job process forked ahead into its namespaces and cgroup (warm exec), so the sandbox set-up is off"
             " the job's path; what remains is bash itself, the worker path (claim, completion) and, unlike"
-            " the python3 job, a log line to store (`echo 1` prints: one more write to the database). docker"
-            " starts a container per job (~150-250 ms).")
+            " the python3 job, a log line to store (`echo 1` prints: one more write to the database); on docker"
+            " the job process is forked in an already running container (cold docker, `warm: false`, starts a"
+            " container per job: ~150-250 ms).")
     if met.get("scaling at 100 subworkers") is False:
         sc = res["scaling"]["rows"][-1]
         gap_ms = 100 / sc["efficiency"]["median"] - 100
