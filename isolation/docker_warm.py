@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -115,6 +116,7 @@ class DockerWarm:
         self._probe_lock = threading.Lock()
         self._programs: dict[tuple[str, str], str] = {}  # (PATH, argv[0]) -> path in the image ("" none)
         self.apparmor = False  # dockerd confines containers with AppArmor (from the probe)
+        self._image_env: dict[str, str] | None = None  # the image's ENV (clear_image_env off)
 
     # -- can it run here ----------------------------------------------------------------
 
@@ -191,6 +193,15 @@ class DockerWarm:
             return None
         if self._why is None and await in_thread(self.why_not):  # the first run only: a probe
             return None
+        if not self.b.clear_image_env:  # as a cold container: the image's ENV, then the job's
+            if self._image_env is None:
+                try:
+                    env = (await in_thread(self.b.api.inspect_image, self.b.image))["Config"].get("Env") or []
+                except (DockerException, requests.RequestException) as e:
+                    log.warning("cannot read the ENV of %s, running cold: %s", self.b.image, e)
+                    return None
+                self._image_env = dict(v.partition("=")[::2] for v in env)
+            spec = dataclasses.replace(spec, env={**self._image_env, **spec.env})
         program = await self.program(spec)
         if program is None:
             return None

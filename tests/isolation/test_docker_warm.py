@@ -264,3 +264,22 @@ def test_worker_asking_for_warm_docker_where_it_cannot_run_refuses_to_start(make
     assert p.wait(timeout=90) == 2
     out = (c.tmp / f"proc-{c.procs.index(p)}.log").read_text(errors="replace")
     assert "backend docker is not available here" in out and "warm: true" in out, out
+
+
+async def test_image_env_reaches_a_warm_job_only_when_asked(tag: str, tmp_path: Path) -> None:
+    """``clear_image_env: false``: the image's ENV, then the job's, as in a cold container."""
+    code = "import os\nprint(os.environ.get('PATH'), os.environ.get('ONLY'), 'LANG' in os.environ)\n"
+    image_path = docker.APIClient().inspect_image("sandmill/job:bookworm")["Config"].get("Env") or []
+    for clear in (True, False):
+        b = DockerBackend(workdir_root=str(tmp_path), labels={"sandmill.test": tag}, warm=True,
+                          clear_image_env=clear)
+        try:
+            s = spec(code, env={"ONLY": "job"})
+            s.env.pop("LANG")
+            o = await b.run(s)
+        finally:
+            b.close()
+        assert o.status is Status.success and o.warm, explain(o)
+        image_env = dict(v.partition("=")[::2] for v in image_path)
+        expect_lang = not clear and "LANG" in image_env
+        assert o.stdout == f"{ENV['PATH']} job {expect_lang}\n".encode(), (clear, explain(o))
