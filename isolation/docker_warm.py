@@ -153,19 +153,19 @@ class DockerWarm:
         api = self.b.api
         host = warm_host_config(None, 64, self.apparmor)
         host["log_config"] = LogConfig(type="json-file", config={"max-size": "64k", "max-file": "1"})
-        created = api.create_container(
-            self.b.image, command=command, entrypoint=[], user=f"{self.b.uid}:{self.b.uid}",
-            working_dir="/", network_disabled=True, name=f"sandmill-warmprobe-{uuid.uuid4().hex[:12]}",
-            labels={**self.b.labels, LABEL: "1", WARM_LABEL: "probe", OWNER_LABEL: owner_value()},
-            host_config=with_paths(api.create_host_config(**host)))
-        cid = created["Id"]
-        try:
-            api.start(cid)
-            rc = int(api.wait(cid, timeout=timeout)["StatusCode"])
-            return rc, api.logs(cid).decode(errors="replace")
+        name = f"sandmill-warmprobe-{uuid.uuid4().hex[:12]}"
+        try:  # removed by name: also when the create's answer is lost but dockerd made it
+            api.create_container(
+                self.b.image, command=command, entrypoint=[], user=f"{self.b.uid}:{self.b.uid}",
+                working_dir="/", network_disabled=True, name=name,
+                labels={**self.b.labels, LABEL: "1", WARM_LABEL: "probe", OWNER_LABEL: owner_value()},
+                host_config=with_paths(api.create_host_config(**host)))
+            api.start(name)
+            rc = int(api.wait(name, timeout=timeout)["StatusCode"])
+            return rc, api.logs(name).decode(errors="replace")
         finally:
             with contextlib.suppress(DockerException, requests.RequestException):
-                api.remove_container(cid, force=True, v=True)
+                api.remove_container(name, force=True, v=True)
 
     async def program(self, spec: RunSpec) -> str | None:
         """argv[0] as a path that exists and is executable in the image, or None."""
