@@ -2,9 +2,10 @@
 (backend, case) that the backend's probe lists as a gap marked xfail(strict=True),
 so a gap that starts passing is reported, never silently green.
 
-Backends with warm interpreters (isolation/warm.py) run the suite three times: cold
-(``warm=False``), warm in-process (``<name>+warm``) and warm exec (``<name>+exec``);
-in the warm variants every run must really have been warm."""
+Backends with warm interpreters (isolation/warm.py; docker: warm containers,
+isolation/docker_warm.py) run the suite three times: cold (``warm=False``), warm
+in-process (``<name>+warm``) and warm exec (``<name>+exec``); in the warm variants every
+run must really have been warm (docker's are built with ``warm=True``)."""
 
 from __future__ import annotations
 
