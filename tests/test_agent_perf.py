@@ -84,3 +84,23 @@ def test_completion_ids_read_as_text_and_other_spellings_agree(make_cluster, ws)
         assert r["acked"] == [a_id] and r["refused"] == [other], r
         bad = a.post("/complete", json={"name": name, "done": [{"id": "not-a-uuid", **done}]})
         assert bad.status_code == 422 and "error" in bad.json(), bad.text
+
+
+def test_claim_ahead_is_capped_to_what_a_completion_request_carries(monkeypatch, tmp_path):
+    """8 slots holding 128 each asked for 1,024 jobs ahead in one completion: over the
+    body's 1,000, refused, and the agent ran job by job (86 jobs/s against 3,300)."""
+    from sandmill.profiles import Profile
+    from sandmill.server.agent_auth import make_token
+    from sandmill.worker.agent_worker import AgentWorker
+    from sandmill.worker.settings import WorkerSettings
+
+    token, _ = make_token("s" * 48, "g", ["t"], int(time.time()) + 600)
+    profile = Profile.model_validate({"name": "g", "tags": ["t"], "native": True, "subworkers": 8})
+    monkeypatch.setenv("SANDMILL_CLAIM_AHEAD_MAX", "128")
+    w = AgentWorker(profile, "http://127.0.0.1:1", token, data_dir=tmp_path, settings=WorkerSettings())
+    assert w.settings.claim_ahead_max == 62
+    monkeypatch.delenv("SANDMILL_CLAIM_AHEAD_MAX")
+    w2 = AgentWorker(profile, "http://127.0.0.1:1", token, data_dir=tmp_path, settings=WorkerSettings())
+    assert w2.settings.claim_ahead_max == 32  # the agents' default, under the cap
+    asyncio.run(w.client.close())
+    asyncio.run(w2.client.close())

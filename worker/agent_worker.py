@@ -68,6 +68,14 @@ class AgentWorker(Worker):
         for attr, (env, value) in AGENT_DEFAULTS.items():
             if env not in os.environ:
                 setattr(settings, attr, value)
+        # a completion request carries at most 1,000 jobs to hold ahead (server/agent_models.py):
+        # past that the server refuses the batch and the agent completes job by job (128 x 8
+        # slots ran at 2% of the DB worker); half of it leaves room for the completions
+        cap = max(1, 1000 // (2 * max(1, profile.subworkers)))
+        if settings.claim_ahead_max > cap:
+            log.info("claim_ahead_max %d lowered to %d: %d slots' held jobs must fit a completion request",
+                     settings.claim_ahead_max, cap, profile.subworkers)
+            settings.claim_ahead_max = cap
         super().__init__(profile, "", name=base + suffix, settings=settings)
         self.token_tags = list(tags)
         self.client = AgentClient(url, token, ca_file=ca_file)
