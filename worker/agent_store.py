@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from asyncpg.pgproto.pgproto import UUID as PgUUID
+
 from sandmill.store.claims import Completion
 
 from sandmill.store.wirejson import dumps
@@ -30,8 +32,9 @@ log = logging.getLogger("sandmill.worker")
 
 
 def _job(j: dict[str, Any]) -> dict[str, Any]:
-    """A job as the server sends it, as the claim statements return it (the id a UUID)."""
-    j["id"] = uuid.UUID(j["id"])
+    """A job as the server sends it, as the claim statements return it (the id a UUID:
+    asyncpg's, as a DB worker's claims give it, read in C, 0.2 µs against uuid.UUID's 1.9)."""
+    j["id"] = PgUUID(j["id"])
     return j
 
 
@@ -152,7 +155,7 @@ class AgentStore:
             log.warning("results refused by the server (jobs not this worker's any more): %s", r["refused"])
         # the ids back as the UUIDs sent (str() of one costs a third of parsing the text)
         sent = {str(c.job_id): c.job_id for c in done}
-        statuses = {sent.get(k) or uuid.UUID(k): v for k, v in r["statuses"].items()}
+        statuses = {sent.get(k) or PgUUID(k): v for k, v in r["statuses"].items()}
         return statuses, [_job(j) for j in r["jobs"]]
 
     def _answered(self, key: tuple[uuid.UUID, ...]) -> None:
