@@ -28,7 +28,7 @@ Executor = asyncpg.Connection | asyncpg.Pool
 # NOTIFY channels. Payloads stay tiny; listeners re-read the tables. The statements name
 # them literally (checked below: every pg_notify in the SQL uses one of these).
 CH_QUEUE = "sandmill_queue"    # payload: the tag of a new job ("tag" or "tag|epoch" if scheduled)
-CH_DONE = "sandmill_done"      # payload: the id of a completed job pushed with notify_done
+CH_DONE = "sandmill_done"      # payload: a completed job's id, or "<id> <1|0><result JSON>" (server/waiters.py parse_done)
 CH_CANCEL = "sandmill_cancel"  # payload: the id of a running job to kill
 CH_CONFIG = "sandmill_config"  # payload: the name of a worker group whose config changed
 CHANNELS = (CH_QUEUE, CH_DONE, CH_CANCEL, CH_CONFIG)

@@ -153,6 +153,11 @@ class Dedicated:
             if lp.tag == tag:
                 lp.wake_at(float(epoch) if epoch else None)
 
+    def wake_all(self) -> None:
+        """Wake every loop (the LISTEN connection is back: a NOTIFY may have been missed)."""
+        for lp in self.loops:
+            lp.wake_at(None)
+
     def cancel(self, job_id: uuid.UUID) -> None:
         """Cancel a job this worker holds: kill the runtime running it; one not started yet
         completes as canceled without running."""

@@ -256,6 +256,8 @@ class Worker:
             backoff.reset()
             log.info("LISTEN connection back; listening again")
             self.slots.wake_all()
+            if self.dedicated is not None:
+                self.dedicated.wake_all()
             self.feed.completer.flush()
             self._spawn(self._reload_config())
 
