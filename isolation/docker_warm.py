@@ -98,6 +98,12 @@ class ContainerProc:
         self.warm.remove(self.name)
 
 
+# Why an AppArmor host runs docker jobs cold unless the profile says ``warm: true``.
+APPARMOR_OPT_IN = ("dockerd confines containers with AppArmor, whose docker-default profile denies the"
+                   " mount(2) a warm container needs; `warm: true` runs the warm containers without it"
+                   " (isolation/README.md, 'Warm Docker')")
+
+
 class DockerWarm:
     """The warm side of one ``DockerBackend``: its pool, containers and probe.
 
@@ -140,6 +146,8 @@ class DockerWarm:
         try:
             security = self.b.api.info().get("SecurityOptions") or []
             self.apparmor = any("name=apparmor" in str(o) for o in security)
+            if self.apparmor and not self.requested:  # never drop a confinement unasked
+                return APPARMOR_OPT_IN
             rc, out = self._one_off([self.pool.python, "-E", "-s", "-c", PROBE], 30.0)
         except (DockerException, requests.RequestException, OSError) as e:
             return f"the warm probe container failed: {e}"

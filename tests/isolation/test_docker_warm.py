@@ -196,6 +196,23 @@ def test_warm_true_refuses_where_it_cannot_run(image_without_python: str) -> Non
     auto.close()
 
 
+def test_apparmor_host_runs_cold_unless_warm_is_asked_for() -> None:
+    """Warm containers run without docker-default (it denies mount): on a host whose
+    dockerd applies AppArmor, only ``warm: true`` may drop it; unset runs cold, saying why.
+    (This machine has no AppArmor: dockerd's answer is made to say it has.)"""
+    from sandmill.isolation.docker_warm import APPARMOR_OPT_IN
+
+    auto = DockerBackend()
+    real = auto.api.info
+    auto.api.info = lambda: {**real(), "SecurityOptions": ["name=apparmor", "name=seccomp,profile=builtin"]}
+    try:
+        probe = auto.probe()
+        assert probe.available and APPARMOR_OPT_IN in probe.reason, probe
+        assert auto.warm is not None and auto.warm.pool.disabled
+    finally:
+        auto.close()
+
+
 CHILD = """
 import asyncio, sys
 sys.path[:0] = {path!r}
