@@ -123,7 +123,7 @@ class Slots:
                      starting=(job["id"], now()) if job is not None else None)
             wait_s = self._completion_wait_s(st, current, ran_s, job, stopping)
             if logs is not None and job is None:
-                await logs  # nothing to run meanwhile: the completion follows its logs
+                await _written(logs)  # nothing to run meanwhile: the completion follows its logs
             if logs is not None and job is not None:
                 # the next job runs while the logs are written; the completion follows them
                 fut = self._after_logs(logs, d, 0.0 if ahead else wait_s)
@@ -152,10 +152,7 @@ class Slots:
         sees all its logs); the slot goes on with its next job meanwhile. A completion
         that a claim of held jobs rides on (``d.ahead``) is sent at once then."""
         async def send() -> Any:
-            try:
-                await logs
-            except Exception:  # noqa: BLE001 - LogSink.close logs its own failures
-                pass
+            await _written(logs)
             return await self.feed.completer.enqueue(d, wait_s=wait_s)
 
         t = asyncio.ensure_future(send())
@@ -218,6 +215,14 @@ class Slots:
             await asyncio.wait_for(self.stopping.wait(), s)
         except asyncio.TimeoutError:
             pass
+
+
+async def _written(logs: asyncio.Future[None]) -> None:
+    """Wait for a job's logs' write; its failure is not the completion's (LogSink logs it)."""
+    try:
+        await logs
+    except Exception:  # noqa: BLE001, S110 - a worker never dies of one job's logs
+        pass
 
 
 def _due_stale(read: asyncio.Future) -> bool:
