@@ -109,10 +109,11 @@ async def _wait(cond, timeout: float = 10):
 
 
 @contextlib.asynccontextmanager
-async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, **settings):
+async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, db_conns: int | None = None, **settings):
     """A one-slot native worker serving ``tag``, claiming ahead at once (no minimum wait)."""
     w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "claim_ahead": claim_ahead}),
-               pg_url, settings=WorkerSettings(**{"poll_s": 1.0, "claim_ahead_after_s": 0.0, **settings}))
+               pg_url, settings=WorkerSettings(**{"poll_s": 1.0, "claim_ahead_after_s": 0.0, **settings}),
+               db_conns=db_conns)
     run = asyncio.create_task(w.run())
     try:
         yield w
@@ -300,12 +301,14 @@ async def test_completions_of_slots_that_run_their_next_job_share_a_statement(pg
 
 
 async def test_the_claim_and_completion_connections_are_ready_at_start(pg_url):
-    """The connections a worker keeps for its claims and completions ran those statements
-    at start: their first use in a burst looks up no types (asyncpg's introspection of
-    uuid[] and int[], 20 ms a connection, would otherwise land on the first and the last
-    jobs' path)."""
+    """The pool layout (``SANDMILL_WORKER_DB_CONNS=0``): the connections a worker keeps for
+    its claims and completions ran those statements at start: their first use in a burst
+    looks up no types (asyncpg's introspection of uuid[] and int[], 20 ms a connection,
+    would otherwise land on the first and the last jobs' path). The one-connection layout's
+    own test: test_connections.py."""
     tag = "cap-" + uuid.uuid4().hex[:6]
-    async with _serving(pg_url, tag) as w:
+    async with _serving(pg_url, tag, db_conns=0) as w:
+        assert w.hot.keep > 0
         async def all_kept():
             return len(w.hot._free) == w.hot.keep
         await _wait(all_kept)
