@@ -197,3 +197,50 @@ def test_latency_bench_quick_reports_cpu_per_process() -> None:
     assert "throughput" in r.stdout and "over 40 jobs" in r.stdout, r.stdout
     line = next(x for x in r.stdout.splitlines() if "CPU per job" in x)
     assert all(k in line for k in ("server", "worker", "sandbox", "postgres")), line
+
+
+async def test_a_short_jobs_logs_ride_on_its_completion(pg_url, monkeypatch) -> None:
+    # Round 2: a job that ends before its first log write (FLUSH_EVERY_S) has its whole log
+    # appended by its completion's statement, no statement of its own; a long job's logs
+    # still stream while it runs. Either way, who sees the job completed sees all its logs.
+    if ProcessBackend().warm_pool is None:
+        pytest.skip("no warm process backend here")
+    pool = await dbmod.create_pool(pg_url)
+    tag = "carrylogs-" + uuid.uuid4().hex[:6]
+    wrote: list[uuid.UUID] = []  # jobs whose logs took a statement of their own
+    write = queue.append_logs
+
+    async def counting_append_logs(db, job_id, chunks):
+        wrote.append(job_id)
+        await write(db, job_id, chunks)
+
+    monkeypatch.setattr(queue, "append_logs", counting_append_logs)
+    short = [await queue.push(pool, workspace="w", language="bash", args={}, tag=tag,
+                              content=f"echo one{i}; echo err >&2; printf 'tail{i}'") for i in range(5)]
+    long = await queue.push(pool, workspace="w", language="bash", args={}, tag=tag,
+                            content="echo early; sleep 1.5; echo late")
+    w = Worker(profile_from_dict({"name": "carrylogs", "tags": [tag], "backend": {"kind": "process"},
+                                  "claim_ahead": True}), pg_url,
+               settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0))
+    run = asyncio.create_task(w.run())
+    seen_early = False
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while await pool.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1)", [*short, long]) < 6:
+            assert asyncio.get_running_loop().time() < deadline, "jobs did not complete"
+            if not seen_early and not await pool.fetchval("SELECT count(*) FROM completed_job WHERE id = $1", long):
+                seen_early = bool(await pool.fetchval(
+                    "SELECT count(*) FROM job_logs WHERE job_id = $1 AND chunk LIKE '%early%'", long))
+            await asyncio.sleep(0.05)
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+    logs = {r["job_id"]: r["text"] for r in await pool.fetch(
+        "SELECT job_id, string_agg(chunk, '' ORDER BY id) AS text FROM job_logs"
+        " WHERE job_id = ANY($1) GROUP BY job_id", [*short, long])}
+    await pool.close()
+    for i, j in enumerate(short):
+        assert sorted(logs[j].splitlines()) == sorted([f"one{i}", "err", f"tail{i}"]), logs[j]
+    assert logs[long] == "early\nlate\n"
+    assert seen_early, "the long job's first line was not stored while it ran"
+    assert set(wrote) == {long}, wrote

@@ -239,6 +239,11 @@ async def _sent_since() -> set[str]:
     await tokens.authenticate(db, "smt_0123456789ab_" + "s" * 43)
     await tokens.list_tokens(db, "ws")
     await tokens.delete(db, "0123456789ab")
+    from sandmill.store import queue  # completions that carry their jobs' logs (fast path, round 2)
+    db.answers = []
+    logged = [queue.Completion(J1, "w", "success", 1, None, logs="a\n")]
+    await queue.complete_and_pull(db, logged, "w", ["a"], 1)
+    await queue.complete_and_pull(db, logged, "w", ["a", "b"], 1)
     from sandmill.store import dedicated  # dedicated workers' (migration 0007)
     db.answers = []
     await dedicated.claim(db, "ws:f/x", "w", 512)

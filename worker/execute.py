@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +66,10 @@ class Executor:
         self.running = running
         self.canceled_held = canceled_held
         self.watch = watch
+        # a short job's logs ride on its completion (Completion.logs), whose statement
+        # appends them: no log statement per job (docs/performance.md, round 2); the
+        # environment's 0 turns it off, for the benchmark's before/after
+        self.carry_logs = os.environ.get("SANDMILL_LOGS_IN_COMPLETION", "1") != "0"
 
     async def execute(self, job: dict[str, Any]) -> queue.Completion | None:
         """Run one job in the calling slot's task; returns its completion for the slot to
@@ -155,7 +160,8 @@ class Executor:
         if r.why == "canceled":
             sink.note("job canceled; killed")
             result = canceled("canceled")
-        logs = _closing(sink)
+        carried = sink.take() if self.carry_logs else None
+        logs = None if carried is not None else _closing(sink)
         result = storable_result(result)  # nothing a job wrote may fail the statement
         return queue.Completion(
             job_id, g.name, status=result.status, result=result.result, error=result.error,
@@ -163,14 +169,14 @@ class Executor:
             cpu_ms=outcome.cpu_ms if outcome else 0,
             mem_peak_kb=outcome.peak_memory_kb if outcome else 0,
             outcome=storable_json(outcome.to_json()) if outcome else None, started_at=started,
+            logs=carried or None,
         ), logs
 
 
 def _closing(sink: LogSink) -> asyncio.Future[None] | None:
     """The close of ``sink`` under way, or None when it has nothing to write (most python3
-    jobs print nothing: no task for them). An unknown state counts as something to write."""
-    if (getattr(sink, "_task", 0) is None and not getattr(sink, "_pending", 1)
-            and not getattr(sink, "_dropped", 1) and not getattr(sink, "_decoders", 1)):
+    jobs print nothing: no task for them)."""
+    if sink.idle():
         return None
     return asyncio.ensure_future(sink.close())
 

@@ -5,6 +5,7 @@ next jobs in the same statement, and the give-back of the jobs a slot will not r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -44,7 +45,7 @@ def internal_error(c: queue.Completion, cause: str) -> queue.Completion:
     return queue.Completion(c.job_id, c.worker, status="failure",
                             result={"error": {"name": "InternalError", "message": msg}}, error=msg,
                             duration_ms=c.duration_ms, cpu_ms=c.cpu_ms, mem_peak_kb=c.mem_peak_kb,
-                            outcome=None, started_at=c.started_at)
+                            outcome=None, started_at=c.started_at, logs=c.logs)
 
 
 def log_failed_completion(fut: asyncio.Future) -> None:
@@ -216,7 +217,7 @@ class Feed:
         conn, ok = await self.hot.acquire(), False
         try:
             t0 = time.perf_counter()
-            if want or ahead or starting:
+            if want or ahead or starting or any(c.logs for c in done):  # only it carries logs
                 _, jobs = await g.q.complete_and_pull(
                     conn, done, g.name, g.tags, want, ahead=ahead,
                     ahead_after_s=self.settings.claim_ahead_after_s, starting=starting)
@@ -256,6 +257,14 @@ class Feed:
         return self._answers(reqs, want, jobs)
 
     async def _complete_alone(self, conn: asyncpg.Connection, c: queue.Completion) -> None:
+        if c.logs:  # the logs it carried go first (a reader who sees it completed sees them)
+            try:
+                await self.group.q.append_logs(conn, c.job_id, [c.logs])
+            except Exception as e:  # noqa: BLE001 - logs are best effort, the completion is not
+                if dbmod.is_disconnect(e):
+                    raise
+                log.warning("job %s: its log was not stored (%s)", c.job_id, e)
+            c = dataclasses.replace(c, logs=None)
         try:
             t0 = time.perf_counter()
             await self.group.q.complete_many(conn, [c])

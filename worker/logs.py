@@ -40,9 +40,14 @@ class LogSink:
         self._pending_bytes = 0
         self._stored = 0
         self._dropped = 0
-        self._wake: asyncio.Event | None = None  # with the flusher: most jobs print nothing
-        self._task: asyncio.Task | None = None
+        # no task per job: a timer (a loop handle) starts a write FLUSH_EVERY_S after the
+        # first pending line, or at once past FLUSH_BYTES; most jobs end before it fires
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task | None = None  # the write in hand
+        self._flushed = False  # some of the log was written (or is being) by a statement
         self._closing = False
+        self._finished = False  # the partial lines and the dropped count are pending
+        self._wake = _Wake(self)
 
     def on_output(self, stream: str, chunk: bytes) -> None:
         if self._stored >= MAX_LOG_BYTES:  # full: count what is not stored, decode nothing
@@ -78,20 +83,32 @@ class LogSink:
             self._stored += size
         self._pending.append(text)
         self._pending_bytes += size
-        if self._task is None:  # the flusher starts with the first line: most jobs print none
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(self._wake))
+        if self._closing:
+            return  # close() or take() writes or hands out what is pending
         if self._pending_bytes >= FLUSH_BYTES:
-            self._wake.set()
+            self._due()
+        elif self._timer is None and self._flushing is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY_S, self._due)
 
-    async def _run(self, wake: asyncio.Event) -> None:
-        while not self._closing:
-            try:
-                await asyncio.wait_for(wake.wait(), FLUSH_EVERY_S)
-            except asyncio.TimeoutError:
-                pass
-            wake.clear()
+    def _due(self) -> None:
+        """Start a write of what is pending (the timer's, or FLUSH_BYTES reached)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is None and self._pending and not self._closing:
+            self._flushed = True
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_then_rearm())
+
+    async def _flush_then_rearm(self) -> None:
+        try:
             await self.flush()
+        finally:
+            self._flushing = None
+            if self._pending and not self._closing:  # lines came meanwhile
+                if self._pending_bytes >= FLUSH_BYTES:
+                    self._due()
+                else:
+                    self._timer = asyncio.get_running_loop().call_later(FLUSH_EVERY_S, self._due)
 
     async def flush(self) -> None:
         """Write what is pending. A failed write is logged and its text dropped: logs are
@@ -104,19 +121,29 @@ class LogSink:
                 log.warning("job %s: %d bytes of log not stored (%s)", self.job_id,
                             sum(len(c) for c in chunks), e)
 
-    async def close(self) -> None:
-        """Stop the flusher and write whatever is left, partial lines included."""
-        if self._task is None and not (self._pending or self._dropped or self._decoders):
-            return  # nothing was logged (a native job's usual case): nothing to do
-        if self._task:
-            # the flusher ends after its flush in hand, not in it: canceled while its write
-            # waited (for the worker's one connection), the lines it had taken were lost
-            self._closing = True
-            self._wake.set()
-            try:
-                await self._task
-            except Exception:  # noqa: BLE001 - flush() logs its own failures
-                pass
+    def take(self, limit: int = FLUSH_BYTES) -> str | None:
+        """End the sink and hand out the job's whole log as one text ('' for none), for
+        the completion to carry (one statement less per job that prints): only when none
+        of it was written or is being written yet and it is at most ``limit`` bytes.
+        None otherwise: then close() writes the rest as before."""
+        if self._flushed or self._flushing is not None:
+            return None
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._finish()
+        if self._pending_bytes > limit:
+            return None
+        text = "".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        return text
+
+    def _finish(self) -> None:
+        """Move the partial lines and the count of dropped bytes to the pending text."""
+        if self._finished:
+            return
+        self._finished = True
         for stream in ("stdout", "stderr"):
             dec = self._decoders.get(stream)
             tail = self._partial[stream] + (storable_text(dec.decode(b"", final=True)) if dec else "")
@@ -126,5 +153,39 @@ class LogSink:
                 self._dropped += len(tail.encode())
             self._partial[stream] = ""
         if self._dropped:
-            self._pending.append(f"[sandmill] {self._dropped} more bytes of log not stored\n")
+            note = f"[sandmill] {self._dropped} more bytes of log not stored\n"
+            self._pending.append(note)
+            self._pending_bytes += len(note)
+
+    def idle(self) -> bool:
+        """Nothing was logged and nothing is to write (a native job's usual case)."""
+        return (self._flushing is None and not self._flushed
+                and not (self._pending or self._dropped or self._decoders))
+
+    async def close(self) -> None:
+        """Stop the timer and write whatever is left, partial lines included."""
+        if self._flushing is None and not (self._pending or self._dropped or self._decoders):
+            return  # nothing was logged (a native job's usual case): nothing to do
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is not None:
+            # the write in hand ends first, not canceled: canceled while it waited (for the
+            # worker's one connection), the lines it had taken were lost; the rest follows it
+            try:
+                await self._flushing
+            except Exception:  # noqa: BLE001 - flush() logs its own failures
+                pass
+        self._finish()
         await self.flush()
+
+
+class _Wake:
+    """``sink._wake.set()``: write what is pending now (as FLUSH_BYTES reached does)."""
+
+    def __init__(self, sink: LogSink):
+        self.sink = sink
+
+    def set(self) -> None:
+        self.sink._due()

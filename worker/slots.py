@@ -102,7 +102,7 @@ class Slots:
             finally:
                 watch.holds.pop(st, None)
             if (why := watch.failed.pop(current["id"], None)) is not None:  # its heartbeat broke
-                done = self._failed(current, started, why)
+                done = self._failed(current, started, why, done.logs if done is not None else None)
             ran_s = time.monotonic() - t0
             stats.busy_s += ran_s
             stats.jobs_done += 1
@@ -160,11 +160,13 @@ class Slots:
         t.add_done_callback(self._after.discard)
         return t
 
-    def _failed(self, job: dict[str, Any], started: dt.datetime, cause: str) -> queue.Completion:
-        """The completion of a job that failed inside sandmill (not of itself)."""
+    def _failed(self, job: dict[str, Any], started: dt.datetime, cause: str,
+                logs: str | None = None) -> queue.Completion:
+        """The completion of a job that failed inside sandmill (not of itself), with the
+        logs its completion carried."""
         ran_ms = int((now() - started).total_seconds() * 1000)
         return internal_error(queue.Completion(job["id"], self.group.name, "failure", None, None,
-                                               duration_ms=ran_ms, started_at=started), cause)
+                                               duration_ms=ran_ms, started_at=started, logs=logs), cause)
 
     def _completion_wait_s(self, st: SlotState, ran: dict[str, Any], ran_s: float,
                            job: dict[str, Any] | None, stopping: bool) -> float:
