@@ -47,6 +47,9 @@ ZYGOTE_SOURCE = resources.files("sandmill.isolation").joinpath("zygote.py").read
 DEFAULT_PRELOAD = ("json", "re", "traceback", "typing", "datetime", "collections",
                    "functools", "itertools", "base64", "hashlib", "random", "math")
 START_TIMEOUT_S = 10.0
+# a zygote's emptied job cgroups serve its later jobs (JobCgroup.recycle); the
+# environment's 0 turns it off, for the benchmark's before/after
+RECYCLE_CGROUPS = os.environ.get("SANDMILL_RECYCLE_CGROUPS", "1") != "0"
 PYTHON_FLAGS = ("-u", "-B")  # flags a warm run may carry: the zygote runs with them
 
 
@@ -330,10 +333,20 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
 
 async def _after_job(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:
     await z.job_done()
-    await asyncio.to_thread(_remove, cgroup, wd)
+    await asyncio.to_thread(_remove, z, cgroup, wd)
 
 
-def _remove(cgroup: JobCgroup, wd: Path) -> None:
-    cgroup.kill_all()
+def _remove(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:
+    """(In a thread.) The job's leftovers go; its cgroup, emptied, serves a later job of
+    the same zygote when it can be reset (JobCgroup.recycle), else it is removed."""
+    emptied = cgroup.kill_all()
+    workdir.remove(wd)  # first: its files' pages are then uncharged before the reset
+    if emptied and RECYCLE_CGROUPS and not z.broken and cgroup.recycle(emptied=True):
+        z.spare.append(cgroup)
+        if not z.broken:
+            return
+        try:  # closed meanwhile: close() may have missed it
+            z.spare.remove(cgroup)
+        except ValueError:
+            return  # close() took it
     cgroup.remove()
-    workdir.remove(wd)

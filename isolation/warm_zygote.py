@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -74,6 +75,9 @@ class Zygote:
         self.cgroup_parent = cgroup_parent
         self.pid: int | None = None  # the interpreter's pid as we see it (not nsjail's)
         self.next_cgroup: JobCgroup | None = None
+        # emptied job cgroups made ready again (JobCgroup.recycle): the next ones, before a
+        # fresh one (appended from the after-job thread; a deque's append is thread-safe)
+        self.spare: collections.deque[JobCgroup] = collections.deque()
         self._moving: asyncio.Future[None] | None = None
         self.job_pidfd: int | None = None  # the running job process (pid 1 of its namespaces)
         self._reading: asyncio.AbstractEventLoop | None = None  # a reader is registered there
@@ -118,7 +122,10 @@ class Zygote:
     def _move_to_next(self) -> None:
         """(In a thread.) A fresh cgroup for the next job, with the zygote in it."""
         assert self.pid is not None
-        cg = JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent)
+        try:
+            cg = self.spare.popleft()
+        except IndexError:
+            cg = JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent)
         try:
             cg.add(self.pid)
         except BaseException:
@@ -254,7 +261,8 @@ class Zygote:
                 self.proc.kill()
             except ProcessLookupError:
                 pass
-        for cg in (self.next_cgroup, self.home):
+        spare, self.spare = list(self.spare), collections.deque()
+        for cg in (self.next_cgroup, self.home, *spare):
             if cg is not None:
                 cg.kill_all(timeout=0.5)
                 cg.remove()
