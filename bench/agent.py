@@ -95,6 +95,7 @@ def throughput(bp: BenchPG, jobs: int, rounds: int, subworkers: int = 8) -> dict
         cpu_ms: dict[str, dict[str, float]] = {"db": {}, "agent": {}}  # CPU ms per 1000 jobs, by process
         for _ in range(rounds):
             for kind, tag in (("db", db_tag), ("agent", ag_tag)):
+                bp.vacuum(url)
                 bp.checkpoint()
                 before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
                 out[kind].append(asyncio.run(_drain(url, tag, jobs)))
