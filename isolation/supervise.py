@@ -128,6 +128,7 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
     err_r, err_w = open_pipe()
     in_fd = stdin_fd(stdin)
     tripped = asyncio.Event()
+    ended: asyncio.Future[None] | None = None  # the watch's end: job ended, tripped, deadline
     job: Launched | None = None
     waiter: asyncio.Future[int] | None = None
     streams: list[CappedStream] = []
@@ -147,6 +148,8 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
             res.killed_for = reason
         kill_now()
         tripped.set()
+        if ended is not None and not ended.done():
+            ended.set_result(None)
 
     try:
         try:
@@ -161,16 +164,20 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
         ]
         out_r = err_r = -1
         waiter = asyncio.ensure_future(job.wait)
-        tripper = asyncio.ensure_future(tripped.wait())
-        watchers = [waiter, tripper]
+        # one future ends the watch (the job's end, a trip, the wall deadline) and timers,
+        # not tasks, poll the CPU: a short job costs no task beside its waiter
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        waiter.add_done_callback(lambda _f: ended.done() or ended.set_result(None))
+        timers = [loop.call_later(limits.wall_s + extra_wall_s,
+                                  lambda: ended.done() or ended.set_result(None))]
         if limits.cpu_s is not None and cgroup is not None and cgroup.cpu_ns() is not None:
-            watchers.append(asyncio.ensure_future(_cpu_watch(cgroup, limits.cpu_s, trip)))
+            _cpu_watch(cgroup, limits.cpu_s, trip, ended, timers)
         try:
-            await asyncio.wait(watchers, timeout=limits.wall_s + extra_wall_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await ended
         finally:
-            for w in watchers[1:]:
-                w.cancel()
+            for t in timers:
+                t.cancel()
         if not waiter.done():
             if not tripped.is_set():
                 trip(KILL_TIMEOUT)
@@ -214,16 +221,25 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
     return res
 
 
-async def _cpu_watch(cgroup: JobCgroup, cpu_s: float, trip: Callable[[str], None]) -> None:
+def _cpu_watch(cgroup: JobCgroup, cpu_s: float, trip: Callable[[str], None],
+               ended: asyncio.Future[None], timers: list[asyncio.TimerHandle]) -> None:
     """Kill the job once the whole cgroup (children included) used ``cpu_s`` of CPU:
-    RLIMIT_CPU alone is per process, a job could fork around it."""
+    RLIMIT_CPU alone is per process, a job could fork around it. A read every
+    CPU_POLL_S by a timer (its handle kept in one item of ``timers``) until ``ended``."""
     budget = int(cpu_s * 1e9)
-    while True:
-        await asyncio.sleep(CPU_POLL_S)
+    loop = asyncio.get_running_loop()
+
+    def poll() -> None:
+        if ended.done():
+            return
         used = cgroup.cpu_ns()
         if used is not None and used >= budget:
             trip(KILL_CPU)
-            return
+        else:
+            timers[slot] = loop.call_later(CPU_POLL_S, poll)  # one handle, however long it runs
+
+    slot = len(timers)
+    timers.append(loop.call_later(CPU_POLL_S, poll))
 
 
 def cpu_rlimit(cpu_s: float) -> tuple[int, int]:
