@@ -60,9 +60,10 @@ class Zygote:
     Moving a process between cgroups is slow on some kernels (cgroup v1 waits for an RCU
     grace period; docs/performance.md), so no job waits for it: while idle, the zygote
     already sits in the cgroup its next job will use (``next_cgroup``), its job process
-    is forked straight into it, and the zygote moves on to a fresh one (``_moving``, in
-    a thread) while that job runs. The zygote's own memory stays charged to its home
-    cgroup, where it was first touched.
+    is forked straight into it, and the zygote moves on to another (``_moving``, in
+    a thread) while that job runs: on cgroup v1 one its last jobs emptied and that was
+    reset (``spare``, warm.py's after-job work; JobCgroup.recycle), else a fresh one. The
+    zygote's own memory stays charged to its home cgroup, where it was first touched.
     """
 
     def __init__(self, key: tuple[str, bytes], proc: asyncio.subprocess.Process,
@@ -120,7 +121,8 @@ class Zygote:
             self._reading = None
 
     def _move_to_next(self) -> None:
-        """(In a thread.) A fresh cgroup for the next job, with the zygote in it."""
+        """(In a thread.) The next job's cgroup (a recycled one, else a fresh one),
+        with the zygote in it."""
         assert self.pid is not None
         try:
             cg = self.spare.popleft()
