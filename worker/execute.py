@@ -160,7 +160,8 @@ class Executor:
         if r.why == "canceled":
             sink.note("job canceled; killed")
             result = canceled("canceled")
-        carried = sink.take() if self.carry_logs else None
+        # only the database's completion appends carried logs (not an agent's HTTP store)
+        carried = sink.take() if self.carry_logs and g.q is queue else None
         logs = None if carried is not None else _closing(sink)
         result = storable_result(result)  # nothing a job wrote may fail the statement
         return queue.Completion(
