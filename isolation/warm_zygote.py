@@ -144,6 +144,8 @@ class Zygote:
         """Start moving into the next job's cgroup (see the class docstring); with
         ``fork``, then have the next job process forked there ahead of its job."""
         self._moving = asyncio.ensure_future(self._advance(fork))
+        # a zygote closed (or dead) before settle() never awaits it: its error is no news
+        self._moving.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def settle(self) -> None:
         """Wait for the move: the zygote is out of the last job's cgroup (which may now
