@@ -23,8 +23,6 @@ _PULL_MANY_AHEAD_ONE_TAG = sql("pull_many_ahead_one_tag")
 _COMPLETE = sql("complete")
 _COMPLETE_AND_CLAIM = sql("complete_and_claim")
 _COMPLETE_AND_CLAIM_ONE_TAG = sql("complete_and_claim_one_tag")
-_COMPLETE_AND_CLAIM_LOGS = sql("complete_and_claim_logs")
-_COMPLETE_AND_CLAIM_ONE_TAG_LOGS = sql("complete_and_claim_one_tag_logs")
 
 # Session settings of a connection that claims and completes jobs (a worker's pool): the
 # in-order scan of queue_pull_idx whatever the statistics say, index lookups in a queue
@@ -154,17 +152,14 @@ async def complete_and_pull(db: Executor, done: list[Completion], worker: str, t
     since they were due (their ``started_at`` is None), and stamp the start of the held
     jobs in ``starting``, (id, when it started) pairs, none of them in ``done``. Returns
     (final status by completed job id, the claimed jobs best first: the first ``want`` to
-    run now). A completion's ``logs`` are appended in the same statement (the _logs
-    variant, sent only when one of them has logs)."""
+    run now). A completion's ``logs`` are appended in the same statement (its $20: the
+    log texts, or NULL when no completion has logs, which appends nothing and costs less)."""
     bases, plain, pairs = split_tags(tags)
-    args = [bases, worker, plain, pairs, want, *_completion_arrays(done), ahead,
-            float(ahead_after_s), [j for j, _ in starting or []], [at for _, at in starting or []]]
-    if any(c.logs for c in done):
-        stmt = _COMPLETE_AND_CLAIM_ONE_TAG_LOGS if len(bases) == 1 else _COMPLETE_AND_CLAIM_LOGS
-        args.append([c.logs or "" for c in done])
-    else:
-        stmt = _COMPLETE_AND_CLAIM_ONE_TAG if len(bases) == 1 else _COMPLETE_AND_CLAIM
-    rows = await db.fetch(stmt, *args)
+    logs = [c.logs or "" for c in done] if any(c.logs for c in done) else None
+    stmt = _COMPLETE_AND_CLAIM_ONE_TAG if len(bases) == 1 else _COMPLETE_AND_CLAIM
+    rows = await db.fetch(stmt, bases, worker, plain, pairs, want, *_completion_arrays(done), ahead,
+                          float(ahead_after_s), [j for j, _ in starting or []],
+                          [at for _, at in starting or []], logs)
     # one row carries the completions (none has them when nothing was completed)
     first = next((r for r in rows if r["done_ids"] is not None), None)
     statuses = dict(zip(first["done_ids"], first["done_status"])) if first else {}

@@ -217,3 +217,23 @@ async def test_completion_notifies_only_jobs_someone_waits_on(pg_url):
     assert heard == [str(waited)]
     await listener.close()
     await pool.close()
+
+
+async def test_complete_and_pull_appends_the_logs_its_completions_carry(pg_url):
+    """One statement per variant: $20 holds the completions' log texts ('' for a job
+    without), or NULL when none carries logs; neither NULL nor '' appends a row."""
+    pool = await dbmod.create_pool(pg_url)
+    for tags in (["cl1-" + uuid.uuid4().hex[:6]], ["cl2-" + uuid.uuid4().hex[:6], "other"]):
+        ids = [await _push(pool, tags[0]) for _ in range(4)]
+        jobs = await queue.pull_many(pool, "w1", tags, 4)
+        assert sorted(j["id"] for j in jobs) == sorted(ids)
+        bare = [_done(ids[0]), _done(ids[1])]  # no logs: $20 is NULL
+        statuses, _ = await queue.complete_and_pull(pool, bare, "w1", tags, 0)
+        assert set(statuses) == set(ids[:2])
+        logged = [_done(ids[2]), _done(ids[3])]
+        logged[0].logs = "hello\n"  # the other one carries '' in the array
+        statuses, _ = await queue.complete_and_pull(pool, logged, "w1", tags, 0)
+        assert set(statuses) == set(ids[2:])
+        rows = await pool.fetch("SELECT job_id, chunk FROM job_logs WHERE job_id = ANY($1::uuid[])", ids)
+        assert [(r["job_id"], r["chunk"]) for r in rows] == [(ids[2], "hello\n")], tags
+    await pool.close()
