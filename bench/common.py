@@ -11,6 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
@@ -112,6 +114,19 @@ class BenchPG:
             pass
         self.pg.cleanup()
         drop_scratch(self.tmp)
+
+
+def tree_cpu_s(p: psutil.Process) -> float:
+    """CPU seconds so far of ``p`` and its living descendants (a worker's runtimes, the
+    postmaster's backends); a process gone meanwhile counts nothing."""
+    total = 0.0
+    for q in [p, *p.children(recursive=True)]:
+        try:
+            t = q.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def scratch_dir() -> Path:

@@ -23,7 +23,7 @@ import psutil
 from sandmill.store import db as dbmod
 from sandmill.store import queue, scripts
 
-from .common import BenchPG, commit_time, pct, wait_registered
+from .common import BenchPG, commit_time, pct, tree_cpu_s, wait_registered
 
 NOOP = "def main(x):\n    return x\n"
 FIB = ("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n"
@@ -147,17 +147,7 @@ async def stages(url: str, marks: list[tuple[str, float, float]]) -> dict:
 def _cpu(procs: dict | None) -> dict[str, float]:
     """CPU seconds so far of each named process and its children (the runtime is the
     worker's child; PostgreSQL's backends the postmaster's)."""
-    out: dict[str, float] = {}
-    for name, p in (procs or {}).items():
-        total = 0.0
-        for q in [p, *p.children(recursive=True)]:
-            try:
-                t = q.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        out[name] = total
-    return out
+    return {name: tree_cpu_s(p) for name, p in (procs or {}).items()}
 
 
 def run(jobs: int, runs: int, backend: str, subworkers: int, bp: BenchPG | None = None,

@@ -16,16 +16,7 @@ from sandmill.store import jobs as store_jobs
 from sandmill.store import queue
 from test_dedicated import done, group, script
 
-
-def _cpu_s(p: psutil.Process) -> float:
-    total = 0.0
-    for q in [p, *p.children(recursive=True)]:
-        try:
-            t = q.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+from bench.common import tree_cpu_s
 
 
 def test_an_idle_dedicated_worker_uses_no_cpu(make_cluster, ws):
@@ -40,9 +31,9 @@ def test_an_idle_dedicated_worker_uses_no_cpu(make_cluster, ws):
             assert r.status_code == 200 and r.json() == i, r.text
     worker = psutil.Process(c.procs[-1].pid)
     time.sleep(0.5)
-    before = _cpu_s(worker)
+    before = tree_cpu_s(worker)
     time.sleep(3)
-    used = _cpu_s(worker) - before
+    used = tree_cpu_s(worker) - before
     assert used < 0.5, f"the idle worker and its runtime used {used:.2f} s of CPU in 3 s"
 
 
