@@ -156,8 +156,10 @@ class WarmPool:
         while idle:
             z = idle.pop()
             if z.pending is not None:
-                await z.pending  # its last job's clean-up and the next job process's fork
+                await z.pending  # out of its last job's cgroup, the next job process forked
                 z.pending = None
+            while len(z.cleanups) > 1:  # the last job's clean-up runs on beside the next job
+                await z.cleanups.popleft()
             if not z.broken and z.proc.returncode is None:
                 return z
             z.close()
@@ -211,9 +213,7 @@ class WarmPool:
             proc = await self.starter(argv, zdir, theirs.fileno(), cgroup)
             theirs.close()
             z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent)
-            msg, z.pid = await asyncio.wait_for(z._recv(), START_TIMEOUT_S)
-            if msg != b"R" or z.pid is None:
-                raise WarmError(f"unexpected first message {msg[:200]!r}")
+            await asyncio.wait_for(z.recv_ready(), START_TIMEOUT_S)
             z.advance(fork=True)
             return z
         except (OSError, WarmError, CgroupUnavailable, TimeoutError, ValueError) as e:
@@ -317,9 +317,9 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         return out
     finally:
         if not z.broken and cgroup is not None and wd is not None:
-            # After the result: the zygote reaps its child, leaves the job's cgroup and
-            # forks the next job process; then the cgroup and work dir go (the next
-            # acquire of this zygote waits for all that).
+            # After the result: the zygote has left the job's cgroup (and forked the next
+            # job process) once the move is over; then the cgroup and work dir go, in a
+            # thread, while the next job of this zygote may already run.
             z.pending = asyncio.ensure_future(_after_job(z, cgroup, wd))
             cgroup = wd = None
         if cgroup is not None:
@@ -332,8 +332,17 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
 
 
 async def _after_job(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:
+    """The zygote is out of the job's cgroup (and its next job process forked); the
+    job's leftovers then go in a thread, while the next job may already run."""
     await z.job_done()
-    await asyncio.to_thread(_remove, z, cgroup, wd)
+    cleanup = asyncio.ensure_future(asyncio.to_thread(_remove, z, cgroup, wd))
+    cleanup.add_done_callback(_log_failure)
+    z.cleanups.append(cleanup)
+
+
+def _log_failure(f: asyncio.Future[None]) -> None:
+    if not f.cancelled() and (e := f.exception()) is not None:
+        log.warning("a warm job's clean-up failed: %s: %s", type(e).__name__, e)
 
 
 def _remove(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:

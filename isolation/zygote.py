@@ -2,31 +2,36 @@
 # process backend's namespaces), as the unprivileged job uid, with the job's own Python:
 # stdlib only, passed with `python -c`, never imported by the worker.
 #
-# One job at a time, over a SOCK_SEQPACKET socket (fd argv[1]) to the worker:
+# Over a SOCK_SEQPACKET socket (fd argv[1]) to the worker:
 #   zygote -> worker  R                  ready (the kernel attaches our pid, as the
 #                                         worker sees it, so it can move us between cgroups)
-#   worker -> zygote  F                  fork the next job process now: the zygote sits
-#                                         in that job's cgroup, so the job is born in it
+#   worker -> zygote  F + 1 fd           fork a job process now, with this socket of its own:
+#                                         the zygote sits in that job's cgroup, so the job
+#                                         process is born in it
+#   zygote -> worker  Z<seq><status>     job process number seq (1, 2, ...: the order of
+#                                         the Fs) ended, with this wait status
+# and over each job process's own socket:
 #   job    -> worker  W                  forked and waiting for its job (with its pid)
 #   worker -> job     J{json} + 3 fds    the job: dir, limits, env, argv; stdin/out/err
 #   job    -> worker  E<text>            setup failed (nothing of the job ran)
 #   job    -> worker  M<text>            this job's mounts cannot be made here: it runs
 #                                         cold (nothing of the job ran; the zygote goes on)
-#   zygote -> worker  X<wait status>     the job process ended
-#   zygote -> worker  Z<wait status>     its child is gone: the zygote takes the next F
 #
-# The job process is forked ahead of its job (on F) and does everything that does not
-# depend on the job while it waits for J: a job then costs one message, a bind mount
-# and the script itself. The zygote never reads a job's message, args or files: every
-# job process is forked from the same clean state, so nothing of one job can reach the
-# next through inherited memory. The job process is cloned straight into fresh user,
-# mount, pid, ipc and uts namespaces (where clone(2) cannot be called raw, a child
-# unshares them and forks it), pid 1 there; its network namespace is the zygote's own
-# (the backend made it: empty, loopback down, owned by a user namespace where the job
-# has no capability), shared by its jobs one after another: a fresh one per job cost
-# 1 ms of CPU, half of it in kernel threads (docs/performance.md). It mounts its own /proc; on J it binds its own work dir over the shared jobs dir (hiding
-# the others), mounts a size-capped /tmp, sets the rlimits, drops every capability and
-# runs the script in-process, or execs the job's program (J with "exec").
+# A job process is forked ahead of its job, while the job before it still runs (the
+# worker sends F once the zygote has moved into the next job's cgroup): it does
+# everything that does not depend on the job while it waits for J, so a job costs one
+# message, a bind mount and the script itself. Only one job process at a time has a job.
+# The zygote never reads a job's message, args or files: every job process is forked
+# from the same clean state, so nothing of one job can reach the next through inherited
+# memory. The job process is cloned straight into fresh user, mount, pid, ipc and uts
+# namespaces (raw clone(2); where that fails, E: the worker runs its jobs cold), pid 1
+# there; its network namespace is the zygote's own (the backend made it: empty, loopback
+# down, owned by a user namespace where the job has no capability), shared by its jobs
+# one after another: a fresh one per job cost 1 ms of CPU, half of it in kernel threads
+# (docs/performance.md). It mounts its own /proc; on J it binds its own work dir over the
+# shared jobs dir (hiding the others), mounts a size-capped /tmp, sets the rlimits, drops
+# every capability and runs the script in-process, or execs the job's program (J with
+# "exec").
 #
 # Mount roots (argv[5], JSON: directories the backend made visible to the zygote, e.g.
 # the python dependencies' environments): before its job, each job process keeps an
@@ -122,32 +127,47 @@ def main():
     gc.collect()
     gc.freeze()  # the preloaded objects move to the permanent generation: less copy-on-write
     sock.send(b"R")  # SO_PASSCRED on the worker's end: it learns our pid from this
+    poll = select.poll()
+    poll.register(sock, select.POLLIN | select.POLLRDHUP)
+    children = {}  # pidfd -> (pid, seq)
+    seq = 0
     while True:
-        msg = sock.recv(16)
-        if not msg:  # the worker is gone
-            os._exit(0)
-        if msg != b"F":
-            continue
-        try:
-            pid = _clone_job(sock)
-        except OSError:  # no raw clone here: the portable way, one more fork
-            pid = os.fork()
-            if pid == 0:
-                _child(sock)  # never returns
-            sock.send(b"Z" + struct.pack("i", _wait(pid, sock)))
-            continue
-        status = _wait(pid, sock)
-        sock.send(b"X" + struct.pack("i", status))
-        sock.send(b"Z" + struct.pack("i", status))
+        for fd, ev in poll.poll():
+            if fd in children:
+                pid, n = children.pop(fd)
+                poll.unregister(fd)
+                os.close(fd)
+                sock.send(b"Z" + struct.pack("ii", n, os.waitpid(pid, 0)[1]))
+                continue
+            if ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                os._exit(0)  # the worker is gone: our job processes die with us
+            msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
+            if msg != b"F" or len(fds) != 1:
+                for f in fds:
+                    os.close(f)
+                continue
+            seq += 1
+            job_sock = socket.socket(fileno=fds[0])
+            try:
+                pid = _clone_job(sock, job_sock)
+            except OSError as e:
+                _report(job_sock, e)
+                job_sock.close()
+                sock.send(b"Z" + struct.pack("ii", seq, SETUP_FAILED << 8))
+                continue
+            job_sock.close()
+            pidfd = os.pidfd_open(pid)
+            children[pidfd] = (pid, seq)
+            poll.register(pidfd, select.POLLIN)
 
 
-def _clone_job(sock):
+def _clone_job(sock, job_sock):
     """Fork the job process straight into its new namespaces: clone(2) with the
     namespace flags, so it is pid 1 of its pid namespace without an intermediate
     process. Returns its pid (in the parent only)."""
     nr = _SYS_CLONE.get(os.uname().machine)
     if nr is None:
-        raise OSError("no clone syscall number for this machine")
+        raise OSError(f"no clone syscall number for {os.uname().machine}")
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | SIGCHLD
     # Through PyDLL the GIL stays held: the child continues as this very thread.
@@ -158,58 +178,21 @@ def _clone_job(sock):
     if pid > 0:
         return pid
     try:  # the job process, pid 1 of its namespaces; os.fork's after-fork hooks did not run
+        _prctl(PR_SET_PDEATHSIG, SIGKILL)
+        sock.close()  # the zygote's socket: a job process speaks on its own
         random = sys.modules.get("random")
         if random is not None:
             random.seed()
-        _prctl(PR_SET_PDEATHSIG, SIGKILL)
-        _prctl(PR_SET_DUMPABLE, 1)  # see _child
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    except BaseException as e:  # noqa: BLE001
-        _report(sock, e)
-        os._exit(SETUP_FAILED)
-    _job(sock)  # never returns
-
-
-def _wait(pid, sock):
-    """Wait for the child, but leave at once (killing it, and the job through the
-    parent-death signals) if the worker hangs up meanwhile."""
-    pidfd = os.pidfd_open(pid)
-    poll = select.poll()
-    poll.register(pidfd, select.POLLIN)
-    poll.register(sock, select.POLLRDHUP)
-    while True:
-        for fd, ev in poll.poll():
-            if fd == pidfd:
-                os.close(pidfd)
-                return os.waitpid(pid, 0)[1]
-            if ev & (select.POLLRDHUP | select.POLLHUP):
-                os._exit(0)
-
-
-def _child(sock):
-    code = SETUP_FAILED
-    try:
-        _prctl(PR_SET_PDEATHSIG, SIGKILL)
-        uid, gid = os.getuid(), os.getgid()
-        _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC
-                             | CLONE_NEWUTS), "unshare")
         # Non-dumpable (inherited from the zygote), /proc/self/* would belong to a uid
         # not mapped here and the maps could not be written.
         _prctl(PR_SET_DUMPABLE, 1)
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
-        pid = os.fork()
-        if pid == 0:
-            _job(sock)  # never returns
-        status = os.waitpid(pid, 0)[1]
-        sock.send(b"X" + struct.pack("i", status))
-        code = 0
-    except BaseException as e:  # noqa: BLE001 - report, never raise into the zygote's loop
-        _report(sock, e)
-    os._exit(code)
+    except BaseException as e:  # noqa: BLE001
+        _report(job_sock, e)
+        os._exit(SETUP_FAILED)
+    _job(job_sock)  # never returns
 
 
 def _report(sock, e, kind=b"E"):

@@ -89,7 +89,8 @@ class Runtime(Channel):
                              env=dict(self.env), rlimits=rl,
                              tmp_bytes=lim.tmp_mb * 1024 * 1024 if lim.tmp_mb else None,
                              hostname=pool.hostname)
-            await z.start_job(req, [theirs.fileno(), out_w, out_w], self._cgroup)
+            await z.start_job(req, [theirs.fileno(), out_w, out_w], self._cgroup,
+                              fork_ahead=False)  # it runs for long: no process waits beside it
         except (OSError, WarmError, CgroupUnavailable, ValueError, workdir.BadSpec) as e:
             z.broken = True
             ours.close()

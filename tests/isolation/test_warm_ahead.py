@@ -1,0 +1,69 @@
+"""The next job process is forked ahead, while a job runs (isolation/zygote.py's F and
+each job process's own socket): what that must keep of one job at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psutil
+import pytest
+from test_conformance import explain, spec
+from test_warm import _usable
+
+from sandmill.isolation import Status
+from sandmill.isolation.nsjail import NsjailBackend
+from sandmill.isolation.process import ProcessBackend
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["process", "nsjail"])
+def warm(request):
+    b = _usable(ProcessBackend if request.param == "process" else NsjailBackend)
+    yield b
+    b.close()
+
+
+def _zygote(b) -> psutil.Process:
+    [z] = [z for zs in b.warm_pool.idle.values() for z in zs]
+    return psutil.Process(z.pid)
+
+
+def _cgroup(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return "".join(sorted(line for line in f if ":memory:" in line or line.startswith("0::")))
+
+
+async def _children_while(b, zygote: psutil.Process, code: str):
+    """The zygote's children (pid, cgroup), read while a job running ``code`` sleeps."""
+    run = asyncio.ensure_future(b.run(spec(code)))
+    await asyncio.sleep(1.0)
+    kids = [(p.pid, _cgroup(p.pid)) for p in zygote.children()]
+    return await run, kids
+
+
+async def test_the_next_job_process_waits_beside_a_running_job(warm) -> None:
+    assert (await warm.run(spec("print(1)"))).warm
+    zygote = _zygote(warm)
+    o, kids = await _children_while(
+        warm, zygote, "import os, time\nprint(sorted(p for p in os.listdir('/proc') if p.isdigit()))\n"
+        "time.sleep(2)\n")
+    assert o.status is Status.success and o.warm, explain(o)
+    assert o.stdout == b"['1']\n"  # the job sees no other process, the one waiting included
+    assert len(kids) == 2, kids  # the job and the next one, forked ahead
+    assert kids[0][1] != kids[1][1]  # each in its own job cgroup
+
+
+async def test_a_job_process_killed_while_waiting_costs_no_job(warm) -> None:
+    assert (await warm.run(spec("print(1)"))).warm
+    zygote = _zygote(warm)
+    [ahead] = zygote.children()
+    os.kill(ahead.pid, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    outs = [await warm.run(spec(f"print({i})")) for i in range(3)]
+    assert [o.stdout for o in outs] == [b"0\n", b"1\n", b"2\n"], [explain(o) for o in outs]
+    assert all(o.status is Status.success for o in outs)
+    assert outs[-1].warm  # a new warm interpreter took over
+
