@@ -21,6 +21,7 @@ from .monitor import monitor_loop
 from .routes import agent, jobs, meta, scripts, users, workers
 from .routes import dashboard, dashboard_api
 from .routes import autoscaling as autoscaling_routes
+from . import submit_batch
 from .settings import ServerSettings
 from .waiters import ResultWaiters, listen_for_results
 
@@ -33,6 +34,7 @@ async def lifespan(app: FastAPI):
     settings: ServerSettings = app.state.settings
     await dbmod.migrate_url(settings.database_url)
     app.state.pool = pool = await dbmod.create_pool(settings.database_url, min_size=2, max_size=10)
+    submit_batch.attach(pool)  # concurrent submits share an INSERT
     listening = asyncio.Event()  # before the first request: a waiter's NOTIFY is not missed
     listener = asyncio.create_task(listen_for_results(settings.database_url, pool, app.state.waiters,
                                                       listening))
@@ -50,6 +52,7 @@ async def lifespan(app: FastAPI):
         mon.cancel()
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+        submit_batch.detach(pool)
         await pool.close()
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from sandmill.store import jobs as store_jobs
 from sandmill.store import queue, scripts
 
+from . import submit_batch
 from .models import Preview, check_args, check_code, check_text
 from .pydeps import check_requirements
 from .routing import RoutingError, dedicated_tag, interpolate, resolve_tag
@@ -58,7 +59,7 @@ async def push_script(pool: asyncpg.Pool, ws: str, s: dict[str, Any], args: Any,
         key = concurrency_key(ws, s, args)
     except RoutingError as e:
         raise HTTPException(400, str(e)) from None
-    push = store_jobs.push_if_latest if if_latest else queue.push
+    push = store_jobs.push_if_latest if if_latest else submit_batch.push
     return await push(
         pool, workspace=ws, language=s["language"], content=s["content"], args=args,
         tag=job_tag, kind="script", script_path=s["path"], script_hash=s["hash"],
@@ -116,7 +117,7 @@ async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | No
         job_tag = resolve_tag(body.language, ws, body.args, explicit=tag or body.tag)
     except RoutingError as e:
         raise HTTPException(400, str(e)) from None
-    return await queue.push(
+    return await submit_batch.push(
         pool, workspace=ws, language=body.language, content=body.content, args=body.args,
         tag=job_tag, kind="preview", priority=priority or 0, scheduled_in_secs=scheduled_in_secs,
         notify_done=wait, created_by=created_by, job_id=job_id,

@@ -7,6 +7,7 @@ The statements are in sql/jobs.sql. Use through ``sandmill.store.queue``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from typing import Any
 
@@ -16,6 +17,7 @@ from .claims import complete
 from .queries import Executor, sql
 
 _PUSH = sql("push")
+_PUSH_MANY = sql("push_many")
 _PUSH_IF_LATEST = sql("push_if_latest")
 _REQUEUE = sql("requeue")
 _STALE_JOBS = sql("stale_jobs")
@@ -62,6 +64,32 @@ async def push(
         concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done,
     )
     return job_id if row is not None else None  # type: ignore[return-value] # push_if_latest's None
+
+
+# push's keywords, in the order of its statement's parameters (push_many's arrays)
+PUSH_FIELDS = ("job_id", "workspace", "kind", "script_path", "script_hash", "language", "content",
+               "args", "tag", "priority", "timeout_s", "created_by", "scheduled_in_secs",
+               "concurrency_key", "concurrent_limit", "concurrency_time_window_s", "notify_done")
+_PUSH_DEFAULTS = {"kind": "script", "script_path": None, "script_hash": None, "priority": 0,
+                  "timeout_s": None, "scheduled_in_secs": 0, "created_by": "admin",
+                  "concurrency_key": None, "concurrent_limit": None,
+                  "concurrency_time_window_s": None, "notify_done": False}
+
+
+async def push_many(db: Executor, jobs: list[dict[str, Any]]) -> list[uuid.UUID]:
+    """Queue several jobs in one statement and one commit, in the order given (their
+    ``seq``); each job is a dict of ``push``'s keywords (``job_id`` required). All or
+    none: a value PostgreSQL refuses fails the whole statement. Returns the ids."""
+    if not jobs:
+        return []
+    cols: list[list[Any]] = [[] for _ in PUSH_FIELDS]
+    for j in jobs:
+        for col, name in zip(cols, PUSH_FIELDS):
+            col.append(j[name] if name in j else _PUSH_DEFAULTS[name])
+    cols[7] = [json.dumps(a) for a in cols[7]]  # args: as the pool's jsonb codec writes them
+    cols[12] = [float(x) for x in cols[12]]
+    await db.fetch(_PUSH_MANY, *cols)
+    return [j["job_id"] for j in jobs]
 
 
 async def push_if_latest(db: Executor, **kw: Any) -> uuid.UUID | None:

@@ -244,6 +244,9 @@ async def _sent_since() -> set[str]:
     await jobs.completed_among(db, [J1])
     db.answers = [100.0]  # up long enough: the stale jobs are read
     await jobs.requeue_stale(db, 30, 3, db_settle_s=30)
+    db.answers = []  # a server's concurrent submits in one statement (server/submit_batch.py)
+    await jobs.push_many(db, [{"job_id": J1, "workspace": "ws", "language": "bash", "content": "echo",
+                               "args": {}, "tag": "bash"}])
     from sandmill.store import tokens  # the workspace tokens' statements
     db.answers = [{"prefix": "p"}]
     await tokens.create(db, label="l", workspace="ws", scopes=["jobs:run"], expires_at=None)
