@@ -21,7 +21,7 @@ from .monitor import monitor_loop
 from .routes import agent, jobs, meta, scripts, users, workers
 from .routes import dashboard, dashboard_api
 from .routes import autoscaling as autoscaling_routes
-from . import submit_batch
+from . import fast_submit, submit_batch
 from .settings import ServerSettings
 from .waiters import ResultWaiters, listen_for_results
 
@@ -101,4 +101,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.include_router(r)
     app.include_router(autoscaling_routes.router)
     app.include_router(dashboard.router), app.include_router(dashboard_api.router)  # the web dashboard at /
+    fast_submit.install(app)  # POST .../jobs/run/preview without FastAPI's per-request machinery
     return app

@@ -106,9 +106,12 @@ async def push_stored(pool: asyncpg.Pool, db: Any, ws: str, path: str | None, h:
     return jid
 
 
-async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | None,
-                       scheduled_in_secs: float, priority: int | None, wait: bool = False,
-                       created_by: str = "admin", job_id: uuid.UUID | None = None) -> uuid.UUID:
+def preview_job(ws: str, body: Preview, tag: str | None, scheduled_in_secs: float,
+                priority: int | None, wait: bool = False, created_by: str = "admin",
+                job_id: uuid.UUID | None = None) -> dict[str, Any]:
+    """``push``'s keywords for a preview, checked: HTTPException (400, 422) for what can
+    never run or cannot be stored. No I/O (the fast path runs it before it commits to
+    answering a request itself)."""
     check_code(body.language, body.content)
     check_requirements(body.language, body.content)  # resolved by the worker that runs it
     check_text("workspace", ws)
@@ -117,11 +120,17 @@ async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | No
         job_tag = resolve_tag(body.language, ws, body.args, explicit=tag or body.tag)
     except RoutingError as e:
         raise HTTPException(400, str(e)) from None
-    return await submit_batch.push(
-        pool, workspace=ws, language=body.language, content=body.content, args=body.args,
-        tag=job_tag, kind="preview", priority=priority or 0, scheduled_in_secs=scheduled_in_secs,
-        notify_done=wait, created_by=created_by, job_id=job_id,
-    )
+    return dict(workspace=ws, language=body.language, content=body.content, args=body.args,
+                tag=job_tag, kind="preview", priority=priority or 0,
+                scheduled_in_secs=scheduled_in_secs, notify_done=wait, created_by=created_by,
+                job_id=job_id)
+
+
+async def push_preview(pool: asyncpg.Pool, ws: str, body: Preview, tag: str | None,
+                       scheduled_in_secs: float, priority: int | None, wait: bool = False,
+                       created_by: str = "admin", job_id: uuid.UUID | None = None) -> uuid.UUID:
+    return await submit_batch.push(pool, **preview_job(ws, body, tag, scheduled_in_secs, priority,
+                                                       wait, created_by, job_id))
 
 
 async def push_and_wait(pool: asyncpg.Pool, waiters: ResultWaiters, ws: str,

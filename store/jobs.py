@@ -88,8 +88,15 @@ async def push_many(db: Executor, jobs: list[dict[str, Any]]) -> list[uuid.UUID]
             col.append(j[name] if name in j else _PUSH_DEFAULTS[name])
     cols[7] = [json.dumps(a) for a in cols[7]]  # args: as the pool's jsonb codec writes them
     cols[12] = [float(x) for x in cols[12]]
-    await db.fetch(_PUSH_MANY, *cols)
+    # every column as text (the statement casts it back): repr of a float reads back exact
+    await db.fetch(_PUSH_MANY, *[[None if v is None else _as_text(v) for v in col] for col in cols])
     return [j["job_id"] for j in jobs]
+
+
+def _as_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "t" if v else "f"
+    return v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
 
 
 async def push_if_latest(db: Executor, **kw: Any) -> uuid.UUID | None:

@@ -20,16 +20,17 @@ RETURNING id, scheduled_for,
 
 -- name: push_many
 -- Queue several jobs in one statement and one commit (a server's concurrent submits), in the order given (seq), and wake the workers of their tags: one NOTIFY per distinct payload (PostgreSQL delivers equal ones of a transaction once).
--- $1..$17 one array each, an element per job, as push's $1..$17 (args as JSON text: a list would read as an array dimension in jsonb[]).
+-- $1..$17 one text[] each, an element per job, as push's $1..$17 in their text form (text[] only: asyncpg looks every other array type up on each new connection, 4-17 ms apiece).
 INSERT INTO queue (id, workspace, kind, script_path, script_hash, language, content, args,
                    tag, priority, timeout_s, created_by, scheduled_for,
                    concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done)
-SELECT id, workspace, kind, script_path, script_hash, language, content, args::jsonb,
-       tag, priority, timeout_s, created_by, now() + make_interval(secs => due_in),
-       concurrency_key, concurrent_limit, concurrency_time_window_s, notify_done
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-              $8::text[], $9::text[], $10::smallint[], $11::real[], $12::text[], $13::float8[],
-              $14::text[], $15::integer[], $16::integer[], $17::boolean[])
+SELECT id::uuid, workspace, kind, script_path, script_hash, language, content, args::jsonb,
+       tag, priority::smallint, timeout_s::real, created_by,
+       now() + make_interval(secs => due_in::float8), concurrency_key,
+       concurrent_limit::integer, concurrency_time_window_s::integer, notify_done::boolean
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+              $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+              $14::text[], $15::text[], $16::text[], $17::text[])
        WITH ORDINALITY
     AS t(id, workspace, kind, script_path, script_hash, language, content, args, tag, priority,
          timeout_s, created_by, due_in, concurrency_key, concurrent_limit,
@@ -37,6 +38,7 @@ SELECT id, workspace, kind, script_path, script_hash, language, content, args::j
  ORDER BY ord
 RETURNING id, pg_notify('sandmill_queue', tag || CASE WHEN scheduled_for > now()
                      THEN '|' || extract(epoch FROM scheduled_for)::text ELSE '' END);
+
 
 -- name: push_if_latest
 -- Queue one job as push does, only while version $5 is still the newest of script $4 in workspace $2 (the server's remembered lookup, checked in the same statement); no row when it is not.
