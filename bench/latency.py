@@ -4,6 +4,7 @@ the same machine in the same run.
 
     python -m bench.latency [--backend process|nsjail|docker] [--language python3|bash]
                             [--jobs 200] [--latency-runs 50] [--cold] [--quick]
+                            [--profile PATH] [--workdir-root DIR]
 
 Over the throughput batch it also reports the CPU ms per job of each process (psutil):
 the server, the worker, the sandbox (every process under the worker: nsjail, warm
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -112,6 +115,25 @@ def cpu_by_process(cluster: LocalCluster, pg_dir: Path) -> dict[str, float]:
     return out
 
 
+def start_profile(cluster: LocalCluster, path: str) -> subprocess.Popen:
+    """py-spy sampling the worker process (native frames, 500 Hz, raw collapsed stacks to
+    ``path``) over the throughput batch: where the worker's own CPU per job goes."""
+    worker = cluster.procs[1].pid
+    spy = subprocess.Popen(["py-spy", "record", "--native", "-r", "500", "--format", "raw",
+                            "-o", path, "--pid", str(worker)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches before the batch starts
+    return spy
+
+
+def stop_profile(spy: subprocess.Popen) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
 async def warm_share(cluster: LocalCluster, language: str) -> float:
     """Share of the completed ``language`` jobs that ran warm (Outcome.warm)."""
     conn = await dbmod.connect(cluster.db_url)
@@ -134,14 +156,19 @@ async def run(args: argparse.Namespace) -> dict:
     cluster = LocalCluster(url, tmp / "cluster")
     try:
         cluster.start_server()
+        opts = {**({"warm": False} if args.cold else {}),
+                **({"workdir_root": args.workdir_root} if args.workdir_root else {})}
         cluster.start_worker("bench", tags="python3, bash", backend=args.backend,
-                             backend_options={"warm": False} if args.cold else None)
+                             backend_options=opts or None)
         cluster.wait_workers("bench")
         bare = await bare_start(BARE[args.language], args.latency_runs)
         lat = await latency(cluster, args.language, args.latency_runs)
+        spy = start_profile(cluster, args.profile) if args.profile else None
         cpu0 = cpu_by_process(cluster, tmp / "pg")
         jps = await throughput(cluster, args.language, args.jobs)
         cpu1 = cpu_by_process(cluster, tmp / "pg")
+        if spy is not None:
+            stop_profile(spy)
         cpu = {k: (cpu1[k] - cpu0[k]) * 1000 / args.jobs for k in cpu0}
         warm = await warm_share(cluster, args.language)
     finally:
@@ -177,6 +204,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--cold", action="store_true", help="a fresh interpreter per job (warm: false)")
+    ap.add_argument("--workdir-root", metavar="DIR",
+                    help="the backend's workdir_root (e.g. a tmpfs: /dev/shm/sandmill-jobs)")
+    ap.add_argument("--profile", metavar="PATH",
+                    help="py-spy the worker over the batch (raw collapsed stacks to PATH)")
     ap.add_argument("--quick", action="store_true", help="a small run (40 jobs, 10 latency runs)")
     args = ap.parse_args()
     if args.quick:

@@ -39,16 +39,17 @@ class CappedStream:
         os.set_blocking(fd, False)
         self._loop.add_reader(fd, self._readable)
 
-    def _readable(self) -> None:
+    def _readable(self) -> bool:
+        """Read one chunk (the loop's callback); False when nothing was there yet."""
         try:
             data = os.read(self.fd, CHUNK)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""
         if not data:
             self.close()
-            return
+            return True
         room = self.cap - len(self.buf)
         over = len(data) > room
         if over:
@@ -64,6 +65,15 @@ class CappedStream:
             self.truncated = True
             self.close()  # nothing more to keep: the job is being killed anyway
             self._on_overflow()
+        return True
+
+    def read_now(self, max_reads: int = 4) -> None:
+        """Read what is there now, up to ``max_reads`` chunks (EOF included), without
+        waiting for the loop to report it: at the job's end its pipes are mostly at EOF
+        already, and the wait for that report costs loop turns."""
+        for _ in range(max_reads):
+            if self.fd < 0 or not self._readable():
+                return
 
     def close(self) -> None:
         """Stop reading and close our end (idempotent). A writer then gets EPIPE."""
@@ -80,6 +90,8 @@ async def drain(streams: list[CappedStream], grace: float) -> None:
     """Wait up to ``grace`` seconds for EOF on every stream, then close them regardless:
     called once the main process has exited and the sandbox is swept, so whatever is
     still open is held by something we will not wait for."""
+    for s in streams:
+        s.read_now()
     pending = [s.done for s in streams if not s.done.done()]
     if pending:
         await asyncio.wait(pending, timeout=grace)

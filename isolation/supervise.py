@@ -127,10 +127,8 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
     out_r, out_w = open_pipe()
     err_r, err_w = open_pipe()
     in_fd = stdin_fd(stdin)
-    tripped = asyncio.Event()
-    ended: asyncio.Future[None] | None = None  # the watch's end: job ended, tripped, deadline
     job: Launched | None = None
-    waiter: asyncio.Future[int] | None = None
+    waiting = False  # this task awaits the job's end (job.wait)
     streams: list[CappedStream] = []
     t0 = time.monotonic()
 
@@ -144,12 +142,15 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
             cgroup.kill_all(timeout=0.0)  # first volley now; the sweep finishes the job
 
     def trip(reason: str) -> None:
+        """End the job for ``reason`` (the first one counts): it is killed, which ends the
+        wait for it."""
         if res.killed_for is None:
             res.killed_for = reason
         kill_now()
-        tripped.set()
-        if ended is not None and not ended.done():
-            ended.set_result(None)
+
+    def deadline(reason: str) -> None:  # a timer's: only while the job runs
+        if waiting:
+            trip(reason)
 
     try:
         try:
@@ -163,26 +164,21 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
             CappedStream("stderr", err_r, limits.output_bytes, on_output, lambda: trip(KILL_OUTPUT)),
         ]
         out_r = err_r = -1
-        waiter = asyncio.ensure_future(job.wait)
-        # one future ends the watch (the job's end, a trip, the wall deadline) and timers,
-        # not tasks, poll the CPU: a short job costs no task beside its waiter
+        # The job's end is awaited in this task, no waiter task and no future between
+        # them (each a loop turn per job, docs/performance.md, "Round 3"): the wall
+        # deadline, an output overflow and the CPU watch (timers, not tasks) kill the job,
+        # which ends the wait promptly (its group and cgroup got SIGKILL).
         loop = asyncio.get_running_loop()
-        ended = loop.create_future()
-        waiter.add_done_callback(lambda _f: ended.done() or ended.set_result(None))
-        timers = [loop.call_later(limits.wall_s + extra_wall_s,
-                                  lambda: ended.done() or ended.set_result(None))]
+        timers = [loop.call_later(limits.wall_s + extra_wall_s, deadline, KILL_TIMEOUT)]
         if limits.cpu_s is not None and cgroup is not None and cgroup.cpu_ns() is not None:
-            _cpu_watch(cgroup, limits.cpu_s, trip, ended, timers)
+            _cpu_watch(cgroup, limits.cpu_s, deadline, timers)
+        waiting = True
         try:
-            await ended
+            res.returncode = await job.wait
         finally:
+            waiting = False
             for t in timers:
                 t.cancel()
-        if not waiter.done():
-            if not tripped.is_set():
-                trip(KILL_TIMEOUT)
-            await waiter  # the group and cgroup got SIGKILL: this is prompt
-        res.returncode = waiter.result()
         res.wall_ms = int((time.monotonic() - t0) * 1000)
         # Sweep: whatever the job left behind dies now, so the pipes reach EOF.
         sweep = cgroup is not None and job.sweep
@@ -200,8 +196,8 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
                 res.cpu_ms = ns // 1_000_000
     except BaseException:
         # Cancelled (or a bug): kill everything synchronously before propagating.
-        if waiter is not None:
-            waiter.cancel()
+        if job is not None and hasattr(job.wait, "close"):
+            job.wait.close()  # a coroutine never awaited (or ended): no warning, no leak
         if job is not None and job.kill is not None:
             job.kill()
         if job is not None and job.pgid is not None:
@@ -222,16 +218,15 @@ async def supervise_launch(launch: Launch, *, stdin: bytes, limits: Limits,
 
 
 def _cpu_watch(cgroup: JobCgroup, cpu_s: float, trip: Callable[[str], None],
-               ended: asyncio.Future[None], timers: list[asyncio.TimerHandle]) -> None:
+               timers: list[asyncio.TimerHandle]) -> None:
     """Kill the job once the whole cgroup (children included) used ``cpu_s`` of CPU:
     RLIMIT_CPU alone is per process, a job could fork around it. A read every
-    CPU_POLL_S by a timer (its handle kept in one item of ``timers``) until ``ended``."""
+    CPU_POLL_S by a timer (its handle kept in one item of ``timers``, which the job's end
+    cancels)."""
     budget = int(cpu_s * 1e9)
     loop = asyncio.get_running_loop()
 
     def poll() -> None:
-        if ended.done():
-            return
         used = cgroup.cpu_ns()
         if used is not None and used >= budget:
             trip(KILL_CPU)

@@ -43,32 +43,60 @@ def create(root: Path, files: dict[str, bytes], uid: int | None, gid: int | None
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o711)
         _ready_roots.add(root)
+    # os calls on str paths, not mkdtemp and pathlib: a job's dir is made on every job's
+    # path (docs/performance.md, "Round 3"); the name is as unguessable as mkdtemp's
+    base = str(root)
+    for _ in range(100):
+        path = f"{base}/job-{os.urandom(6).hex()}"
+        try:
+            os.mkdir(path, 0o700)
+            break
+        except FileExistsError:
+            continue
+        except FileNotFoundError:  # the root went away since: make it again
+            _ready_roots.discard(root)
+            return create(root, files, uid, gid)
+    else:
+        raise FileExistsError(f"no free work dir name under {base}")
+    wd = Path(path)
     try:
-        wd = Path(tempfile.mkdtemp(prefix="job-", dir=root))
-    except FileNotFoundError:  # the root went away since: make it again
-        _ready_roots.discard(root)
-        return create(root, files, uid, gid)
-    try:
-        # Only what we made is chowned (no walk of the dir: a job's files are few).
-        made = [str(wd)]
+        owner = uid is not None
+        gid_ = gid if gid is not None else -1
         for name, data in files.items():
             rel = _rel(name)
-            target = wd / rel
-            if len(rel.parts) > 1:
-                for i in range(1, len(rel.parts)):
-                    d = wd.joinpath(*rel.parts[:i])
-                    if not d.is_dir():
-                        d.mkdir()
-                        made.append(str(d))
-            target.write_bytes(data)
-            made.append(str(target))
-        if uid is not None:
-            for path in made:
-                os.chown(path, uid, gid if gid is not None else -1)
+            d = path
+            for part in rel.parts[:-1]:  # its parent dirs, made (and chowned) once
+                d = f"{d}/{part}"
+                try:
+                    os.mkdir(d, 0o777)
+                except FileExistsError:
+                    if not os.path.isdir(d):
+                        raise
+                    continue
+                if owner:
+                    os.chown(d, uid, gid_)
+            # O_EXCL|O_NOFOLLOW: the dir is fresh and ours, nothing in it may be followed
+            fd = os.open(f"{d}/{rel.parts[-1]}",
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            try:
+                if data:
+                    _write_all(fd, data)
+                if owner:
+                    os.fchown(fd, uid, gid_)
+            finally:
+                os.close(fd)
+        if owner:  # only what we made is chowned (no walk of the dir)
+            os.chown(path, uid, gid_)
     except BaseException:
         remove(wd)
         raise
     return wd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def collect(wd: Path, names: list[str], cap: int) -> dict[str, bytes]:
@@ -101,8 +129,31 @@ def collect(wd: Path, names: list[str], cap: int) -> dict[str, bytes]:
 
 
 def remove(wd: Path) -> None:
-    """Delete the work dir (best effort; never raises)."""
-    shutil.rmtree(wd, ignore_errors=True)
+    """Delete the work dir (best effort; never raises). Once every job process is dead;
+    a dir holding only files (the usual job) goes by its names, relative to the dir's fd
+    (no path is followed: a job may have left symlinks), in a third of rmtree's system
+    calls; anything else (a subdir) by rmtree."""
+    try:
+        fd = os.open(wd, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        shutil.rmtree(wd, ignore_errors=True)  # a symlink or gone: rmtree refuses or has nothing
+        return
+    try:
+        for name in os.listdir(fd):
+            try:
+                os.unlink(name, dir_fd=fd)
+            except IsADirectoryError:
+                break  # a subdir: rmtree below takes the rest
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(wd)
+    except OSError:
+        shutil.rmtree(wd, ignore_errors=True)
 
 
 # ---- leftovers of dead workers -----------------------------------------------------------

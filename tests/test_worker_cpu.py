@@ -1,0 +1,158 @@
+"""The worker's own CPU per job (docs/performance.md, "Round 3: the worker's CPU per job"):
+the job's work dir made and removed with fewer system calls, the job's end awaited with no
+task of its own, and output already in the pipes read without a loop turn. Each cut keeps
+what it replaced: nothing outside the work dir is followed or removed, caps hold."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sandmill.isolation import Limits, workdir
+from sandmill.isolation.output import CappedStream, drain
+from sandmill.isolation.supervise import KILL_OUTPUT, KILL_TIMEOUT, Launched, supervise_launch
+
+
+def test_work_dir_is_made_without_mkdtemp(tmp_path: Path, monkeypatch) -> None:
+    # os.mkdir with a random name: mkdtemp's name sequence and pathlib cost more than the
+    # mkdir itself on a job's path. Names stay unguessable and distinct, the dir 0700.
+    def no_mkdtemp(*a, **k):
+        raise AssertionError("mkdtemp on a job's path")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_mkdtemp)
+    root = tmp_path / "jobs"
+    made = [workdir.create(root, {"main.sh": b"echo 1\n"}, None, None) for _ in range(50)]
+    assert len({d.name for d in made}) == 50
+    for d in made:
+        assert d.parent == root and d.name.startswith("job-") and len(d.name) == 16
+        assert (d.stat().st_mode & 0o777) == 0o700
+        assert (d / "main.sh").read_bytes() == b"echo 1\n"
+        workdir.remove(d)
+    assert list(root.iterdir()) == []
+
+
+def test_work_dir_of_files_goes_without_rmtree_and_follows_no_link(tmp_path: Path, monkeypatch) -> None:
+    # The usual job leaves only files: they go by name relative to the dir's fd. A link the
+    # job left to something outside is removed, never followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    wd = workdir.create(tmp_path / "jobs", {"main.sh": b"echo 1\n", "a.txt": b""}, None, None)
+    (wd / "to_dir").symlink_to(outside)
+    (wd / "to_file").symlink_to(outside / "keep")
+    os.mkfifo(wd / "fifo")
+    (wd / "locked").write_text("y")
+    os.chmod(wd / "locked", 0)
+
+    def no_rmtree(*a, **k):
+        raise AssertionError("rmtree for a dir of files")
+
+    monkeypatch.setattr(shutil, "rmtree", no_rmtree)
+    workdir.remove(wd)
+    assert not wd.exists()
+    assert (outside / "keep").read_text() == "x"
+
+
+def test_work_dir_with_subdirs_or_as_a_link_is_removed_as_before(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    wd = workdir.create(tmp_path / "jobs", {"a/b/c.txt": b"c", "d.txt": b"d"}, None, None)
+    (wd / "a" / "link").symlink_to(outside)
+    os.chmod(wd / "a" / "b", 0o500)
+    workdir.remove(wd)
+    assert not wd.exists() and (outside / "keep").read_text() == "x"
+    # a work dir swapped for a link: nothing behind it is touched
+    link = tmp_path / "jobs" / "job-link"
+    link.symlink_to(outside)
+    workdir.remove(link)
+    assert (outside / "keep").read_text() == "x"
+    workdir.remove(tmp_path / "jobs" / "job-gone")  # gone already: no error
+
+
+def _launch_writing(data: bytes, ended: asyncio.Future | None = None):
+    """A launch whose 'job' wrote ``data`` to its stdout and ended (or ends when killed,
+    when ``ended`` is given)."""
+
+    async def launch(stdin_fd: int | None, out_w: int, err_w: int) -> Launched:
+        if data:
+            os.write(out_w, data)
+
+        async def wait() -> int:
+            if ended is None:
+                return 0
+            return await ended
+
+        def kill() -> None:
+            if ended is not None and not ended.done():
+                ended.set_result(-9)
+
+        return Launched(wait=wait(), pgid=None, kill=kill, sweep=False)
+
+    return launch
+
+
+async def test_the_jobs_end_is_awaited_with_no_task_of_its_own() -> None:
+    # supervise used to run the job's wait in a task and end its watch through a future:
+    # a task and two loop turns per job.
+    loop = asyncio.get_running_loop()
+    made: list[object] = []
+    default = loop.get_task_factory()
+
+    def factory(loop, coro, **kw):
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kw) if default is None else default(loop, coro, **kw)
+
+    loop.set_task_factory(factory)
+    try:
+        sup = await supervise_launch(_launch_writing(b"1\n"), stdin=b"", limits=Limits(wall_s=5),
+                                     cgroup=None, on_output=None)
+    finally:
+        loop.set_task_factory(default)
+    assert made == []
+    assert sup.returncode == 0 and sup.stdout == b"1\n" and sup.killed_for is None
+
+
+async def test_the_deadline_and_an_output_overflow_still_end_the_job() -> None:
+    ended = asyncio.get_running_loop().create_future()
+    sup = await supervise_launch(_launch_writing(b"", ended), stdin=b"", limits=Limits(wall_s=0.2),
+                                 cgroup=None, on_output=None)
+    assert sup.killed_for == KILL_TIMEOUT and sup.returncode == -9
+    # more than the cap, in the pipe when the job has ended: read at the drain, still an overflow
+    sup = await supervise_launch(_launch_writing(b"x" * 5000), stdin=b"",
+                                 limits=Limits(wall_s=5, output_bytes=1000), cgroup=None, on_output=None)
+    assert sup.killed_for == KILL_OUTPUT and sup.stdout_truncated and len(sup.stdout) == 1000
+
+
+async def test_output_in_the_pipe_at_the_jobs_end_is_read_without_a_wait() -> None:
+    # At the job's end its pipes mostly hold their last output and EOF already: drain reads
+    # them at once, with no wait for the loop to report them (a future, a timer, turns).
+    r, w = os.pipe2(os.O_CLOEXEC)
+    got: list[bytes] = []
+    s = CappedStream("stdout", r, 1 << 20, lambda _n, c: got.append(c), lambda: None)
+    os.write(w, b"last line\n")
+    os.close(w)
+    step = drain([s], grace=5).__await__()
+    with pytest.raises(StopIteration):  # done without suspending once
+        next(step)
+    assert bytes(s.buf) == b"last line\n" and got == [b"last line\n"] and s.done.done()
+
+
+async def test_a_writer_that_never_stops_does_not_hold_the_drain() -> None:
+    # read_now reads a bounded number of chunks: a writer still alive (a stray process
+    # outside any cgroup) cannot keep the worker in a loop
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(w, False)
+    s = CappedStream("stdout", r, 1 << 30, None, lambda: None)
+    try:
+        os.write(w, b"y" * 60000)
+        s.read_now(max_reads=4)
+        assert len(s.buf) == 60000 and s.fd >= 0  # no EOF: still open
+    finally:
+        s.close()
+        os.close(w)
