@@ -19,6 +19,7 @@ same code as for a cold job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -155,11 +156,6 @@ class WarmPool:
         idle = self.idle.setdefault(key, [])
         while idle:
             z = idle.pop()
-            if z.pending is not None:
-                await z.pending  # out of its last job's cgroup, the next job process forked
-                z.pending = None
-            while len(z.cleanups) > 1:  # the last job's clean-up runs on beside the next job
-                await z.cleanups.popleft()
             if not z.broken and z.proc.returncode is None:
                 return z
             z.close()
@@ -214,7 +210,7 @@ class WarmPool:
             theirs.close()
             z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent)
             await asyncio.wait_for(z.recv_ready(), START_TIMEOUT_S)
-            z.advance(fork=True)
+            z.prepare()
             return z
         except (OSError, WarmError, CgroupUnavailable, TimeoutError, ValueError) as e:
             theirs.close()
@@ -317,10 +313,9 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         return out
     finally:
         if not z.broken and cgroup is not None and wd is not None:
-            # After the result: the zygote has left the job's cgroup (and forked the next
-            # job process) once the move is over; then the cgroup and work dir go, in a
-            # thread, while the next job of this zygote may already run.
-            z.pending = asyncio.ensure_future(_after_job(z, cgroup, wd))
+            # After the result, in a thread while the next job of this zygote may already
+            # run: the cgroup and work dir go, and the zygote moves on.
+            z.after_job(functools.partial(_remove, z, cgroup, wd))
             cgroup = wd = None
         if cgroup is not None:
             await z.settle()  # never sweep the zygote along with the job
@@ -329,20 +324,6 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         if wd is not None:
             workdir.remove(wd)
         pool.release(z)
-
-
-async def _after_job(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:
-    """The zygote is out of the job's cgroup (and its next job process forked); the
-    job's leftovers then go in a thread, while the next job may already run."""
-    await z.job_done()
-    cleanup = asyncio.ensure_future(asyncio.to_thread(_remove, z, cgroup, wd))
-    cleanup.add_done_callback(_log_failure)
-    z.cleanups.append(cleanup)
-
-
-def _log_failure(f: asyncio.Future[None]) -> None:
-    if not f.cancelled() and (e := f.exception()) is not None:
-        log.warning("a warm job's clean-up failed: %s: %s", type(e).__name__, e)
 
 
 def _remove(z: Zygote, cgroup: JobCgroup, wd: Path) -> None:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,14 +56,70 @@ class JobRequest:
 
 
 class JobProc:
-    """A job process the zygote forked ahead of its job (F), and its own socket."""
+    """A job process the zygote forked ahead of its job (F), and its own socket, read as
+    messages come (W, E, M, then its end: the socket closes as the job's code starts)."""
 
-    def __init__(self, seq: int, sock: socket.socket, ended: asyncio.Future[int]) -> None:
+    def __init__(self, seq: int, sock: socket.socket, ended: asyncio.Future[int],
+                 cgroup: JobCgroup) -> None:
         self.seq = seq  # its number in the zygote's Z messages
         self.sock = sock  # our end of its socket pair (SO_PASSCRED)
         self.ended = ended  # its wait status, from the zygote's Z
+        self.cgroup = cgroup  # its job's cgroup, where it was born
+        self.mnt_ns: int | None = None  # held from its job's start (see Zygote.after_job)
+        self._loop = asyncio.get_running_loop()
+        self.heard: asyncio.Future[None] = self._loop.create_future()  # a first message or EOF
+        self._msgs: collections.deque[tuple[bytes, int | None]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading = True
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data, anc, _flags, _ = self.sock.recvmsg(8192, socket.CMSG_SPACE(12))
+            except BlockingIOError:
+                break
+            except OSError:
+                data, anc = b"", []
+            pid = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:12])[0]
+            self._msgs.append((data, pid))
+            if not data:
+                self._stop_reading()
+                break
+        if not self.heard.done():
+            self.heard.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> tuple[bytes, int | None]:
+        """Its next message and the sender's pid (in our pid namespace) when attached;
+        b"" once its socket closed."""
+        while not self._msgs:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        msg = self._msgs.popleft()
+        if not msg[0]:
+            self._msgs.appendleft(msg)  # the end stays the end
+        return msg
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.sock.fileno())
+
+    def take_ns(self) -> list[int]:
+        fds, self.mnt_ns = [self.mnt_ns] if self.mnt_ns is not None else [], None
+        return fds
 
     def close(self) -> None:
+        for fd in self.take_ns():
+            os.close(fd)
+        self._stop_reading()
+        if not self.heard.done():
+            self.heard.set_result(None)  # a step waiting for it goes on (and finds us broken)
         try:
             self.sock.close()
         except OSError:
@@ -73,14 +130,15 @@ class Zygote:
     """One warm interpreter; one job at a time.
 
     Moving a process between cgroups is slow on some kernels (cgroup v1 waits for an RCU
-    grace period; docs/performance.md), so no job waits for it: while idle, the zygote
-    already sits in the cgroup its next job will use (``next_cgroup``), and its next job
-    process is already forked there (``ahead``), set up and waiting for its job. When a
-    job starts, the zygote moves on to another cgroup (``_moving``, in a thread) and forks
-    the process of the job after it there, while this job runs: on cgroup v1 a cgroup its
-    last jobs emptied and that was reset (``spare``, warm.py's after-job work;
-    JobCgroup.recycle), else a fresh one. The zygote's own memory stays charged to its
-    home cgroup, where it was first touched.
+    grace period; docs/performance.md), so no job waits for it. The zygote sits in the
+    cgroup of the job after the next one (``zcg``) and forks each job process there, ahead
+    of its job (``ahead``: it sets itself up and waits). After each job, one thread step
+    (``after_job``) removes the job's leftovers and moves the zygote on, out of the cgroup
+    of the job process it forked last, into another: on cgroup v1 the cgroup the job just
+    emptied, reset (``spare``, JobCgroup.recycle), else a fresh one. When the next job
+    starts, its process is already waiting, alone in its cgroup, and the zygote forks
+    the one after it meanwhile. The zygote's own memory stays charged to its home
+    cgroup, where it was first touched.
     """
 
     def __init__(self, key: tuple[str, bytes], proc: asyncio.subprocess.Process,
@@ -92,19 +150,20 @@ class Zygote:
         self.home = home
         self.cgroup_parent = cgroup_parent
         self.pid: int | None = None  # the interpreter's pid as we see it (not nsjail's)
-        self.next_cgroup: JobCgroup | None = None
-        # emptied job cgroups made ready again (JobCgroup.recycle): the next ones, before a
-        # fresh one (appended from the after-job thread; a deque's append is thread-safe)
+        self.zcg: JobCgroup | None = None  # where the zygote sits: its next job process's
+        # emptied job cgroups made ready again (JobCgroup.recycle), before a fresh one
         self.spare: collections.deque[JobCgroup] = collections.deque()
-        self._moving: asyncio.Future[None] | None = None
+        self._step: asyncio.Future[None] | None = None  # the last thread step (after_job)
+        self._steps = 0  # steps started and not yet over
+        self._fork_wanted = False  # fork once the running step is over
+        self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
         self.ahead: JobProc | None = None  # forked, waiting for its job
+        self._last: JobProc | None = None  # the last one asked for (a move waits until it is born)
         self.current: JobProc | None = None  # the one that got the last job
         self._seq = 0
         self._ends: dict[int, asyncio.Future[int]] = {}  # seq -> its Z's wait status
         self.job_pidfd: int | None = None  # the running job process (pid 1 of its namespaces)
         self._reading: asyncio.AbstractEventLoop | None = None  # our reader is registered there
-        self.pending: asyncio.Future[None] | None = None  # after-job work (warm.py)
-        self.cleanups: collections.deque[asyncio.Future[None]] = collections.deque()
         self.broken = False
         self.job_sent = False  # the running job's J went out: its code may have run
 
@@ -153,6 +212,7 @@ class Zygote:
     def _fork(self) -> None:
         """Have the zygote fork a job process ahead of its job, into the cgroup it sits
         in, with a socket of its own."""
+        assert self.zcg is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # its W carries its pid
@@ -167,12 +227,13 @@ class Zygote:
             raise
         finally:
             theirs.close()
-        self.ahead = JobProc(self._seq, ours, ended)
+        self.ahead = self._last = JobProc(self._seq, ours, ended, self.zcg)
 
-    def _move_to_next(self) -> None:
-        """(In a thread.) The next job's cgroup (a recycled one, else a fresh one),
-        with the zygote in it."""
+    def _move(self) -> None:
+        """(In a thread.) Into another cgroup: a recycled one, else a fresh one."""
         assert self.pid is not None
+        if self.broken:
+            return
         try:
             cg = self.spare.popleft()
         except IndexError:
@@ -182,58 +243,104 @@ class Zygote:
         except BaseException:
             cg.remove()
             raise
-        self.next_cgroup = cg
+        self.zcg = cg
 
-    async def _advance(self, fork: bool) -> None:
-        await asyncio.to_thread(self._move_to_next)
-        if fork and not self.broken:
-            self._fork()
+    def _begin_step(self, cleanup: Callable[[], None] | None, move: bool) -> None:
+        """Start a thread step (after the one before it): ``cleanup`` (a job's leftovers),
+        then, with ``move``, the zygote into another cgroup; then a fork that waited."""
+        prev = self._step
+        self._steps += 1
+        held, self._ended_ns = self._ended_ns, []
 
-    def advance(self, fork: bool) -> None:
-        """Start moving into the next job's cgroup (see the class docstring); with
-        ``fork``, then have the next job process forked there ahead of its job."""
-        self._moving = asyncio.ensure_future(self._advance(fork))
-        # a zygote closed (or dead) before settle() never awaits it: its error is no news
-        self._moving.add_done_callback(lambda f: f.cancelled() or f.exception())
+        def work() -> None:
+            for fd in held:  # first: the job's /tmp is then uncharged before its cgroup's reset
+                os.close(fd)
+            if cleanup is not None:
+                cleanup()
+            if move:
+                self._move()
 
-    async def settle(self) -> None:
-        """Wait for the move: the zygote is out of the last job's cgroup (which may now
-        be swept) and in the next one."""
-        if self._moving is not None:
-            moving = self._moving
+        async def step() -> None:
             try:
-                await moving
+                if prev is not None:
+                    await asyncio.shield(prev)
+                if move and self._last is not None:
+                    await self._last.heard  # forked (not only asked to): it stays in its cgroup
+                await asyncio.to_thread(work)
             except (OSError, CgroupUnavailable):
                 self.broken = True
-            if self._moving is moving:
-                self._moving = None
+                raise
+            finally:
+                self._steps -= 1
+            if self._fork_wanted and self._steps == 0 and not self.broken:
+                self._fork_wanted = False
+                self._fork()
+                if self.current is None:  # nothing runs: move on from its cgroup now
+                    self._begin_step(None, move=True)
+
+        self._step = asyncio.ensure_future(step())
+        # a zygote closed (or dead) before settle() never awaits it: its error is no news
+        self._step.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _want_fork(self) -> None:
+        if self._steps:
+            self._fork_wanted = True  # once the zygote has moved on
+        elif not self.broken:
+            self._fork()
+
+    def prepare(self) -> None:
+        """After the ready message: into a job cgroup, fork the first job process there,
+        and move on (``settle`` waits for it)."""
+        self._fork_wanted = True
+        self._begin_step(None, move=True)
+
+    def after_job(self, cleanup: Callable[[], None] | None) -> None:
+        """The job ended: in one thread step, ``cleanup`` (its leftovers: the zygote is out
+        of its cgroup) and the zygote moves on; the next job may start meanwhile."""
+        if self.ahead is None:
+            self._fork_wanted = True
+        self._begin_step(cleanup, move=True)
+
+    async def settle(self) -> None:
+        """Wait for every thread step started so far (a job's cgroup may then be swept:
+        the zygote is out of it)."""
+        while self._step is not None and not self._step.done():
+            try:
+                await asyncio.shield(self._step)
+            except (OSError, CgroupUnavailable, WarmError):
+                self.broken = True
 
     async def take_cgroup(self) -> JobCgroup:
         """The cgroup the next job runs in (its process is already there, waiting)."""
-        await self.settle()
-        cg, self.next_cgroup = self.next_cgroup, None
-        if cg is None or self.broken:
+        # the first job process not forked yet, or a backlog of steps (clean-ups slower
+        # than the jobs): wait for them
+        while (self.ahead is None or self._steps > 1) and self._steps and not self.broken:
+            await self.settle()
+        if self.ahead is None or self.broken:
             self.broken = True
-            raise WarmError("no job cgroup prepared")
-        return cg
+            raise WarmError("no job process forked ahead")
+        return self.ahead.cgroup
 
     async def start_job(self, req: JobRequest, fds: list[int], cgroup: JobCgroup, *,
                         fork_ahead: bool = True) -> None:
         """Hand the waiting job process its job and fds (once it is sure to be in
-        ``cgroup``); the zygote moves on to the next cgroup meanwhile and, with
-        ``fork_ahead``, forks the next job's process there while this job runs."""
+        ``cgroup``); with ``fork_ahead``, the zygote forks the next job's process while
+        this job runs."""
         self.job_sent = False
         jp, self.ahead = self.ahead, None
         try:
             if jp is None:
                 raise WarmError("no job process forked ahead")
             self.current = jp
-            msg, pid = await _recv(jp.sock)
+            msg, pid = await jp.next()
             if msg[:1] == b"E":
                 raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
             if msg != b"W" or pid is None:
                 raise WarmError(f"unexpected message from the warm job process: {msg[:200]!r}")
             self.job_pidfd = os.pidfd_open(pid)  # from here on, this very process
+            # Its mount namespace, held: freed at its exit, it would hold up the exit (and
+            # so the job's end) by an RCU grace period; freed in after_job's thread instead.
+            jp.mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             with open(f"/proc/{pid}/cgroup") as f:
                 if cgroup.unique_dirs()[0].name not in f.read():
                     raise WarmError("the job process is not in its job cgroup")
@@ -241,10 +348,11 @@ class Zygote:
             jp.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                          array.array("i", fds))])
             self.job_sent = True
+            if fork_ahead:
+                self._want_fork()
         except (OSError, WarmError):
             self.broken = True
             raise
-        self.advance(fork=fork_ahead)
 
     def kill_job(self) -> None:
         """SIGKILL the job process: pid 1 of its pid namespace, so every process of the
@@ -260,16 +368,6 @@ class Zygote:
             os.close(self.job_pidfd)
             self.job_pidfd = None
 
-    async def job_done(self) -> None:
-        """After a job: once the zygote is out of the job's cgroup, and unless the next
-        job process was forked ahead, have it forked now."""
-        try:
-            await self.settle()
-            if not self.broken and self.ahead is None:
-                self._fork()
-        except (OSError, WarmError):
-            self.broken = True
-
     async def wait_job(self) -> int:
         """The job's end, as asyncio reports a returncode (-N for signal N). Raises
         WarmError when the setup failed before the job's code ran."""
@@ -278,7 +376,7 @@ class Zygote:
         setup_error = mount_error = ""
         try:
             while True:  # its socket closes as the job's own code starts (or the process ends)
-                msg, _ = await _recv(jp.sock, eof_ok=True)
+                msg, _ = await jp.next()
                 if not msg:
                     break
                 if msg[:1] == b"E":
@@ -291,6 +389,7 @@ class Zygote:
             raise
         finally:
             self._close_pidfd()
+            self._ended_ns += jp.take_ns()
             jp.close()
             self.current = None
         if setup_error:
@@ -304,6 +403,10 @@ class Zygote:
         self.broken = True
         self._stop_reading()
         self._close_pidfd()
+        held, self._ended_ns = self._ended_ns, []
+        for fd in held:
+            os.close(fd)
+        ahead_cg = self.ahead.cgroup if self.ahead is not None else None
         for jp in (self.ahead, self.current):
             if jp is not None:
                 jp.close()
@@ -318,17 +421,16 @@ class Zygote:
             except ProcessLookupError:
                 pass
         spare, self.spare = list(self.spare), collections.deque()
-        for cg in (self.next_cgroup, self.home, *spare):
-            if cg is not None:
-                cg.kill_all(timeout=0.5)
-                cg.remove()
-        self.next_cgroup = None
+        for cg in {id(c): c for c in (self.zcg, ahead_cg, self.home, *spare) if c is not None}.values():
+            cg.kill_all(timeout=0.5)
+            cg.remove()
+        self.zcg = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def _recv(sock: socket.socket, *, eof_ok: bool = False) -> tuple[bytes, int | None]:
+async def _recv(sock: socket.socket) -> tuple[bytes, int | None]:
     """One message on ``sock`` (non-blocking) and the sender's pid (in our pid namespace)
-    when attached. The end of the socket is WarmError unless ``eof_ok`` (then b"")."""
+    when attached; WarmError at the socket's end."""
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
     while True:
@@ -342,8 +444,8 @@ async def _recv(sock: socket.socket, *, eof_ok: bool = False) -> tuple[bytes, in
                 await readable
             finally:
                 loop.remove_reader(fd)
-    if not data and not eof_ok:
-        raise WarmError("the warm interpreter (or its job process) went away")
+    if not data:
+        raise WarmError("the warm interpreter exited before it was ready")
     pid = None
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:

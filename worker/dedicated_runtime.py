@@ -15,6 +15,7 @@ behind it never started and go to the next runtime.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import resource
 import signal
@@ -203,12 +204,13 @@ class Runtime(Channel):
         if z is None:
             return
         if not z.broken and cg is not None:
-            await z.job_done()
-        await z.settle()
-        if cg is not None:
-            await asyncio.to_thread(_remove, cg, wd)
-        elif wd is not None:
-            workdir.remove(wd)
+            z.after_job(functools.partial(_remove, cg, wd))  # and the zygote moves on
+        else:
+            await z.settle()
+            if cg is not None:
+                await asyncio.to_thread(_remove, cg, wd)
+            elif wd is not None:
+                workdir.remove(wd)
         self.pool.release(z)
 
     def _drop_output(self) -> None:

@@ -67,3 +67,19 @@ async def test_a_job_process_killed_while_waiting_costs_no_job(warm) -> None:
     assert all(o.status is Status.success for o in outs)
     assert outs[-1].warm  # a new warm interpreter took over
 
+
+
+async def test_ended_jobs_leave_no_descriptor_behind(warm) -> None:
+    # Each job's mount namespace is held from its start until its clean-up step, and its
+    # process's socket until it ends: none of that may pile up in the worker.
+    async def run(n: int) -> None:
+        for i in range(n):
+            o = await warm.run(spec(f"print({i})"))
+            assert o.status is Status.success and o.warm, explain(o)
+        for z in (z for zs in warm.warm_pool.idle.values() for z in zs):
+            await z.settle()
+
+    await run(3)
+    before = len(os.listdir("/proc/self/fd"))
+    await run(30)
+    assert len(os.listdir("/proc/self/fd")) <= before
