@@ -1,6 +1,7 @@
-"""Group commit of submits: the jobs that requests queue while an INSERT is in flight go
-out together in the next one (``push_many``), one statement and one commit for all of
-them; a lone submit goes at once, alone, with no added wait. Why: per job, PostgreSQL's
+"""Group commit of submits: the jobs that requests queue in the same loop turn, or while
+an INSERT is in flight, go out together in the next one (``push_many``), one statement
+and one commit for all of them; a lone submit goes at the loop's next turn, alone, with
+no timer. Why: per job, PostgreSQL's
 statement and commit and the server's round trip cost more than the row itself
 (docs/performance.md, "The server's and PostgreSQL's share per job")."""
 
@@ -100,7 +101,9 @@ class SubmitBatcher:
 def _settle(fut: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
     if fut.done():  # its caller gave up (cancelled): the job is queued all the same
         return
-    if exc is not None:
+    if isinstance(exc, asyncio.CancelledError):  # the statement's task was cancelled (shutdown)
+        fut.cancel()
+    elif exc is not None:
         fut.set_exception(exc)
     else:
         fut.set_result(result)
