@@ -1,5 +1,6 @@
-"""The fast path of the hottest route: ``POST /api/w/{ws}/jobs/run/preview`` answered
-without FastAPI's per-request machinery (routing through every route, the dependency
+"""The fast path of the hottest routes: ``POST /api/w/{ws}/jobs/run/preview`` (and
+``run_wait_result/preview``, ``run_inline/preview``) answered without FastAPI's
+per-request machinery (routing through every route, the dependency
 tree, the parameter models, the middleware layers): two fifths of the server's CPU per
 submit went there (docs/performance.md, "The server's and PostgreSQL's share per job").
 
@@ -7,7 +8,8 @@ Only the plain, valid request is taken: no query string, ``Content-Type:
 application/json``, a body that the same ``Preview`` model accepts, a token that may run
 jobs in the workspace, a job that ``preview_job``'s checks accept. It runs the same
 functions the route runs (``deps.auth``, ``Preview``, ``submit.preview_job``,
-``submit_batch.push``) and answers what the route answers (201, the job id as text/plain).
+``submit_batch.push``, ``submit.push_and_wait``) and answers what the route answers (201,
+the job id as text/plain; the waiting routes: the job's result, 400, 408).
 Anything else (a bad token, a bad body, a parameter, an error before the insert) goes to
 FastAPI unchanged, the body replayed, and gets its answer there, word for word. An error
 of the insert itself is answered by the app's own exception handler for it.
@@ -27,11 +29,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import submit_batch
 from .deps import _check_scope, auth
 from .models import Preview
-from .submit import preview_job
+from .submit import preview_job, push_and_wait
 
 ENABLED = os.environ.get("SANDMILL_FAST_SUBMIT", "1") != "0"
 answered = 0  # requests the fast path answered itself (tests, measurements)
-_PATH = re.compile(r"/api/w/([^/]+)/jobs/run/preview")
+_PATH = re.compile(r"/api/w/([^/]+)/jobs/(run|run_wait_result|run_inline)/preview")
 MAX_BODY = 1 << 20  # a larger body goes the usual way (read in full here before any check)
 _HEADERS = [(b"content-type", b"text/plain; charset=utf-8")]
 
@@ -56,23 +58,35 @@ class FastSubmit:
             await self.app(scope, _replay(messages, receive), send)
             return
         request = Request(scope)
+        wait = m.group(2) != "run"
         try:
-            job = await _checked(request, m.group(1), body)
+            job = await _checked(request, m.group(1), body, wait)
         except Exception:  # noqa: BLE001 - not the plain case: FastAPI's answer, word for word
             await self.app(scope, _replay(messages, receive), send)
             return
         app = scope["app"]
+        global answered
         try:
-            job_id = await submit_batch.push(app.state.pool, **job)
-        except Exception as e:  # the insert's own fault: the app's handler answers it, as on the route
+            if wait:  # as run_wait_preview: the waiter first, then the insert, then the result
+                st = app.state
+                response = await push_and_wait(
+                    st.pool, st.waiters, job["workspace"],
+                    lambda jid: submit_batch.push(st.pool, **{**job, "job_id": jid}),
+                    st.settings.wait_timeout_s)
+            else:
+                job_id = await submit_batch.push(app.state.pool, **job)
+        except Exception as e:  # the insert's own fault, a 408: the app's handler answers it, as on the route
             handler = _handler_for(app, e)
             if handler is None:
                 raise
+            answered += 1
             response = await handler(request, e)
             await response(scope, receive, send)
             return
-        global answered
         answered += 1
+        if wait:
+            await response(scope, receive, send)
+            return
         text = str(job_id).encode()
         await send({"type": "http.response.start", "status": 201,
                     "headers": [(b"content-length", str(len(text)).encode()), *_HEADERS]})
@@ -113,7 +127,7 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return again
 
 
-async def _checked(request: Request, ws: str, body: bytes) -> dict[str, Any]:
+async def _checked(request: Request, ws: str, body: bytes, wait: bool) -> dict[str, Any]:
     """``push``'s keywords for the request, as the route would queue it; raises for
     anything but the plain case."""
     u = await auth(request)  # the route's dependencies: the caller, then in_workspace's checks
@@ -125,7 +139,7 @@ async def _checked(request: Request, ws: str, body: bytes) -> dict[str, Any]:
         preview = Preview.model_validate(obj)
     except (ValueError, ValidationError):
         raise _NotHere() from None
-    return preview_job(ws, preview, None, 0, None, created_by=u.name)
+    return preview_job(ws, preview, None, 0, None, wait=wait, created_by=u.name)
 
 
 def _handler_for(app: Any, exc: Exception) -> Any:

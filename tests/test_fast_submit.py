@@ -43,6 +43,36 @@ def test_the_plain_submit_is_answered_by_the_fast_path_as_the_route_answers(pg_u
     assert r2.status_code == 201 and taken2 == 0  # a query parameter: the route's own way
 
 
+def test_the_waiting_routes_answer_the_result_a_failure_and_a_timeout(cluster, pg_url, tmp_path):
+    """run_wait_result/preview and run_inline/preview on the fast path (the session
+    cluster's workers run the jobs): 200 with the result, 400 with the error, 408 past the
+    wait, each with the job id header, as the route answers."""
+    ws = "ws" + uuid.uuid4().hex[:8]
+    app = create_app(ServerSettings(database_url=pg_url, data_dir=tmp_path, admin_token=TOKEN,
+                                    wait_timeout_s=3))
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60,
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+                before = fast_submit.answered
+                ok = await c.post(f"/api/w/{ws}/jobs/run_wait_result/preview", json={
+                    "content": "def main(x):\n    return {'x': x}\n", "language": "python3", "args": {"x": 2}})
+                bad = await c.post(f"/api/w/{ws}/jobs/run_inline/preview", json={
+                    "content": "def main():\n    raise ValueError('no')\n", "language": "python3"})
+                late = await c.post(f"/api/w/{ws}/jobs/run_wait_result/preview",
+                                    json={"content": "sleep 6\n", "language": "bash"})
+                return ok, bad, late, fast_submit.answered - before
+
+    ok, bad, late, taken = asyncio.run(go())
+    assert taken == 3
+    assert ok.status_code == 200 and ok.json() == {"x": 2} and uuid.UUID(ok.headers["x-sandmill-job-id"])
+    assert bad.status_code == 400 and "no" in bad.text and bad.headers["x-sandmill-job-id"]
+    assert late.status_code == 408 and "did not complete within 3 s" in late.json()["error"]
+    assert late.headers["x-sandmill-job-id"]
+
+
 def _token(c: httpx.Client, ws: str, **body) -> str:
     r = c.post("/api/users/tokens/create", json={"workspace_id": ws, **body})
     assert r.status_code == 201, r.text
@@ -76,7 +106,8 @@ def test_every_other_request_gets_the_routes_own_answer(make_cluster):
         ("a bad query parameter", {"json": BASH, "params": {"priority": "0"}}, TOKEN),
         ("empty body", {"content": b"", "headers": json_h}, TOKEN),
     ]
-    for name, kw, token in cases:
+    for name, kw, token in [(f"{n} ({p})", k, t) for p in ("run", "run_wait_result") for n, k, t in cases]:
+        path = f"/api/w/{ws}/jobs/{name.rpartition('(')[2][:-1]}/preview"
         answers = []
         for cl in (fast, slow):
             headers = {**kw.get("headers", {})}
@@ -88,6 +119,7 @@ def test_every_other_request_gets_the_routes_own_answer(make_cluster):
         assert answers[0] == answers[1], f"{name}: fast {answers[0]} != route {answers[1]}"
         assert 400 <= answers[0][0] < 500, (name, answers[0])
     # and the plain case, with a workspace token: 201 and the job recorded as the token's
+    path = f"/api/w/{ws}/jobs/run/preview"
     for cl in (fast, slow):
         with httpx.Client(base_url=cl.base, headers={"Authorization": f"Bearer {mine}"}) as c:
             r = c.post(path, json=BASH)
