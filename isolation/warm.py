@@ -6,8 +6,8 @@ the same sandbox a cold job gets (the backend starts it: nsjail, or the process
 backend's namespaces), and each job is a fork of it that goes on into fresh user, mount,
 pid, ipc and uts namespaces of its own (the network namespace is the zygote's: empty,
 loopback down, not the job's to change), with its own work dir, /tmp, /proc and job
-cgroup (the worker moves the job process into the cgroup before it forks the job), and
-no capabilities.
+cgroup (the zygote sits in that cgroup when it forks the job process, ahead of the
+job, while the job before it runs: ``warm_zygote.Zygote``), and no capabilities.
 
 This module is the worker's side: a pool of zygotes per interpreter (one per job
 running at once; each a ``warm_zygote.Zygote``, which speaks the socket protocol of
