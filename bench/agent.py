@@ -1,14 +1,19 @@
 """Agent workers: what going over HTTP costs.
 
-    python -m bench.agent [--jobs 20000] [--rounds 3] [--agents 200] [--idle-s 60] [--quick]
+    python -m bench.agent [--jobs 20000] [--rounds 5] [--agents 200] [--idle-s 60] [--quick]
+                          [--versus NAME=VALUE,...]
 
 1. throughput: no-op jobs drained by one agent worker with 8 subworkers vs one DB worker
    with 8 subworkers, same server, same database, same run, alternating rounds (the goal:
    the agent at 80% of the DB worker or more). Timed between PostgreSQL's commit
    timestamps: the enqueue's commit to the last completion's (as bench.drain). 20,000
    jobs a drain by default: a 3,000-job drain lasts under 0.6 s, mostly the ramp-up of
-   the first claims, and its share swung from 46% to 77% between runs. Beside the jobs/s:
-   each round's share, and the CPU ms per 1,000 jobs of the server and the worker.
+   the first claims, and its share swung from 46% to 77% between runs. The figure is the
+   median of the rounds' shares (each round: an agent drain over the DB worker's drain just
+   before it), over 5 rounds by default: on a shared machine one round of either side may
+   stall, and a ratio of two medians mixes rounds run under different loads. Beside it: the
+   jobs/s of each side (median), each round's share, and the CPU ms per 1,000 jobs of the
+   server and the worker.
 2. idle: ``--agents`` idle agents simulated by one process of as many client loops (each
    an ``AgentStore`` over its own HTTP connection, doing what an idle agent worker does:
    its long poll every 25 s, which carries its ping, and its idle slots' claim every
@@ -19,7 +24,9 @@
 The same idle measure of the server with no agent is printed beside it.
 --quick: 300 jobs, 1 round, 20 agents for 6 s (a smoke run, under a minute).
 BENCH_AGENT_<NAME>=value in the environment sets <NAME> for the agent process only (to
-try its settings: BENCH_AGENT_SANDMILL_CLAIM_AHEAD_MAX=64).
+try its settings: BENCH_AGENT_SANDMILL_CLAIM_AHEAD_MAX=64). ``--versus NAME=VALUE,...``
+starts a second agent worker with those settings, drained in the same rounds (a third
+drain each round): on a shared machine, the only comparison of two settings to trust.
 """
 
 from __future__ import annotations
@@ -74,37 +81,52 @@ async def _drain(url: str, tag: str, jobs: int) -> float:
     return jobs / drain_s
 
 
-def throughput(bp: BenchPG, jobs: int, rounds: int, subworkers: int = 8) -> dict:
-    """Jobs/s of one DB worker and one agent worker (``subworkers`` each), alternating."""
+def throughput(bp: BenchPG, jobs: int, rounds: int, subworkers: int = 8,
+               versus: dict[str, str] | None = None) -> dict:
+    """Jobs/s of one DB worker and one agent worker (``subworkers`` each), alternating.
+    With ``versus`` (environment settings), a second agent worker with those settings is
+    drained in the same rounds too (``agent_b``): a setting's effect, measured in one run."""
     url = bp.database("agent")
     c = bp.cluster(url, "agent")
     try:
         c.start_server()
-        db_tag, ag_tag = f"db{uuid.uuid4().hex[:6]}", f"ag{uuid.uuid4().hex[:6]}"
-        c.start_worker("gdb", profile_text=NATIVE_AGENT.format(group="gdb", tag=db_tag, subworkers=subworkers))
-        prof = c.tmp / "agent.yaml"
-        prof.write_text(NATIVE_AGENT.format(group="gagent", tag=ag_tag, subworkers=subworkers))
-        c.spawn("worker", "--profile", str(prof), "--agent", "--url", c.base,
-                env={"DATABASE_URL": "", "SANDMILL_AGENT_TOKEN": _token(c, "gagent", [ag_tag]), **AGENT_ENV})
+        sides = ["db", "agent"] + (["agent_b"] if versus is not None else [])
+        tags = {k: f"{k.replace('_', '')[:4]}{uuid.uuid4().hex[:6]}" for k in sides}
+        c.start_worker("gdb", profile_text=NATIVE_AGENT.format(group="gdb", tag=tags["db"], subworkers=subworkers))
+        procs = {"server": psutil.Process(c.procs[0].pid), "db worker": psutil.Process(c.procs[1].pid)}
+        for kind in sides[1:]:
+            group = "g" + kind.replace("_", "")
+            prof = c.tmp / f"{kind}.yaml"
+            prof.write_text(NATIVE_AGENT.format(group=group, tag=tags[kind], subworkers=subworkers))
+            env = {**AGENT_ENV, **(versus or {})} if kind == "agent_b" else AGENT_ENV
+            p = c.spawn("worker", "--profile", str(prof), "--agent", "--url", c.base,
+                        env={"DATABASE_URL": "", "SANDMILL_AGENT_TOKEN": _token(c, group, [tags[kind]]), **env})
+            procs[kind.replace("_", " ")] = psutil.Process(p.pid)
         asyncio.run(wait_registered(url, "gdb", 1))
-        asyncio.run(wait_registered(url, "gagent", 1))
+        for kind in sides[1:]:
+            asyncio.run(wait_registered(url, "g" + kind.replace("_", ""), 1))
         time.sleep(0.5)
-        out: dict[str, list[float]] = {"db": [], "agent": []}
-        procs = {"server": psutil.Process(c.procs[0].pid), "db worker": psutil.Process(c.procs[1].pid),
-                 "agent": psutil.Process(c.procs[2].pid)}
-        cpu_ms: dict[str, dict[str, float]] = {"db": {}, "agent": {}}  # CPU ms per 1000 jobs, by process
+        out: dict[str, list[float]] = {k: [] for k in sides}
+        cpu_ms: dict[str, dict[str, float]] = {k: {} for k in sides}  # CPU ms per 1000 jobs, by process
         for _ in range(rounds):
-            for kind, tag in (("db", db_tag), ("agent", ag_tag)):
+            for kind in sides:
                 bp.vacuum(url)
                 bp.checkpoint()
                 before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
-                out[kind].append(asyncio.run(_drain(url, tag, jobs)))
+                out[kind].append(asyncio.run(_drain(url, tags[kind], jobs)))
                 for k, p in procs.items():
                     cpu_ms[kind][k] = cpu_ms[kind].get(k, 0.0) + (sum(p.cpu_times()[:2]) - before[k]) * 1e6 / (jobs * rounds)
         db, ag = statistics.median(out["db"]), statistics.median(out["agent"])
-        return {"jobs": jobs, "rounds": rounds, "subworkers": subworkers, "db_jobs_per_s": out["db"],
-                "agent_jobs_per_s": out["agent"], "db_median": db, "agent_median": ag,
-                "agent_share": ag / db, "cpu_ms_per_1000_jobs": cpu_ms}
+        shares = [a / d for a, d in zip(out["agent"], out["db"])]  # each round: the drains in a row
+        res = {"jobs": jobs, "rounds": rounds, "subworkers": subworkers, "db_jobs_per_s": out["db"],
+               "agent_jobs_per_s": out["agent"], "db_median": db, "agent_median": ag,
+               "round_shares": shares, "agent_share": statistics.median(shares),
+               "share_of_medians": ag / db, "cpu_ms_per_1000_jobs": cpu_ms}
+        if versus is not None:
+            b_shares = [b / d for b, d in zip(out["agent_b"], out["db"])]
+            res["agent_b"] = {"env": versus, "jobs_per_s": out["agent_b"], "median": statistics.median(out["agent_b"]),
+                              "round_shares": b_shares, "share": statistics.median(b_shares)}
+        return res
     finally:
         c.stop()
         bp.drop(url)
@@ -196,24 +218,30 @@ def idle(bp: BenchPG, agents: int, seconds: float, ping_s: float = 15.0, poll_s:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--agents", type=int, default=200)
     ap.add_argument("--idle-s", type=float, default=60)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--versus", metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="drain a second agent worker with these environment settings in the same rounds")
     a = ap.parse_args()
     if a.quick:
         a.jobs, a.rounds, a.agents, a.idle_s = 300, 1, 20, 6
     bp = BenchPG()
     try:
-        tp = throughput(bp, a.jobs, a.rounds)
+        versus = dict(kv.split("=", 1) for kv in a.versus.split(",")) if a.versus else None
+        tp = throughput(bp, a.jobs, a.rounds, versus=versus)
         print(f"throughput, no-op jobs, 8 subworkers, {tp['jobs']} jobs x {tp['rounds']} round(s):"
-              f" DB worker {tp['db_median']:.0f} jobs/s, agent {tp['agent_median']:.0f} jobs/s"
-              f" = {100 * tp['agent_share']:.0f}% (goal >= 80%)"
+              f" agent at {100 * tp['agent_share']:.0f}% of the DB worker (median of the rounds' shares;"
+              f" goal >= 80%); DB worker {tp['db_median']:.0f} jobs/s, agent {tp['agent_median']:.0f} jobs/s"
+              f" (medians: {100 * tp['share_of_medians']:.0f}%)"
               f"  [rounds: DB {', '.join(f'{x:.0f}' for x in tp['db_jobs_per_s'])};"
               f" agent {', '.join(f'{x:.0f}' for x in tp['agent_jobs_per_s'])}]")
-        print("  share by round: " + ", ".join(f"{100 * x / y:.0f}%" for x, y in zip(tp["agent_jobs_per_s"],
-                                                                             tp["db_jobs_per_s"])))
+        print("  share by round: " + ", ".join(f"{100 * x:.0f}%" for x in tp["round_shares"]))
+        if (b := tp.get("agent_b")) is not None:
+            print(f"  agent with {a.versus}: {100 * b['share']:.0f}% of the DB worker, {b['median']:.0f} jobs/s;"
+                  " by round: " + ", ".join(f"{100 * x:.0f}%" for x in b["round_shares"]))
         for kind, by in tp["cpu_ms_per_1000_jobs"].items():
             print(f"  CPU ms per 1000 jobs, {kind} drain: " + ", ".join(f"{k} {v:.0f}" for k, v in by.items()))
         warmup = 3.0 if a.quick else 15.0

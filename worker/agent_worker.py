@@ -77,6 +77,10 @@ class AgentWorker(Worker):
                      settings.claim_ahead_max, cap, profile.subworkers)
             settings.claim_ahead_max = cap
         super().__init__(profile, "", name=base + suffix, settings=settings)
+        # a completion goes out as soon as it is made, while the slots run their held jobs:
+        # else all 8 slots ran theirs first and each round trip (the whole batch's) followed
+        # them, one in flight (docs/performance.md, "Agent workers"); 0 turns it off
+        self.feed.send_first = os.environ.get("SANDMILL_AGENT_SEND_FIRST", "1") != "0"
         self.token_tags = list(tags)
         self.client = AgentClient(url, token, ca_file=ca_file)
         self.q = self.w = self.store = AgentStore(self.client, self.name,

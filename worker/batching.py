@@ -25,6 +25,7 @@ class Batcher:
         self._in_flight = in_flight
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._starting: asyncio.Task | None = None  # a statement's task made, not yet run (sending())
 
     async def submit(self, request: Any) -> Any:
         """Send ``request`` at once (with those that wait) and return its answer."""
@@ -60,9 +61,14 @@ class Batcher:
         """Send what waits now (as soon as fewer than ``in_flight`` statements run)."""
         self._drop_timer()
         if self._pending and len(self._tasks) < self._in_flight:
-            t = asyncio.create_task(self._drain())
+            t = self._starting = asyncio.create_task(self._drain())
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
+
+    def sending(self) -> bool:
+        """A statement is about to go out: its task is made but has not run yet (it runs
+        once the caller's task yields)."""
+        return self._starting is not None and not self._starting.done()
 
     def _drop_timer(self) -> None:
         if self._timer is not None:
@@ -70,6 +76,8 @@ class Batcher:
             self._timer = None
 
     async def _drain(self) -> None:
+        if self._starting is asyncio.current_task():
+            self._starting = None
         try:
             while self._pending:
                 self._drop_timer()  # what waited lazily goes with this batch

@@ -133,6 +133,10 @@ class Feed:
         # two completions in flight at once where each has a connection (the database
         # works on one batch while this process handles the answer to the other)
         self.completer = Batcher(self.complete_batch, in_flight=completions_in_flight)
+        # once a slot has run half the jobs it holds, yield to a completion about to go out
+        # (an agent's: its round trip then overlaps the other half, rather than follow all
+        # the slots' jobs; docs/performance.md, "Agent workers")
+        self.send_first = False
 
     # ---- claims ----------------------------------------------------------------------------
 
@@ -294,6 +298,8 @@ class Feed:
     async def next_held(self, st: SlotState) -> dict[str, Any] | None:
         """The slot's next job held ahead, in the order they were claimed; waits for the
         oldest claim still in flight when none is back yet (None when they brought none)."""
+        if self.send_first and self.completer.sending() and len(st.ready) * 2 <= self.pace.depth():
+            await asyncio.sleep(0)  # half its held jobs are left: the completion goes now
         while True:
             self.absorb(st)
             if st.ready:
