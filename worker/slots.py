@@ -174,13 +174,23 @@ class Slots:
 
         With the next job in hand it is not urgent: unless jobs are short (their next answer
         is wanted at once), it waits completion_lazy_s for the slots whose jobs end about
-        now. With none, at a burst's end (its last claim ahead found no backlog, and other
+        now; a short job's waits for the next completion when the slot holds more jobs
+        than the one it starts (not for a job someone waits on). With none, at a burst's end (its last claim ahead found no backlog, and other
         jobs of this worker still run), completion_tail_wait_s; not for a job someone waits
         on, and a new job for our tags (NOTIFY) or the last running job's end sends it at
         once. See docs/performance.md ("Worker"), "Completion tail wait"."""
         s = self.settings
         if job is not None:
-            return s.completion_lazy_s if ran_s >= 2 * s.completion_lazy_s else 0.0
+            if ran_s >= 2 * s.completion_lazy_s:
+                return s.completion_lazy_s
+            # A short job whose slot holds more jobs beside the one it starts now: the
+            # answer (its claim of jobs to hold) is not wanted before those have run, so it
+            # waits for the next job's completion to share its statement (the earliest
+            # wait of a batch sends it; the slot's last held job sends it at once): half
+            # the statements, and their commits (docs/performance.md, "Round 3").
+            if st.ready and self.pace.job_s and not ran.get("notify_done"):
+                return min(s.completion_lazy_s, (len(st.ready) + 0.5) * self.pace.job_s)
+            return 0.0
         if stopping or not st.dry or not self.running or ran.get("notify_done"):
             return 0.0
         return s.completion_tail_wait_s
