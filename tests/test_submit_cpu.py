@@ -126,3 +126,16 @@ def test_batching_off_is_a_statement_per_job(make_cluster):
             await conn.close()
 
     assert asyncio.run(go()) == 30
+
+
+def test_the_submit_bench_runs_quick():
+    """python -m bench.submit --quick (the figures of docs/performance.md, at a small size)."""
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    p = subprocess.run([sys.executable, "-m", "bench.submit", "--quick"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "round 2:" in p.stdout and "server    off" in p.stdout and "postgres  off" in p.stdout
