@@ -215,3 +215,19 @@ async def test_short_jobs_held_ahead_share_their_completions_statements(pg_url) 
     assert len(rows) == len(ids) and {r["status"] for r in rows} == {"success"}
     assert all(r["started_at"] is not None for r in rows)
     await pool.close()
+
+
+def test_completions_bench_quick_reports_both_ways() -> None:
+    # python -m bench.completions --quick: the before/after of the shared statements, in
+    # seconds (the switch SANDMILL_SHARE_SHORT_COMPLETIONS=0 gives the before)
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "bench.completions", "--quick"], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    per = {m[0]: float(m[1]) for m in re.findall(r"^\s+(off|on)\s+([\d.]+) jobs a statement", p.stdout, re.M)}
+    assert set(per) == {"off", "on"}, p.stdout
+    assert per["off"] < 1.5 and per["on"] >= 1.8, p.stdout

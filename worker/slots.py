@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -41,6 +42,9 @@ class Slots:
         # the wake event and next_due's read under it, shared by the idle slots (next_due)
         self._due: tuple[asyncio.Event, asyncio.Future] | None = None
         self._after: set[asyncio.Future] = set()  # completions waiting for their logs (_after_logs)
+        # a short job's completion waits for the next one's statement (_completion_wait_s);
+        # the environment's 0 turns it off, for bench.completions' before/after
+        self.share_short = os.environ.get("SANDMILL_SHARE_SHORT_COMPLETIONS", "1") != "0"
 
     def wake_all(self) -> None:
         """Wake every idle slot (a NOTIFY for our tags, a config reload)."""
@@ -188,7 +192,7 @@ class Slots:
             # waits for the next job's completion to share its statement (the earliest
             # wait of a batch sends it; the slot's last held job sends it at once): half
             # the statements, and their commits (docs/performance.md, "Round 3").
-            if st.ready and self.pace.job_s and not ran.get("notify_done"):
+            if self.share_short and st.ready and self.pace.job_s and not ran.get("notify_done"):
                 return min(s.completion_lazy_s, (len(st.ready) + 0.5) * self.pace.job_s)
             return 0.0
         if stopping or not st.dry or not self.running or ran.get("notify_done"):
