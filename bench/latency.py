@@ -4,11 +4,13 @@ the same machine in the same run.
 
     python -m bench.latency [--backend process|nsjail|docker] [--language python3|bash]
                             [--jobs 200] [--latency-runs 50] [--cold] [--quick]
-                            [--profile PATH] [--workdir-root DIR]
+                            [--profile PATH] [--workdir-root DIR] [--client raw|httpx]
 
 Over the throughput batch it also reports the CPU ms per job of each process (psutil):
 the server, the worker, the sandbox (every process under the worker: nsjail, warm
-interpreters and the job processes they reaped) and PostgreSQL (postmaster and backends).
+interpreters and the job processes they reaped), PostgreSQL (postmaster and backends)
+and the bench's own client, which submits the batch on the same cores (bench/rawhttp.py
+by default; ``--client httpx`` as before session 12, about 2-4 ms of CPU a request).
 Kernel threads (e.g. a network namespace's teardown) are not counted.
 
 python3 jobs on process and nsjail fork from a warm interpreter by default; --cold runs
@@ -19,18 +21,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
 
+from . import rawhttp
 from .common import drop_scratch, scratch_dir
 
 TRIVIAL = {"python3": "def main():\n    return 1\n", "bash": "echo 1\n"}
@@ -68,25 +73,34 @@ async def latency(cluster: LocalCluster, language: str, runs: int) -> list[float
     return out
 
 
-async def throughput(cluster: LocalCluster, language: str, jobs: int) -> float:
-    """Jobs per second: submit ``jobs`` at once, wait for the last to complete."""
+async def throughput(cluster: LocalCluster, language: str, jobs: int, client: str = "raw") -> float:
+    """Jobs per second: submit ``jobs`` at once (20 at a time over the HTTP API), wait for
+    the last to complete. ``client``: "raw" (bench/rawhttp.py, a few tens of us of CPU a
+    request) or "httpx" (1.7-3.9 ms a request here: the client's CPU competed with what it
+    measured on the same 2 cores; the figures before session 12 used it)."""
     body = {"content": TRIVIAL[language], "language": language}
-    async with cluster.async_client(limits=__import__("httpx").Limits(max_connections=20)) as c:
-        t0 = time.perf_counter()
-        sem = asyncio.Semaphore(20)
+    path = "/api/w/bench/jobs/run/preview"
+    t0 = time.perf_counter()
+    if client == "raw":
+        ids = [i.decode() for i in await rawhttp.post_many(
+            cluster.base, path, json.dumps(body).encode(),
+            {"Authorization": f"Bearer {cluster.token}"}, jobs, concurrency=20)]
+    else:
+        async with cluster.async_client(limits=httpx.Limits(max_connections=20)) as c:
+            sem = asyncio.Semaphore(20)
 
-        async def submit() -> str:
-            async with sem:
-                return (await c.post("/api/w/bench/jobs/run/preview", json=body)).text
+            async def submit() -> str:
+                async with sem:
+                    return (await c.post(path, json=body)).text
 
-        ids = await asyncio.gather(*(submit() for _ in range(jobs)))
-        conn = await dbmod.connect(cluster.db_url)
-        try:
-            while await conn.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1::uuid[])", ids) < jobs:
-                await asyncio.sleep(0.05)
-            t1 = time.perf_counter()
-        finally:
-            await conn.close()
+            ids = await asyncio.gather(*(submit() for _ in range(jobs)))
+    conn = await dbmod.connect(cluster.db_url)
+    try:
+        while await conn.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1::uuid[])", ids) < jobs:
+            await asyncio.sleep(0.05)
+        t1 = time.perf_counter()
+    finally:
+        await conn.close()
     return jobs / (t1 - t0)
 
 
@@ -164,9 +178,9 @@ async def run(args: argparse.Namespace) -> dict:
         bare = await bare_start(BARE[args.language], args.latency_runs)
         lat = await latency(cluster, args.language, args.latency_runs)
         spy = start_profile(cluster, args.profile) if args.profile else None
-        cpu0 = cpu_by_process(cluster, tmp / "pg")
-        jps = await throughput(cluster, args.language, args.jobs)
-        cpu1 = cpu_by_process(cluster, tmp / "pg")
+        cpu0 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
+        jps = await throughput(cluster, args.language, args.jobs, args.client)
+        cpu1 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
         if spy is not None:
             stop_profile(spy)
         cpu = {k: (cpu1[k] - cpu0[k]) * 1000 / args.jobs for k in cpu0}
@@ -208,6 +222,8 @@ def main() -> None:
                     help="the backend's workdir_root (e.g. a tmpfs: /dev/shm/sandmill-jobs)")
     ap.add_argument("--profile", metavar="PATH",
                     help="py-spy the worker over the batch (raw collapsed stacks to PATH)")
+    ap.add_argument("--client", default="raw", choices=["raw", "httpx"],
+                    help="the batch's HTTP client (raw: bench/rawhttp.py; httpx: as before session 12)")
     ap.add_argument("--quick", action="store_true", help="a small run (40 jobs, 10 latency runs)")
     args = ap.parse_args()
     if args.quick:
