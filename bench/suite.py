@@ -52,8 +52,8 @@ class Counts:
     dedicated_backends: list[str] = field(default_factory=lambda: ["process", "nsjail"])
     dedicated_jobs: int = 5000   # no-op jobs drained by the dedicated worker (the standard one: a tenth)
     dedicated_runs: int = 200    # fib(10) run_wait_result calls per worker
-    agent_jobs: int = 3000
-    agent_rounds: int = 3
+    agent_jobs: int = 20000  # a 3,000-job drain is mostly its ramp (docs/performance.md, "Agent workers")
+    agent_rounds: int = 5
     agent_idle_agents: int = 200
     agent_idle_s: float = 60
     autoscale_quick: bool = False  # the ramp's small burst
