@@ -10,6 +10,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -216,3 +217,17 @@ async def wait_drained(conn, n: int, tag: str, timeout: float, poll_s: float = 0
         await asyncio.sleep(poll_s)
     raise RuntimeError(f"{n} {tag} jobs not completed in {timeout}s")
 
+
+
+def count_completion_batches(worker: Any) -> list[int]:
+    """The sizes of the completion statements ``worker`` (a worker.Worker not yet run)
+    sends from now on, appended as they go (how many jobs each statement completes)."""
+    sizes: list[int] = []
+    complete_batch = worker.feed.complete_batch
+
+    async def counted(reqs: list[Any]) -> list[Any]:
+        sizes.append(len(reqs))
+        return await complete_batch(reqs)
+
+    worker.feed.completer._run_batch = counted
+    return sizes

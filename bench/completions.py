@@ -24,7 +24,7 @@ from sandmill.store import embedded, queue
 from sandmill.worker.settings import WorkerSettings
 from sandmill.worker.worker import Worker
 
-from .common import drop_scratch, scratch_dir
+from .common import count_completion_batches, drop_scratch, scratch_dir
 
 SWITCH = "SANDMILL_SHARE_SHORT_COMPLETIONS"
 
@@ -53,14 +53,7 @@ async def drain(url: str, pool, pg_dir: Path, jobs: int, job_s: float, cover_s: 
     os.environ[SWITCH] = "1" if share else "0"  # read when the worker's slots are made
     w = Worker(profile_from_dict({"name": "cmp", "tags": [tag], "native": True}), url,
                settings=WorkerSettings(poll_s=1.0, claim_ahead_cover_s=cover_s))
-    sizes: list[int] = []
-    complete_batch = w.feed.complete_batch
-
-    async def counted(reqs):
-        sizes.append(len(reqs))
-        return await complete_batch(reqs)
-
-    w.feed.completer._run_batch = counted
+    sizes = count_completion_batches(w)
     c0, p0, t0 = time.process_time(), pg_cpu_s(pg_dir), time.perf_counter()
     run = asyncio.create_task(w.run())
     try:

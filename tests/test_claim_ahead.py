@@ -10,6 +10,7 @@ import datetime as dt
 import contextlib
 import uuid
 
+from bench.common import count_completion_batches
 from sandmill.store import db as dbmod
 from sandmill.store import queue
 from sandmill.profiles import profile_from_dict
@@ -282,14 +283,7 @@ async def test_completions_of_slots_that_run_their_next_job_share_a_statement(pg
     ids = [await _push(pool, tag, "sleep", {"seconds": 0.1 + 0.01 * (i % 4)}) for i in range(12)]
     w = Worker(profile_from_dict({"name": "ahead", "tags": [tag], "native": True, "subworkers": 4}), pg_url,
                settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_lazy_s=0.04))
-    sizes: list[int] = []
-    complete_batch = w.feed.complete_batch
-
-    async def counted(reqs):
-        sizes.append(len(reqs))
-        return await complete_batch(reqs)
-
-    w.feed.completer._run_batch = counted
+    sizes = count_completion_batches(w)
     run = asyncio.create_task(w.run())
     try:
         await _wait(_all_done(pool, ids))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import count_completion_batches
 from sandmill.isolation import Limits, workdir
 from sandmill.isolation.output import CappedStream, drain
 from sandmill.isolation.supervise import KILL_OUTPUT, KILL_TIMEOUT, Launched, supervise_launch
@@ -193,14 +194,7 @@ async def test_short_jobs_held_ahead_share_their_completions_statements(pg_url) 
            for _ in range(150)]
     w = Worker(profile_from_dict({"name": "share", "tags": [tag], "native": True}), pg_url,
                settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, claim_ahead_cover_s=0.03))
-    sizes: list[int] = []
-    complete_batch = w.feed.complete_batch
-
-    async def counted(reqs):
-        sizes.append(len(reqs))
-        return await complete_batch(reqs)
-
-    w.feed.completer._run_batch = counted
+    sizes = count_completion_batches(w)
     run = asyncio.create_task(w.run())
     try:
         deadline = asyncio.get_running_loop().time() + 60
