@@ -273,9 +273,8 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             return Outcome(Status.sandbox_error, detail=f"work dir: {e}")
         try:
             cgroup = await z.take_cgroup()
-            # The zygote is in the cgroup too until it moves on, and on a machine without
-            # a raw clone the job process has a parent there: a job may then have one
-            # process less than its limit, never more.
+            # The zygote may still be in the cgroup for a moment, when its steps fall
+            # behind: a job may then have one process less than its limit, never more.
             cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
                               limits.pids, limits.cpu_cores)
         except (WarmError, OSError) as e:
