@@ -8,6 +8,7 @@ import asyncio
 import socket
 import statistics
 import time
+import types
 
 import pytest
 
@@ -85,9 +86,15 @@ def test_without_timerfd_it_is_asyncios_own_loop(monkeypatch):
         loop.close()
 
 
-def test_the_timer_is_armed_once_for_the_same_deadline():
+def test_the_timer_is_armed_once_for_the_same_deadline(monkeypatch):
     """A busy loop waits again and again for the same next timer: the pending timerfd is
     kept, not re-armed each turn."""
+    # A clock that moves 1 us a read: the test's and the selector's reads of one turn
+    # stay within _SAME_S however long the host keeps this process off a core.
+    ticks = iter(range(10**9))
+    t0 = time.monotonic()
+    monkeypatch.setattr(eventloop, "time", types.SimpleNamespace(monotonic=lambda: t0 + next(ticks) * 1e-6))
+    time_ = eventloop.time
     sel = eventloop.PreciseEpollSelector()
     a, b = socket.socketpair()
     arms = []
@@ -96,16 +103,16 @@ def test_the_timer_is_armed_once_for_the_same_deadline():
     try:
         sel.register(a, eventloop.selectors.EVENT_READ)
         b.send(b"x")  # always ready: each select returns at once
-        deadline = time.monotonic() + 5
+        deadline = time_.monotonic() + 5
         for _ in range(100):
-            assert len(sel.select(deadline - time.monotonic())) == 1
+            assert len(sel.select(deadline - time_.monotonic())) == 1
         assert len(arms) == 1
         sel.select(1.0)  # a later timer: armed anew
         assert len(arms) == 2
         for _ in range(10):  # polls of a loop with work to do leave the timer alone
             sel.select(0)
         assert len(arms) == 2
-        sel.select(deadline - time.monotonic())  # ...and a wait for a sooner one re-arms it
+        sel.select(deadline - time_.monotonic())  # ...and a wait for a sooner one re-arms it
         assert len(arms) == 3
     finally:
         sel.close()
