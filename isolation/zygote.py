@@ -38,6 +38,7 @@
 # O_PATH fd of every root and masks it with an empty read-only tmpfs; on J it binds only
 # its own mounts (J "mounts": [source, target], read-only) from those fds, so a job sees
 # its own environment and no other one.
+import atexit  # here, like resource: in a job process its import cost 0.3 ms (faults)
 import ctypes
 import gc
 import json
@@ -49,6 +50,7 @@ import socket
 import stat
 import struct
 import sys
+import types
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID = 0x10000000, 0x20000000
@@ -92,12 +94,15 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
+# Made once here: built in each job process, they cost it 0.2 ms (ctypes' pages copied).
+_CAP_HDR, _CAP_DATA = _CapHeader(0x20080522, 0), (_CapData * 2)()
+
+
 def _drop_caps():
     # The job runs without exec, so the kernel's exec-time capability rules never
     # apply: clear the sets ourselves (capset, _LINUX_CAPABILITY_VERSION_3).
-    hdr = _CapHeader(0x20080522, 0)
-    data = (_CapData * 2)()
-    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+    _CAP_HDR.version, _CAP_HDR.pid = 0x20080522, 0  # capset may write the version back
+    _check(_libc.capset(ctypes.byref(_CAP_HDR), _CAP_DATA), "capset")
 
 
 def _write(path, text):
@@ -209,6 +214,7 @@ def _job(sock):
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         roots = _mask_roots()
+        _rehearse()
         sock.send(b"W")  # waiting (with our pid: the worker checks our cgroup)
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
         if msg[:1] != b"J" or len(fds) != 3:
@@ -251,6 +257,23 @@ def _job(sock):
     if job.get("exec"):
         _exec(job)
     os._exit(_run(job))
+
+
+# A J like the worker's, parsed once while the process waits for its own: the pages the
+# parse writes (refcounts of the json module's objects) are copied now, not on the job's
+# path (docs/performance.md, "Round 5").
+_SAMPLE_J = (b'{"dir": "/j/job-0", "mount": "/j", "argv": ["w.py", "x"], "env": {"A": "b"}, '
+             b'"rlimits": [[1, 2, 3]], "tmp_bytes": null, "hostname": null, "exec": null, "mounts": []}')
+
+
+def _rehearse():
+    """Before W: what every job's start does with job-independent data, so that its
+    copy-on-write faults are taken while the process waits. The zygote's environment
+    goes (the job's comes with J: nothing reads it before)."""
+    json.loads(_SAMPLE_J)
+    os.environ.clear()
+    os.environ["SANDMILL"] = "1"
+    os.environ.clear()
 
 
 class _Refused(Exception):
@@ -333,8 +356,6 @@ def _exec(job):
 
 def _run(job):
     """Run the script as `python SCRIPT ARGS...` would, in this warm interpreter."""
-    import types
-
     os.environ.clear()
     os.environ.update(job["env"])
     sys.argv = list(job["argv"])
@@ -378,8 +399,6 @@ def _shutdown(rc):
         threading = sys.modules.get("threading")
         if threading is not None:
             threading._shutdown()
-        import atexit
-
         atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001
         rc = rc or 1
