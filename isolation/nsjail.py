@@ -99,7 +99,7 @@ class NsjailBackend(Backend):
             self.warm_pool = WarmPool(self._start_zygote, self.workdir_root, self.uid, self.gid,
                                       mount_at=JOB_DIR, cgroup_parent=cgroup_parent,
                                       preload=tuple(warm_preload),
-                                      mount_roots=existing_dirs(warm_mount_roots))
+                                      mount_roots=existing_dirs(warm_mount_roots), native=True)
 
     def probe(self) -> Probe:
         """Unavailable without the binary or without root (we map to another uid and
@@ -191,8 +191,10 @@ class NsjailBackend(Backend):
              "-B", f"{zdir}:{JOB_DIR}", "-D", JOB_DIR, "--time_limit", "0",
              "--rlimit_as", "max", "--rlimit_fsize", "max", "--rlimit_nofile", "max",
              "--rlimit_cpu", "max", "-m", "none:/tmp:tmpfs:size=1048576", "--iface_no_lo",
-             "--pass_fd", str(fd), "-E", "PATH=/usr/local/bin:/usr/bin:/bin", "-E", "LANG=C.UTF-8",
-             "--", *argv]
+             "--pass_fd", str(fd), "-E", "PATH=/usr/local/bin:/usr/bin:/bin", "-E", "LANG=C.UTF-8"]
+        if not any(argv[0].startswith(d + "/") for d in SYSTEM_DIRS):
+            a.append("--execute_fd")  # e.g. the native exec zygote: opened before the jail is made
+        a += ["--", *argv]
         env: dict[str, str] = {}
         if cgroup is not None:
             env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())

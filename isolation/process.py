@@ -69,7 +69,7 @@ class ProcessBackend(Backend):
         if warm and self.namespaces and self._cgroup_gap is None:
             self.warm_pool = WarmPool(self._start_zygote, self.workdir_root, self.uid, self.gid,
                                       cgroup_parent=cgroup_parent, preload=tuple(warm_preload),
-                                      mount_roots=self.mount_roots)
+                                      mount_roots=self.mount_roots, native=True)
 
     def probe(self) -> Probe:
         """Available everywhere; the gaps depend on root, cgroups and namespaces."""

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
-from . import workdir
+from . import launcher, workdir
 from .base import OutputCallback
 from .cgroups import CgroupUnavailable, JobCgroup
 from .spec import Mount, Outcome, RunSpec, Status
@@ -52,6 +52,7 @@ START_TIMEOUT_S = 10.0
 # environment's 0 turns it off, for the benchmark's before/after
 RECYCLE_CGROUPS = os.environ.get("SANDMILL_RECYCLE_CGROUPS", "1") != "0"
 PYTHON_FLAGS = ("-u", "-B")  # flags a warm run may carry: the zygote runs with them
+NATIVE = "native"  # the interpreter of a pool key served by the native exec zygote
 
 
 # A backend's way of starting one zygote: (argv tail to run, zygote dir, socket fd to
@@ -130,7 +131,7 @@ class WarmPool:
                  mount_at: str | None = None, hostname: str | None = None,
                  cgroup_parent: str = "sandmill", preload: tuple[str, ...] = DEFAULT_PRELOAD,
                  memory_mb: int = 256, python: str = "/usr/bin/python3",
-                 mount_roots: tuple[str, ...] = ()) -> None:
+                 mount_roots: tuple[str, ...] = (), native: bool = False) -> None:
         self.starter = starter
         # Dirs the zygote sees and every job process masks, binding only its own mounts
         # from under them (zygote.py, "Mount roots").
@@ -146,6 +147,24 @@ class WarmPool:
         self.memory_mb = memory_mb
         self.idle: dict[tuple[str, bytes], list[Zygote]] = {}
         self.disabled: str | None = None
+        # the native exec zygote (launcher.c), where the starter can run a host binary
+        # (``native``): built on first use; "" once it is off here
+        self.launcher: str | None = None if native else ""
+
+    async def native(self) -> str | None:
+        """The native exec zygote's path, built on first use; None where there is none
+        (no compiler, switched off, or it failed here: exec jobs use the Python one)."""
+        if self.launcher is None:
+            self.launcher = await asyncio.to_thread(launcher.build) or ""
+        return self.launcher or None
+
+    def native_off(self, why: str) -> None:
+        """Exec jobs go to the Python exec zygote from now on."""
+        if self.launcher:
+            log.warning("native exec zygote off, exec jobs fork from the Python one: %s", why)
+        self.launcher = ""
+        for z in self.idle.pop((NATIVE, b""), []):
+            z.close()
 
     async def acquire(self, python: str, script: str, source: bytes) -> Zygote:
         """An idle zygote for ``python`` with ``source`` (the runtime script, named
@@ -162,7 +181,7 @@ class WarmPool:
         try:
             return await self._start(key, script)
         except WarmError as e:
-            self.disable(str(e))
+            (self.native_off if python == NATIVE else self.disable)(str(e))
             raise
 
     def release(self, z: Zygote) -> None:
@@ -203,12 +222,15 @@ class WarmPool:
             # processes never use the modules, and every page it maps is torn down again
             # by each job's exec (docs/performance.md, "Warm exec").
             preload = ",".join(self.preload) if script else ""
-            argv = [python, *PYTHON_FLAGS, "-E", "-s", "-c", ZYGOTE_SOURCE,
-                    str(theirs.fileno()), preload, script,
-                    source.decode(errors="surrogateescape"), json.dumps(self.mount_roots)]
+            if python == NATIVE:
+                argv = [self.launcher or "", str(theirs.fileno()), *self.mount_roots]
+            else:
+                argv = [python, *PYTHON_FLAGS, "-E", "-s", "-c", ZYGOTE_SOURCE,
+                        str(theirs.fileno()), preload, script,
+                        source.decode(errors="surrogateescape"), json.dumps(self.mount_roots)]
             proc = await self.starter(argv, zdir, theirs.fileno(), cgroup)
             theirs.close()
-            z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent)
+            z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent, native=python == NATIVE)
             await asyncio.wait_for(z.recv_ready(), START_TIMEOUT_S)
             z.prepare()
             return z
@@ -256,7 +278,9 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
     if script is not None:
         key: tuple[str, str, bytes] = (program, script, spec.files[script])
     elif can_exec and os.path.isabs(program) and os.access(program, os.X_OK):
-        key, exec_argv = (pool.python, "", b""), [program, *spec.argv[1:]]
+        # the native exec zygote binds no mounts of a job's own: those go to the Python one
+        native = not spec.mounts and await pool.native() is not None
+        key, exec_argv = (NATIVE if native else pool.python, "", b""), [program, *spec.argv[1:]]
     else:
         return None
     limits = spec.limits
@@ -292,7 +316,8 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             sup = await supervise_launch(make_launch(z, req, cgroup), stdin=spec.stdin,
                                          limits=limits, cgroup=cgroup, on_output=on_output)
         except WarmSetupError as e:
-            pool.disable(str(e))  # e.g. no unprivileged user namespaces on this kernel
+            # e.g. no unprivileged user namespaces on this kernel (the native one: itself only)
+            (pool.native_off if z.native else pool.disable)(str(e))
             return None
         except WarmMountError as e:  # this job's mounts only; the zygote goes on
             log.info("a job's mounts cannot be made warm, running it cold: %s", e)

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from . import launcher
 from .cgroups import CgroupUnavailable, JobCgroup
 from .warm_proto import (
     JobProc,
@@ -45,8 +46,10 @@ class Zygote:
     """
 
     def __init__(self, key: tuple[str, bytes], proc: asyncio.subprocess.Process,
-                 sock: socket.socket, zdir: Path, home: JobCgroup, cgroup_parent: str) -> None:
+                 sock: socket.socket, zdir: Path, home: JobCgroup, cgroup_parent: str, *,
+                 native: bool = False) -> None:
         self.key = key  # (interpreter, runtime script) it serves
+        self.native = native  # the native exec zygote (launcher.c): jobs go as K, not J
         self.proc = proc
         self.sock = sock
         self.dir = zdir
@@ -247,7 +250,7 @@ class Zygote:
             with open(f"/proc/{pid}/cgroup") as f:
                 if cgroup.unique_dirs()[0].name not in f.read():
                     raise WarmError("the job process is not in its job cgroup")
-            payload = b"J" + json.dumps(req.__dict__).encode()
+            payload = launcher.encode(req) if self.native else b"J" + json.dumps(req.__dict__).encode()
             jp.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                          array.array("i", fds))])
             self.job_sent = True

@@ -5,7 +5,10 @@ so a gap that starts passing is reported, never silently green.
 Backends with warm interpreters (isolation/warm.py; docker: warm containers,
 isolation/docker_warm.py) run the suite three times: cold (``warm=False``), warm
 in-process (``<name>+warm``) and warm exec (``<name>+exec``); in the warm variants every
-run must really have been warm (docker's are built with ``warm=True``)."""
+run must really have been warm (docker's are built with ``warm=True``). On process and
+nsjail, ``+exec`` runs through the native exec zygote (isolation/launcher.c; required in
+CI, where setup installs the compiler) and ``+pyexec`` through the Python one (jobs with
+mounts of their own, hosts without a compiler)."""
 
 from __future__ import annotations
 
@@ -14,24 +17,32 @@ import os
 
 import pytest
 
-from sandmill.isolation import workdir
+from sandmill.isolation import launcher, workdir
 from sandmill.isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, Probe
 from sandmill.isolation.registry import BACKENDS, backend_class
 from sandmill.isolation.spec import Outcome, RunSpec
+from sandmill.isolation.warm import NATIVE
 
 WARM_BACKENDS = ("process", "nsjail", "docker")  # the ones with a ``warm`` option
+NATIVE_BACKENDS = ("process", "nsjail")  # their warm exec may use the native exec zygote
 
 
 def variants() -> list[str]:
     """Every backend name, plus ``<name>+warm`` (the runtime script runs in a warm
     interpreter) and ``<name>+exec`` (a warm job process execs the program) for those
     with warm interpreters."""
-    return [v for name in BACKENDS
-            for v in ((name, f"{name}+warm", f"{name}+exec") if name in WARM_BACKENDS else (name,))]
+    out = []
+    for name in BACKENDS:
+        out.append(name)
+        if name in WARM_BACKENDS:
+            out += [f"{name}+warm", f"{name}+exec"]
+        if name in NATIVE_BACKENDS:
+            out.append(f"{name}+pyexec")
+    return out
 
 
 def base(variant: str) -> str:
-    return variant.removesuffix("+warm").removesuffix("+exec")
+    return variant.split("+")[0]
 
 
 @functools.cache
@@ -77,9 +88,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class MustRunWarm(Backend):
     """A warm backend whose every run must have been warm (not a silent cold fallback)."""
 
-    def __init__(self, inner: Backend, exec_: bool) -> None:
+    def __init__(self, inner: Backend, exec_: bool, native: bool = False) -> None:
         self.inner = inner
         self.exec = exec_
+        self.native = native  # the exec must have gone through the native exec zygote
         self.name = inner.name + ("+exec" if exec_ else "+warm")
 
     def probe(self) -> Probe:
@@ -92,6 +104,8 @@ class MustRunWarm(Backend):
         o = await self.inner.run(spec, on_output)
         pool = getattr(self.inner, "warm_pool", None)
         assert o.warm, f"ran cold: {pool.disabled if pool else 'no warm pool'}"
+        if self.native:
+            assert (NATIVE, b"") in pool.idle, "the exec did not use the native exec zygote"
         return o
 
 
@@ -111,7 +125,14 @@ def backend(backend_name: str):
     # warm variants insist (warm=True): its probe refuses where warm cannot run.
     b = cls(warm=True if warm and name == "docker" else warm,
             workdir_root=str(workdir.owner_root(workdir.default_root())))
-    yield MustRunWarm(b, backend_name.endswith("+exec")) if warm else b
+    variant = backend_name.removeprefix(name)
+    native = False
+    if name in NATIVE_BACKENDS and b.warm_pool is not None:
+        if variant == "+pyexec":
+            b.warm_pool.launcher = ""  # as where no compiler is found
+        elif variant == "+exec":
+            native = _in_ci() or launcher.build() is not None
+    yield MustRunWarm(b, variant in ("+exec", "+pyexec"), native) if warm else b
     b.close()
 
 
