@@ -136,10 +136,14 @@ class Zygote:
         self.ahead = self._last = JobProc(self._seq, ours, ended, self.zcg)
 
     def _move(self) -> None:
-        """(In a thread.) Into another cgroup: a recycled one, else a fresh one."""
+        """(In a thread.) Into another cgroup: a recycled one, else a fresh one; not out
+        of one where no job process was forked yet (it would be left behind, never
+        removed: a job that ends before the step before it has moved on, twice in a row)."""
         assert self.pid is not None
         if self.broken:
             return
+        if self.zcg is not None and (self._last is None or self._last.cgroup is not self.zcg):
+            return  # the next fork lands here
         try:
             cg = self.spare.popleft()
         except IndexError:

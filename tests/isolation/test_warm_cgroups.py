@@ -1,0 +1,47 @@
+"""A warm zygote's job cgroups: every one it makes is gone after its close, also when
+jobs end before the thread step of the job before them is over (a slow host)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sandmill.isolation import Limits, RunSpec, warm, workdir
+from sandmill.isolation.cgroups import JobCgroup
+from sandmill.isolation.process import ProcessBackend
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_no_job_cgroup_is_left_behind_when_steps_fall_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[JobCgroup] = []
+    create = JobCgroup.create.__func__  # type: ignore[attr-defined]
+
+    def recording(cls, *a, **k):  # type: ignore[no-untyped-def]
+        cg = create(cls, *a, **k)
+        made.append(cg)
+        return cg
+
+    monkeypatch.setattr(JobCgroup, "create", classmethod(recording))
+    remove = warm._remove
+
+    def slow_remove(*a, **k):  # type: ignore[no-untyped-def]
+        time.sleep(0.03)  # each job ends before the step of the job before it is over
+        remove(*a, **k)
+
+    monkeypatch.setattr(warm, "_remove", slow_remove)
+    b = ProcessBackend(warm=True, workdir_root=str(workdir.owner_root(workdir.default_root())))
+    if b.warm_pool is None:
+        pytest.skip("no warm pool for the process backend here (needs root and cgroups)")
+    try:
+        for i in range(12):
+            o = await b.run(RunSpec(argv=["/bin/echo", str(i)], env={"PATH": "/usr/bin:/bin"}, files={},
+                                    limits=Limits(wall_s=10)))
+            assert o.warm and o.stdout == f"{i}\n".encode(), o
+    finally:
+        b.close()
+    deadline = time.monotonic() + 5  # the last job's step (in a thread) may still run
+    while (left := [cg for cg in made if any(d.exists() for d in cg.unique_dirs())]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert made and not left, f"{len(left)} of {len(made)} job cgroups left behind"
