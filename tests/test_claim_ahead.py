@@ -601,3 +601,53 @@ async def test_the_watch_rests_while_the_only_jobs_are_long_and_pinging(pg_url):
         assert w.watch._timer is None
         await _wait(_all_done(pool, [long]))
     await pool.close()
+
+
+async def test_a_lone_jobs_claim_ahead_not_sent_yet_rides_on_its_completion(pg_url):
+    """A job that ends before its slot's claim of jobs to hold has gone out (it waits for
+    company, completion_lazy_s): the claim is taken back and the completion asks for them
+    instead; one statement and round trip less on a lone job's path (run_wait_result)."""
+    tag = "cal-" + uuid.uuid4().hex[:6]
+    pool = await dbmod.create_pool(pg_url)
+    w = Worker(profile_from_dict({"name": "lone", "tags": [tag], "native": True, "subworkers": 1}), pg_url,
+               settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_lazy_s=5.0))
+    ahead: list[int] = []
+    claim_ahead = w.feed.ahead._run_batch
+
+    async def counted(reqs):
+        ahead.append(len(reqs))
+        return await claim_ahead(reqs)
+
+    w.feed.ahead._run_batch = counted
+    sizes = count_completion_batches(w)
+    run = asyncio.create_task(w.run())
+    try:
+        for _ in range(4):  # one at a time, each alone in the queue
+            job = await _push(pool, tag)
+            await _wait(_all_done(pool, [job]))
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 20)
+        await pool.close()
+    assert ahead == [] and len(sizes) == 4, (ahead, sizes)
+
+
+async def test_a_batcher_takes_back_only_what_has_not_gone_out():
+    sent: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def run(reqs: list[str]) -> list[str]:
+        sent.append(reqs)
+        await gate.wait()
+        return [r.upper() for r in reqs]
+
+    b = Batcher(run)
+    first = b.enqueue("a")  # goes out at once
+    await asyncio.sleep(0)
+    lazy, other = b.enqueue("b", wait_s=10), b.enqueue("c", wait_s=10)
+    assert b.withdraw(lazy) and lazy.cancelled()
+    assert not b.withdraw(first)  # in a statement already
+    gate.set()
+    b.flush()
+    assert await first == "A" and await other == "C"
+    assert sent == [["a"], ["c"]]

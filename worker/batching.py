@@ -52,6 +52,18 @@ class Batcher:
                 self._timer = loop.call_at(due, self.flush)
         return fut
 
+    def withdraw(self, fut: asyncio.Future) -> bool:
+        """Take back the request of ``fut`` if it has not gone out yet (its future is then
+        cancelled): True; False once it is in a statement, or unknown here."""
+        for i, (_, f) in enumerate(self._pending):
+            if f is fut:
+                del self._pending[i]
+                if not self._pending:
+                    self._drop_timer()
+                fut.cancel()
+                return True
+        return False
+
     def flush_if(self, wanted: Callable[[Any], bool]) -> None:
         """flush() if a waiting request is ``wanted`` now."""
         if any(wanted(req) for req, _ in self._pending):

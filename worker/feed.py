@@ -295,9 +295,12 @@ class Feed:
 
     # ---- the jobs a slot holds ahead ---------------------------------------------------------
 
-    async def next_held(self, st: SlotState) -> dict[str, Any] | None:
+    async def next_held(self, st: SlotState, ended: bool = False) -> dict[str, Any] | None:
         """The slot's next job held ahead, in the order they were claimed; waits for the
-        oldest claim still in flight when none is back yet (None when they brought none)."""
+        oldest claim still in flight when none is back yet (None when they brought none).
+        ``ended`` (the slot's job has just ended): a claim of jobs to hold that has not
+        gone out yet is taken back instead (None): the job's completion claims them, one
+        statement and round trip less before it (docs/performance.md, "Claim ahead")."""
         if self.send_first and self.completer.sending() and len(st.ready) * 2 <= self.pace.depth():
             await asyncio.sleep(0)  # half its held jobs are left: the completion goes now
         while True:
@@ -308,6 +311,9 @@ class Feed:
                 return job
             if not st.coming:
                 return None
+            if ended and self.ahead.withdraw(st.coming[0][0]):
+                st.asked -= st.coming.popleft()[1]
+                continue
             # it may still wait for company: its answer is wanted now
             self.completer.flush()
             self.ahead.flush()

@@ -113,7 +113,7 @@ class Slots:
             self.pace.note(ran_s)  # how long this worker's jobs run, lately
             if done is None:  # lost, or put back at shutdown: nothing to complete
                 continue
-            job = await feed.next_held(st)  # its claim has had this job's run to come back
+            job = await feed.next_held(st, ended=True)  # its claim has had this job's run to come back
             stopping = self.stopping.is_set()
             if job is not None and stopping:
                 await feed.give_back(job)
