@@ -9,8 +9,8 @@ the same machine in the same run.
 Over the throughput batch it also reports the CPU ms per job of each process (psutil):
 the server, the worker, the sandbox (every process under the worker: nsjail, warm
 interpreters and the job processes they reaped), PostgreSQL (postmaster and backends)
-and the bench's own client, which submits the batch on the same cores (bench/rawhttp.py
-by default; ``--client httpx`` as before session 12, about 2-4 ms of CPU a request).
+and the bench's own client, which submits the batch and the latency runs on the same cores
+(bench/rawhttp.py by default; ``--client httpx`` as before, about 2-4 ms of CPU a request).
 Kernel threads (e.g. a network namespace's teardown) are not counted.
 
 python3 jobs on process and nsjail fork from a warm interpreter by default; --cold runs
@@ -59,8 +59,15 @@ async def bare_start(argv: list[str], runs: int) -> list[float]:
     return out
 
 
-async def latency(cluster: LocalCluster, language: str, runs: int) -> list[float]:
+async def latency(cluster: LocalCluster, language: str, runs: int, client: str = "raw") -> list[float]:
+    """Wall ms of each of ``runs`` run_wait_result calls, one after the other (after 5 to
+    warm up). ``client``: "raw" (bench/rawhttp.py) or "httpx" (its own 1.7-3.9 ms of CPU a
+    request were in each figure before session 13)."""
     body = {"content": TRIVIAL[language], "language": language}
+    if client == "raw":
+        return await rawhttp.time_each(cluster.base, "/api/w/bench/jobs/run_wait_result/preview",
+                                       json.dumps(body).encode(),
+                                       {"Authorization": f"Bearer {cluster.token}"}, runs)
     out = []
     async with cluster.async_client() as c:
         for _ in range(5):  # warm up connections and caches
@@ -176,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict:
                              backend_options=opts or None)
         cluster.wait_workers("bench")
         bare = await bare_start(BARE[args.language], args.latency_runs)
-        lat = await latency(cluster, args.language, args.latency_runs)
+        lat = await latency(cluster, args.language, args.latency_runs, args.client)
         spy = start_profile(cluster, args.profile) if args.profile else None
         cpu0 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
         jps = await throughput(cluster, args.language, args.jobs, args.client)
@@ -223,7 +230,8 @@ def main() -> None:
     ap.add_argument("--profile", metavar="PATH",
                     help="py-spy the worker over the batch (raw collapsed stacks to PATH)")
     ap.add_argument("--client", default="raw", choices=["raw", "httpx"],
-                    help="the batch's HTTP client (raw: bench/rawhttp.py; httpx: as before session 12)")
+                    help="the HTTP client of the batch and the latency runs (raw: bench/rawhttp.py; "
+                         "httpx: as before session 12, for the latency runs before session 13)")
     ap.add_argument("--quick", action="store_true", help="a small run (40 jobs, 10 latency runs)")
     args = ap.parse_args()
     if args.quick:

@@ -1,5 +1,5 @@
 """bench/rawhttp.py, the benchmarks' lean HTTP client: keep-alive POSTs in order, both
-body framings, and an unexpected status as an error."""
+body framings, timed one after the other, and an unexpected status as an error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bench.rawhttp import RawHTTPError, post_many
+from bench.rawhttp import RawHTTPError, post_many, time_each
 
 
 async def _server(answers):
@@ -47,3 +47,16 @@ async def test_an_unexpected_status_is_an_error() -> None:
     async with srv:
         with pytest.raises(RawHTTPError, match="422"):
             await post_many(f"http://127.0.0.1:{port}", "/x", b"{}", {}, 1)
+
+
+async def test_time_each_times_only_the_runs_after_the_warm_up() -> None:
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n1"
+    srv, port, got = await _server([ok] * 5)
+    async with srv:
+        ms = await time_each(f"http://127.0.0.1:{port}", "/x", b"{}", {}, 3, warmup=2)
+    assert len(ms) == 3 and all(0 < m < 5000 for m in ms)
+    assert len(got) == 5
+    srv, port, _ = await _server([ok, b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n"])
+    async with srv:
+        with pytest.raises(RawHTTPError, match="500"):
+            await time_each(f"http://127.0.0.1:{port}", "/x", b"{}", {}, 1, warmup=1)
