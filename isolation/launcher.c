@@ -223,22 +223,11 @@ static void job(int sock, uid_t uid, gid_t gid) {
     for (int i = 0; i < 3; i++)
         if (fds[i] < 3 || dup2(fds[i], i) < 0) /* ours are all above 2: 0-2 are taken */
             fail(sock, "dup2");
-    /* Every signal back to its default and none blocked: an exec keeps ignored ones. */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    for (int s = 1; s < NSIG; s++)
-        sigaction(s, &dfl, NULL);
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    int keep_sock = sock;
+    /* Every other fd closed, our socket too: its end tells the worker the job's code runs.
+       (Signals: all at their defaults and none blocked, as the zygote set them once.) */
     if (syscall(SYS_close_range, 3, ~0U, 0) != 0)
         for (int fd = 3; fd < 65536; fd++)
-            if (fd != keep_sock)
-                close(fd);
-    /* The socket is closed from here on (its end tells the worker the job's code runs). */
-    close(keep_sock);
+            close(fd);
     execve(argv[0], argv, env);
     dprintf(2, "sandmill: cannot run %s: %s\n", argv[0], strerror(errno));
     _exit(127);
@@ -266,8 +255,17 @@ int main(int argc, char **argv) {
     nroots = argc - 2;
     uid_t uid = getuid();
     gid_t gid = getgid();
-    signal(SIGCHLD, SIG_DFL); /* our children stay ours to reap (never auto-reaped) */
-    signal(SIGPIPE, SIG_IGN);
+    /* Every signal at its default and none blocked, once here, so that each job process
+       inherits them (an exec keeps ignored ones): SIGCHLD's keeps our children ours to
+       reap; our sends use MSG_NOSIGNAL instead of an ignored SIGPIPE. */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; s++)
+        sigaction(s, &dfl, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     prctl(PR_SET_DUMPABLE, 0); /* no same-uid process may ptrace or read our memory */
     if (send(sock, "R", 1, MSG_NOSIGNAL) != 1)
         return 1;

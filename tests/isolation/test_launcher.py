@@ -8,6 +8,7 @@ import array
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -77,7 +78,12 @@ def test_protocol_spoken_directly() -> None:
     path = launcher.build()
     assert path is not None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([path, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+
+    def ignoring() -> None:  # what a careless parent leaves: the zygote resets it for its jobs
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+
+    proc = subprocess.Popen([path, str(theirs.fileno())], pass_fds=(theirs.fileno(),), preexec_fn=ignoring,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     theirs.close()
     try:
@@ -110,6 +116,17 @@ def test_protocol_spoken_directly() -> None:
         assert _recv(job) == b""  # its socket closes as the program starts
         assert struct.unpack("ii", _recv(ours)[1:]) == (2, 0)
         assert os.read(out_r, 4096) == f"zero|one|a b||33|{tmp_path}|0\n".encode()
+        os.close(out_r)
+
+        job = fork()  # no signal ignored or blocked in the program (an exec keeps both)
+        out_r, out_w = os.pipe()
+        req.exec = ["/bin/grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]
+        job.sendmsg([launcher.encode(req)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", [null, out_w, out_w]))])
+        os.close(out_w)
+        assert _recv(job) == b""
+        assert struct.unpack("ii", _recv(ours)[1:]) == (3, 0)
+        assert os.read(out_r, 4096).split() == [b"SigBlk:", b"0" * 16, b"SigIgn:", b"0" * 16]
         os.close(out_r)
         os.close(null)
     finally:
