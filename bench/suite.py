@@ -26,7 +26,7 @@ class Counts:
 
     backends: list[str] = field(default_factory=lambda: ["process", "nsjail", "docker"])
     latency_runs: int = 50
-    batch_jobs: int = 100        # jobs per throughput batch (per-job overhead)
+    batch_jobs: int = 300        # jobs per throughput batch (per-job overhead; 100 until session 13)
     batches: int = 3
     docker_batch_jobs: int = 30
     docker_latency_runs: int = 15
