@@ -23,6 +23,15 @@ class Probe:
     gaps: dict[str, str] = field(default_factory=dict)
 
 
+class Prepared:
+    """A job's set-up made ahead by ``Backend.prepare`` while the job before it runs. The
+    run it was made for takes it (``run(spec, on_output, prepared=...)``, the same spec
+    object); ``discard`` frees what it holds, and is a no-op once a run took it."""
+
+    def discard(self) -> None:
+        """Free what the set-up holds (work dir, reservations); idempotent."""
+
+
 class Backend(abc.ABC):
     """Runs one RunSpec in a fresh sandbox.
 
@@ -39,6 +48,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
         """Run ``spec`` and return its Outcome. Never raises for a job's own failure."""
+
+    def prepare(self, spec: RunSpec, lane: object) -> Prepared | None:
+        """Optional: start ``spec``'s set-up now, while the job before it runs in ``lane``
+        (the task that runs both, one after the other), so that its run only starts it.
+        Nothing of the job runs before its own run. None: nothing to prepare here."""
+        return None
 
     def close(self) -> None:  # optional: most backends hold nothing
         """Release what the backend keeps between runs (warm interpreters, clients)."""

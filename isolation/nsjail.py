@@ -25,11 +25,11 @@ import tempfile
 from pathlib import Path
 
 from . import devices_cgroup, workdir
-from .base import Backend, OutputCallback, Probe
+from .base import Backend, OutputCallback, Prepared, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Outcome, RunSpec, Status, mounts_problem
 from .supervise import KILL_TIMEOUT, Supervised, classify, supervise
-from .warm import DEFAULT_PRELOAD, WarmPool, existing_dirs, run_warm, warm_mounts_problem
+from .warm import DEFAULT_PRELOAD, WarmPool, existing_dirs, prepare_warm, run_warm, warm_mounts_problem
 
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/passwd",
@@ -204,12 +204,8 @@ class NsjailBackend(Backend):
             stderr=asyncio.subprocess.DEVNULL, env=env, cwd="/", pass_fds=(fd,),
             start_new_session=True)
 
-    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
-        """Run ``spec`` under nsjail; see the module docstring."""
-        if not self.binary:
-            return Outcome(Status.sandbox_error, detail="nsjail binary not found")
-        if why := mounts_problem(spec.mounts) or (spec.gpu and mounts_problem([*spec.gpu.devices, *spec.gpu.files])):
-            return Outcome(Status.sandbox_error, detail=why)
+    def _warm(self, spec: RunSpec) -> tuple[str, bool] | None:
+        """(argv[0] resolved, whether a warm exec sees it) when ``spec`` may run warm."""
         # A warm interpreter's jail is made before the job: the job process binds its
         # mounts only from under the pool's mount roots (read-only); others run cold.
         if self.warm_pool is not None and spec.argv and spec.gpu is None and not (
@@ -217,8 +213,26 @@ class NsjailBackend(Backend):
                                                     job_dir=JOB_DIR)):
             program = _resolve(spec.argv[0], spec.env)
             # A warm exec sees what a cold job sees: only programs in the bound system dirs.
-            visible = any(program.startswith(d + "/") for d in SYSTEM_DIRS)
-            out = await run_warm(self.warm_pool, spec, on_output, program, can_exec=visible)
+            return program, any(program.startswith(d + "/") for d in SYSTEM_DIRS)
+        return None
+
+    def prepare(self, spec: RunSpec, lane: object) -> Prepared | None:
+        """A warm job's set-up while ``lane``'s job before it runs (warm_prepare.py)."""
+        if not self.binary or self.warm_pool is None or mounts_problem(spec.mounts):
+            return None
+        warm = self._warm(spec)
+        return prepare_warm(self.warm_pool, spec, lane, *warm) if warm is not None else None
+
+    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None,
+                  prepared: Prepared | None = None) -> Outcome:
+        """Run ``spec`` under nsjail; see the module docstring. ``prepared``: from
+        ``prepare(spec)`` (the caller discards it after the run)."""
+        if not self.binary:
+            return Outcome(Status.sandbox_error, detail="nsjail binary not found")
+        if why := mounts_problem(spec.mounts) or (spec.gpu and mounts_problem([*spec.gpu.devices, *spec.gpu.files])):
+            return Outcome(Status.sandbox_error, detail=why)
+        if (warm := self._warm(spec)) is not None:
+            out = await run_warm(self.warm_pool, spec, on_output, *warm, prepared=prepared)
             if out is not None:
                 return out
         limits = spec.limits

@@ -22,11 +22,11 @@ from pathlib import Path
 from . import linux, workdir
 from . import devices_cgroup
 from .devfs import STANDARD, PrivateDev
-from .base import Backend, OutputCallback, Probe
+from .base import Backend, OutputCallback, Prepared, Probe
 from .cgroups import CgroupUnavailable, JobCgroup, cpu_quota_gap, probe_gap
 from .spec import Limits, Mount, Outcome, RunSpec, Status, mounts_problem
 from .supervise import classify, job_rlimits, supervise
-from .warm import DEFAULT_PRELOAD, WarmPool, existing_dirs, run_warm, warm_mounts_problem
+from .warm import DEFAULT_PRELOAD, WarmPool, existing_dirs, prepare_warm, run_warm, warm_mounts_problem
 
 DEFAULT_HIDE = ("/root", "/home", "/work", "/mnt", "/media", "/srv", "/var/lib/docker",
                 "/var/lib/postgresql", "/run/secrets")
@@ -94,17 +94,31 @@ class ProcessBackend(Backend):
             gaps["tmp_size_limit"] = "namespaces disabled: no tmpfs /tmp"
         return Probe(backend=self.name, available=True, gaps=gaps)
 
-    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None) -> Outcome:
-        """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox."""
-        if why := self._mounts_problem(spec.mounts) or self._gpu_problem(spec):
-            return Outcome(Status.sandbox_error, detail=why)
+    def _warm(self, spec: RunSpec) -> str | None:
+        """argv[0] resolved, when ``spec`` may run warm."""
         # A warm interpreter's namespaces are made before the job: its job process binds
         # read-only mounts from under the mount roots, or a host path onto itself, which
         # the warm interpreter sees as is (the host's / read-only; our masks were checked).
         if self.warm_pool is not None and spec.argv and spec.gpu is None and not (
                 spec.mounts and warm_mounts_problem(spec.mounts, self.mount_roots, self_binds=True)):
-            program = shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
-            out = await run_warm(self.warm_pool, spec, on_output, program)
+            return shutil.which(spec.argv[0], path=spec.env.get("PATH", os.defpath)) or spec.argv[0]
+        return None
+
+    def prepare(self, spec: RunSpec, lane: object) -> Prepared | None:
+        """A warm job's set-up while ``lane``'s job before it runs (warm_prepare.py)."""
+        if self.warm_pool is None or self._mounts_problem(spec.mounts) or self._gpu_problem(spec):
+            return None
+        program = self._warm(spec)
+        return prepare_warm(self.warm_pool, spec, lane, program) if program is not None else None
+
+    async def run(self, spec: RunSpec, on_output: OutputCallback | None = None,
+                  prepared: Prepared | None = None) -> Outcome:
+        """Run ``spec`` in a fresh work dir; see the module docstring for the sandbox.
+        ``prepared``: from ``prepare(spec)`` (the caller discards it after the run)."""
+        if why := self._mounts_problem(spec.mounts) or self._gpu_problem(spec):
+            return Outcome(Status.sandbox_error, detail=why)
+        if (program := self._warm(spec)) is not None:
+            out = await run_warm(self.warm_pool, spec, on_output, program, prepared=prepared)
             if out is not None:
                 return out
         limits = spec.limits

@@ -32,14 +32,16 @@ from importlib import resources
 from pathlib import Path
 
 from . import launcher, workdir
-from .base import OutputCallback
+from .base import OutputCallback, Prepared
 from .cgroups import CgroupUnavailable, JobCgroup
 from .spec import Mount, Outcome, RunSpec, Status
 from .supervise import Launched, classify, job_rlimits, supervise_launch
+from .warm_prepare import WarmPrepared, job_started, lane_done
 from .warm_zygote import JobRequest, WarmError, WarmMountError, WarmSetupError, Zygote
 
 __all__ = ["DEFAULT_PRELOAD", "JobRequest", "WarmError", "WarmMountError", "WarmPool",
-           "WarmSetupError", "Zygote", "existing_dirs", "run_warm", "warm_mounts_problem", "warm_script"]
+           "WarmSetupError", "Zygote", "existing_dirs", "prepare_warm", "run_warm", "warm_mounts_problem",
+           "warm_script"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,11 @@ class WarmPool:
         self.memory_mb = memory_mb
         self.idle: dict[tuple[str, bytes], list[Zygote]] = {}
         self.disabled: str | None = None
+        # warm_prepare.py: the zygote each lane's running job is on (from its J), the
+        # set-ups waiting for their lane's next J, and the zygotes kept for a set-up
+        self.lanes: dict[object, Zygote] = {}
+        self.waiting: dict[object, WarmPrepared] = {}
+        self.reserved: dict[Zygote, WarmPrepared] = {}
         # the native exec zygote (launcher.c), where the starter can run a host binary
         # (``native``): built on first use; "" once it is off here
         self.launcher: str | None = None if native else ""
@@ -188,7 +195,7 @@ class WarmPool:
         """Give ``z`` back after a job that ended normally; a broken one is closed."""
         if z.broken or z.proc.returncode is not None or self.disabled:
             z.close()
-        else:
+        elif z not in self.reserved:  # else kept for the job prepared on it
             self.idle.setdefault(z.key, []).append(z)
 
     def disable(self, why: str) -> None:
@@ -198,7 +205,9 @@ class WarmPool:
         self.close()
 
     def close(self) -> None:
-        """Stop every idle zygote."""
+        """Stop every idle zygote (set-ups made ahead are discarded first)."""
+        for p in [*self.waiting.values(), *self.reserved.values()]:
+            p.discard()
         for zs in self.idle.values():
             for z in zs:
                 z.close()
@@ -247,8 +256,10 @@ class WarmPool:
                             f"{type(e).__name__}: {e}") from None
 
 
-def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup):
-    """A ``supervise_launch`` launcher that runs ``req`` in ``z``."""
+def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup,
+                sent: Callable[[], None] | None = None):
+    """A ``supervise_launch`` launcher that runs ``req`` in ``z``; ``sent`` is called
+    once the job has gone."""
 
     async def launch(stdin_fd: int | None, out_w: int, err_w: int) -> Launched:
         null = os.open(os.devnull, os.O_RDONLY) if stdin_fd is None else None
@@ -257,20 +268,54 @@ def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup):
         finally:
             if null is not None:
                 os.close(null)
+        if sent is not None:
+            sent()
         return Launched(wait=z.wait_job(), pgid=None, kill=z.kill_job, sweep=False)
 
     return launch
 
 
+def prepare_warm(pool: WarmPool, spec: RunSpec, lane: object, program: str,
+                 can_exec: bool = True) -> WarmPrepared | None:
+    """``spec``'s warm set-up, started while ``lane``'s job runs (warm_prepare.py), for
+    ``run_warm(..., prepared=)`` with the same arguments; None when it would not run warm."""
+    if pool.disabled or spec.network != "none" or not spec.argv:
+        return None
+    script = warm_script(spec)
+    if script is None and not (can_exec and os.path.isabs(program) and os.access(program, os.X_OK)):
+        return None
+    exec_argv = None if script is not None else [program, *spec.argv[1:]]
+    p = WarmPrepared(pool, spec, lane, script, program,
+                     functools.partial(_request, pool, spec, script, exec_argv))
+    p.start()
+    return p
+
+
+def _request(pool: WarmPool, spec: RunSpec, script: str | None, exec_argv: list[str] | None,
+             z: Zygote, wd: Path) -> JobRequest:
+    """The job's message to its job process in ``z``, its work dir ``wd``."""
+    limits = spec.limits
+    mount = pool.mount_at or str(z.dir)
+    return JobRequest(
+        dir=f"{mount}/{wd.name}", mount=mount,
+        argv=spec.argv[spec.argv.index(script, 1):] if script else [], env=dict(spec.env),
+        rlimits=[(r, s, h) for r, (s, h) in job_rlimits(limits)],
+        tmp_bytes=limits.tmp_mb * 1024 * 1024 if limits.tmp_mb else None,
+        hostname=pool.hostname, exec=exec_argv,
+        mounts=[[m.source, m.target] for m in spec.mounts])
+
+
 async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | None,
-                   program: str, can_exec: bool = True) -> Outcome | None:
+                   program: str, can_exec: bool = True,
+                   prepared: Prepared | None = None) -> Outcome | None:
     """Run ``spec`` warm; None when it must run cold instead (network on, pool off, or
     the warm path failed before any of the job's code ran, e.g. a mount the job process
     could not make). The backend has checked ``spec.mounts`` (``warm_mounts_problem``). ``program`` is argv[0]
     resolved to a path. A spec with a runtime script (``spec.warm``) runs in-process in a
     warm ``program``; any other is exec'd by a forked job process (``can_exec``: the
     backend says ``program`` is visible in the sandbox), which still skips the sandbox
-    set-up and the cgroup move."""
+    set-up and the cgroup move. ``prepared``: its set-up made by ``prepare_warm`` while
+    the job before ran, taken when it fits (else discarded)."""
     if pool.disabled or spec.network != "none" or not spec.argv:
         return None
     script = warm_script(spec)
@@ -284,37 +329,40 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
     else:
         return None
     limits = spec.limits
-    try:
-        z = await pool.acquire(*key)
-    except WarmError:
-        return None
+    lane = asyncio.current_task()
+    ready = await prepared.take(spec, (key[0], key[2])) if isinstance(prepared, WarmPrepared) else None
+    if ready is not None:
+        z = ready.z  # kept for this job since the job before it ended
+    else:
+        try:
+            z = await pool.acquire(*key)
+        except WarmError:
+            return None
     wd: Path | None = None
     cgroup: JobCgroup | None = None
     try:
-        try:
-            wd = workdir.create(z.dir, spec.files, pool.uid, pool.gid)
-        except (OSError, workdir.BadSpec) as e:
-            return Outcome(Status.sandbox_error, detail=f"work dir: {e}")
+        if ready is not None:
+            wd, req = ready.wd, ready.req  # made while the job before ran
+        else:
+            try:
+                wd = workdir.create(z.dir, spec.files, pool.uid, pool.gid)
+            except (OSError, workdir.BadSpec) as e:
+                return Outcome(Status.sandbox_error, detail=f"work dir: {e}")
+            req = _request(pool, spec, script, exec_argv, z, wd)
         try:
             cgroup = await z.take_cgroup()
             # The zygote may still be in the cgroup for a moment, when its steps fall
             # behind: a job may then have one process less than its limit, never more.
-            cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                              limits.pids, limits.cpu_cores)
+            if ready is None:
+                cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
+                                  limits.pids, limits.cpu_cores)
         except (WarmError, OSError) as e:
             z.broken = True
             return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
-        mount = pool.mount_at or str(z.dir)
-        req = JobRequest(
-            dir=f"{mount}/{wd.name}", mount=mount,
-            argv=spec.argv[spec.argv.index(script, 1):] if script else [], env=dict(spec.env),
-            rlimits=[(r, s, h) for r, (s, h) in job_rlimits(limits)],
-            tmp_bytes=limits.tmp_mb * 1024 * 1024 if limits.tmp_mb else None,
-            hostname=pool.hostname, exec=exec_argv,
-            mounts=[[m.source, m.target] for m in spec.mounts])
         try:
-            sup = await supervise_launch(make_launch(z, req, cgroup), stdin=spec.stdin,
-                                         limits=limits, cgroup=cgroup, on_output=on_output)
+            launch = make_launch(z, req, cgroup, functools.partial(job_started, pool, lane, z))
+            sup = await supervise_launch(launch, stdin=spec.stdin, limits=limits, cgroup=cgroup,
+                                         on_output=on_output)
         except WarmSetupError as e:
             # e.g. no unprivileged user namespaces on this kernel (the native one: itself only)
             (pool.native_off if z.native else pool.disable)(str(e))
@@ -347,6 +395,7 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             cgroup.remove()
         if wd is not None:
             workdir.remove(wd)
+        lane_done(pool, lane, z)
         pool.release(z)
 
 

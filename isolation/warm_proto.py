@@ -67,7 +67,9 @@ class JobProc:
         self.sock = sock  # our end of its socket pair (SO_PASSCRED)
         self.ended = ended  # its wait status, from the zygote's Z
         self.cgroup = cgroup  # its job's cgroup, where it was born
-        self.mnt_ns: int | None = None  # held from its job's start (see Zygote.after_job)
+        self.mnt_ns: int | None = None  # held from its W (see Zygote.after_job)
+        self.pidfd: int | None = None  # from its W until its job starts (the zygote's then)
+        self.checked: asyncio.Future[None] | None = None  # the check of its W, made ahead
         self._loop = asyncio.get_running_loop()
         self.heard: asyncio.Future[None] = self._loop.create_future()  # a first message or EOF
         self._msgs: collections.deque[tuple[bytes, int | None]] = collections.deque()
@@ -115,7 +117,13 @@ class JobProc:
     def close(self) -> None:
         for fd in self.take_ns():
             os.close(fd)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
         self._stop_reading()
+        self._msgs.append((b"", None))  # a reader still waiting gets the end
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
         if not self.heard.done():
             self.heard.set_result(None)  # a step waiting for it goes on (and finds us broken)
         try:

@@ -231,6 +231,39 @@ class Zygote:
             raise WarmError("no job process forked ahead")
         return self.ahead.cgroup
 
+    async def forked_ahead(self) -> JobProc:
+        """The job process forked for the next job, once the steps before its fork are
+        over (while a job runs: the one after it). Raises WarmError."""
+        while self.ahead is None and self._steps and not self.broken:
+            await self.settle()
+        if self.ahead is None or self.broken:
+            raise WarmError("no job process forked ahead")
+        return self.ahead
+
+    def check_ahead(self, jp: JobProc) -> asyncio.Future[None]:
+        """The check of ``jp`` (``_check``), started now while a job runs; ``start_job``
+        awaits the same check."""
+        if jp.checked is None:
+            jp.checked = asyncio.ensure_future(self._check(jp))
+            jp.checked.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return jp.checked
+
+    async def _check(self, jp: JobProc) -> None:
+        """``jp`` waits for its job (W) in its own job cgroup: its pidfd and its mount
+        namespace are then held. Raises WarmSetupError (E) or WarmError."""
+        msg, pid = await jp.next()
+        if msg[:1] == b"E":
+            raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
+        if msg != b"W" or pid is None:
+            raise WarmError(f"unexpected message from the warm job process: {msg[:200]!r}")
+        jp.pidfd = os.pidfd_open(pid)  # from here on, this very process
+        # Its mount namespace, held: freed at its exit, it would hold up the exit (and
+        # so the job's end) by an RCU grace period; freed in after_job's thread instead.
+        jp.mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        with open(f"/proc/{pid}/cgroup") as f:
+            if jp.cgroup.unique_dirs()[0].name not in f.read():
+                raise WarmError("the job process is not in its job cgroup")
+
     async def start_job(self, req: JobRequest, fds: list[int], cgroup: JobCgroup, *,
                         fork_ahead: bool = True) -> None:
         """Hand the waiting job process its job and fds (once it is sure to be in
@@ -242,18 +275,13 @@ class Zygote:
             if jp is None:
                 raise WarmError("no job process forked ahead")
             self.current = jp
-            msg, pid = await jp.next()
-            if msg[:1] == b"E":
-                raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
-            if msg != b"W" or pid is None:
-                raise WarmError(f"unexpected message from the warm job process: {msg[:200]!r}")
-            self.job_pidfd = os.pidfd_open(pid)  # from here on, this very process
-            # Its mount namespace, held: freed at its exit, it would hold up the exit (and
-            # so the job's end) by an RCU grace period; freed in after_job's thread instead.
-            jp.mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            with open(f"/proc/{pid}/cgroup") as f:
-                if cgroup.unique_dirs()[0].name not in f.read():
-                    raise WarmError("the job process is not in its job cgroup")
+            if cgroup is not jp.cgroup:
+                raise WarmError("the job process is not in its job cgroup")
+            if jp.checked is None:
+                await self._check(jp)  # not checked ahead (warm_prepare.py): now
+            else:
+                await asyncio.shield(jp.checked)
+            self.job_pidfd, jp.pidfd = jp.pidfd, None  # from here on, this very process
             payload = launcher.encode(req) if self.native else b"J" + json.dumps(req.__dict__).encode()
             jp.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                          array.array("i", fds))])

@@ -17,6 +17,7 @@ from sandmill.isolation import Outcome, RunSpec
 from sandmill.store import queue
 
 from . import pydeps
+from .ahead import Ahead
 from .gpus import run_on_gpus
 from .logs import LogSink
 from .native import NATIVE_LANGUAGES, run_native
@@ -80,13 +81,36 @@ class Executor:
             await logs
         return done
 
-    async def execute_deferred(self, job: dict[str, Any]) -> tuple[queue.Completion | None, asyncio.Future[None] | None]:
+    def prepare(self, job: dict[str, Any], lane: asyncio.Task) -> Ahead | None:
+        """Start ``job``'s set-up in the backend (worker/ahead.py) while the slot's job
+        (``lane``: the slot's task) runs; None where there is none: native, GPU and
+        python dependency jobs, backends that prepare nothing."""
+        g = self.group
+        backend, lang = g.backend, job["language"]
+        if (backend is None or g.gpus is not None or lang not in ("python3", "bash")
+                or (lang in NATIVE_LANGUAGES and g.profile.native) or job["id"] in self.canceled_held
+                or (lang == "python3" and pydeps.worker_deps().needs_env(job))):
+            return None
+        profile, env = g.profile, g.env
+        try:
+            spec = build_spec(job, profile, env)
+        except Exception:  # noqa: BLE001 - its run reports it
+            return None
+        p = backend.prepare(spec, lane)
+        return Ahead(job["id"], spec, p, profile, env, backend) if p is not None else None
+
+    async def execute_deferred(self, job: dict[str, Any], ahead: Ahead | None = None,
+                               ) -> tuple[queue.Completion | None, asyncio.Future[None] | None]:
         """``execute``, but the write of the job's last logs may still be under way: the
         second item, when not None, is that write, which must end before the completion is
         sent (a reader who sees the job completed sees all its logs). The slot starts its
         next job meanwhile: a bash job always prints, and its logs' statement on the
-        slot's path cost a database round trip per job (docs/performance.md)."""
+        slot's path cost a database round trip per job (docs/performance.md). ``ahead``:
+        the job's set-up made while the job before it ran (``prepare``)."""
         g = self.group
+        if ahead is not None and not ahead.fits(job, g.profile, g.env, g.backend):
+            ahead.discard()
+            ahead = None
         job_id: uuid.UUID = job["id"]
         sink = LogSink(g.pool, job_id, g.q)
         if job["restarts"]:
@@ -103,12 +127,14 @@ class Executor:
         elif lang in NATIVE_LANGUAGES and profile.native:
             coro = run_native(job, limits.wall_s)
         elif lang in ("python3", "bash") and g.backend is not None:
-            spec = build_spec(job, profile, g.env)
+            spec = ahead.spec if ahead is not None else build_spec(job, profile, g.env)
             backend, gpus = g.backend, g.gpus
 
             def run_spec(s: RunSpec) -> Awaitable[Outcome]:
                 if gpus is not None:  # a GPU group: the job's own GPUs, passed through
                     return run_on_gpus(gpus, backend, s, sink.on_output, job_id)
+                if ahead is not None and s is ahead.spec:
+                    return backend.run(s, sink.on_output, prepared=ahead.prepared)  # type: ignore[call-arg]
                 return backend.run(s, sink.on_output)
 
             if lang == "python3" and pydeps.worker_deps().needs_env(job):  # requirements
@@ -131,6 +157,8 @@ class Executor:
                 r.why = "shutdown"
             res = None
         finally:
+            if ahead is not None:  # not taken by its run (a no-op once taken)
+                ahead.discard()
             if r.killed:  # our own cancel (delivered or swallowed) is not the slot's
                 me.uncancel()
             if r.heartbeat is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sandmill.store import queue
 
+from .ahead import NextSetUp
 from .execute import Executor, Running, now
 from .feed import COMPLETION_FAILED, Done, Feed, Pace, SlotState, internal_error, log_failed_completion
 from .settings import Group, WorkerSettings
@@ -45,6 +46,9 @@ class Slots:
         # a short job's completion waits for the next one's statement (_completion_wait_s);
         # the environment's 0 turns it off, for bench.completions' before/after
         self.share_short = os.environ.get("SANDMILL_SHARE_SHORT_COMPLETIONS", "1") != "0"
+        # the next job's set-up while a job runs (worker/ahead.py); the environment's 0
+        # turns it off, for the benchmark's before/after
+        self.prepare_next = os.environ.get("SANDMILL_PREPARE_NEXT", "1") != "0"
 
     def wake_all(self) -> None:
         """Wake every idle slot (a NOTIFY for our tags, a config reload)."""
@@ -65,6 +69,8 @@ class Slots:
         hold_s = self.settings.claim_ahead_hold_s
         found_none = False  # the last completion's claim found no job due
         wake = self.wake
+        lane = asyncio.current_task()
+        nxt: NextSetUp | None = None  # the next job's set-up, started while a job runs
         while not self.stopping.is_set():
             if found_none:
                 # wait for a wake-up rather than claim again at once (at a drain's end, every
@@ -93,13 +99,15 @@ class Slots:
                 break  # claimed as the worker began to stop: not started, given back below
             t0 = time.monotonic()
             current, job = job, None
+            made = nxt.take(current) if nxt is not None else None
+            nxt = NextSetUp(self.executor, st, lane) if self.prepare_next and lane is not None else None
             if st.ready or st.coming:  # the jobs held ahead go back if this one runs long
                 watch.holds[st] = t0 + hold_s
                 watch.arm()
             started = now()
             logs: asyncio.Future[None] | None = None  # its last logs' write, still under way
             try:
-                done, logs = await self.executor.execute_deferred(current)
+                done, logs = await self.executor.execute_deferred(current, made)
             except Exception as e:  # noqa: BLE001 - one bad job must not kill the worker
                 log.exception("job %s: internal error", current["id"])
                 done = self._failed(current, started, f"{type(e).__name__}: {e}")
@@ -114,6 +122,9 @@ class Slots:
             if done is None:  # lost, or put back at shutdown: nothing to complete
                 continue
             job = await feed.next_held(st, ended=True)  # its claim has had this job's run to come back
+            if job is None and nxt is not None:  # nothing held: no set-up to keep
+                nxt.close()
+                nxt = None
             stopping = self.stopping.is_set()
             if job is not None and stopping:
                 await feed.give_back(job)
@@ -144,6 +155,8 @@ class Slots:
                     log.warning(COMPLETION_FAILED, e)
             elif not ahead:
                 fut.add_done_callback(log_failed_completion)
+        if nxt is not None:
+            nxt.close()
         if job is not None:  # claimed while the worker began to stop: not started, give it back
             await feed.give_back(job)
         while (held := await feed.next_held(st)) is not None:
