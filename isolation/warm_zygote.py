@@ -61,6 +61,7 @@ class Zygote:
         self.spare: collections.deque[JobCgroup] = collections.deque()
         self._step: asyncio.Future[None] | None = None  # the last thread step (after_job)
         self._steps = 0  # steps started and not yet over
+        self._moving = 0  # steps whose move is not over yet (a fork waits for those only)
         self._fork_wanted = False  # fork once the running step is over
         self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
         self.ahead: JobProc | None = None  # forked, waiting for its job
@@ -156,44 +157,53 @@ class Zygote:
         self.zcg = cg
 
     def _begin_step(self, cleanup: Callable[[], None] | None, move: bool) -> None:
-        """Start a thread step (after the one before it): ``cleanup`` (a job's leftovers),
-        then, with ``move``, the zygote into another cgroup; then a fork that waited."""
+        """Start a thread step (after the one before it): with ``move``, the zygote into
+        another cgroup, then a fork that waited for it; then ``cleanup`` (a job's
+        leftovers). The move comes first: the next job process is forked while the clean-up
+        runs, not after it (its W was what the next job waited for)."""
         prev = self._step
         self._steps += 1
+        self._moving += move
         held, self._ended_ns = self._ended_ns, []
 
-        def work() -> None:
+        def tidy() -> None:
             for fd in held:  # first: the job's /tmp is then uncharged before its cgroup's reset
                 os.close(fd)
             if cleanup is not None:
                 cleanup()
-            if move:
-                self._move()
 
         async def step() -> None:
             try:
-                if prev is not None:
-                    await asyncio.shield(prev)
-                if move and self._last is not None:
-                    await self._last.heard  # forked (not only asked to): it stays in its cgroup
-                await asyncio.to_thread(work)
+                try:
+                    if prev is not None:
+                        await asyncio.wait([prev])  # its failure is its own: ours runs anyway
+                    if move and not self.broken:
+                        if self._last is not None:
+                            await self._last.heard  # forked (not only asked to): it stays in its cgroup
+                        await asyncio.to_thread(self._move)
+                finally:
+                    self._moving -= move
+                if self._fork_wanted and self._moving == 0 and not self.broken:
+                    self._fork_wanted = False
+                    self._fork()
+                    if self.current is None:  # nothing runs: move on from its cgroup now
+                        self._begin_step(None, move=True)
             except (OSError, CgroupUnavailable):
                 self.broken = True
                 raise
             finally:
-                self._steps -= 1
-            if self._fork_wanted and self._steps == 0 and not self.broken:
-                self._fork_wanted = False
-                self._fork()
-                if self.current is None:  # nothing runs: move on from its cgroup now
-                    self._begin_step(None, move=True)
+                try:  # the job's leftovers go whatever happened to the move
+                    if held or cleanup is not None:
+                        await asyncio.to_thread(tidy)
+                finally:
+                    self._steps -= 1
 
         self._step = asyncio.ensure_future(step())
         # a zygote closed (or dead) before settle() never awaits it: its error is no news
         self._step.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _want_fork(self) -> None:
-        if self._steps:
+        if self._moving:
             self._fork_wanted = True  # once the zygote has moved on
         elif not self.broken:
             self._fork()

@@ -3,6 +3,7 @@ jobs end before the thread step of the job before them is over (a slow host)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -43,5 +44,5 @@ async def test_no_job_cgroup_is_left_behind_when_steps_fall_behind(monkeypatch: 
         b.close()
     deadline = time.monotonic() + 5  # the last job's step (in a thread) may still run
     while (left := [cg for cg in made if any(d.exists() for d in cg.unique_dirs())]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     assert made and not left, f"{len(left)} of {len(made)} job cgroups left behind"
