@@ -56,6 +56,8 @@ def _maps(pid: int) -> str:
 async def test_exec_zygote_preloads_nothing(warm) -> None:
     # bash is exec'd by a job process forked from the exec zygote: every page the zygote
     # maps is copied at the fork and torn down by the exec, so it imports no job modules.
+    # (The Python one, as where no compiler is found: the native one is a few pages.)
+    warm.warm_pool.launcher = ""
     o = await warm.run(RunSpec(argv=["/bin/bash", "-c", "echo 1"], env=ENV))
     assert o.status is Status.success and o.warm and o.stdout == b"1\n", o
     wrapper = b"import sys\nprint('py')\n"
@@ -69,7 +71,8 @@ async def test_exec_zygote_preloads_nothing(warm) -> None:
 
 async def test_job_modules_are_imported_once_in_the_zygote(warm) -> None:
     # What a job process needs (resource for its rlimits, signal before an exec) is
-    # imported by the zygote, not by every job process on its job's path.
+    # imported by the (Python exec) zygote, not by every job process on its job's path.
+    warm.warm_pool.launcher = ""
     o = await warm.run(RunSpec(argv=["/bin/bash", "-c", "ulimit -c; trap - PIPE; yes | head -n 1"],
                                env=ENV))
     assert o.status is Status.success and o.warm and o.stdout == b"0\ny\n", o
