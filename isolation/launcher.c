@@ -1,6 +1,6 @@
 /* sandmill's native exec zygote: the warm path of exec'd programs (bash, any binary).
  *
- * It speaks zygote.py's protocol (see there) for jobs that exec a program, so a job
+ * It speaks the zygote protocol (isolation/README.md; zygote.py) for jobs that exec a program, so a job
  * process is a clone of this small static process, not of a Python interpreter: the
  * clone copies a few pages instead of an interpreter's address space, and the exec
  * tears down almost nothing (docs/performance.md, "Round 5: a native exec zygote").

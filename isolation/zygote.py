@@ -1,43 +1,16 @@
 # sandmill's warm interpreter (the "zygote"). It runs INSIDE a sandbox (nsjail, or the
 # process backend's namespaces), as the unprivileged job uid, with the job's own Python:
-# stdlib only, passed with `python -c`, never imported by the worker.
+# stdlib only, passed with `python -c`, never imported by the worker. Its messages with
+# the worker (R, F, Z; W, J, E, M on each job process's own socket) are in
+# isolation/README.md, "The zygote protocol"; isolation/launcher.c speaks them too.
 #
-# Over a SOCK_SEQPACKET socket (fd argv[1]) to the worker:
-#   zygote -> worker  R                  ready (the kernel attaches our pid, as the
-#                                         worker sees it, so it can move us between cgroups)
-#   worker -> zygote  F + 1 fd           fork a job process now, with this socket of its own:
-#                                         the zygote sits in that job's cgroup, so the job
-#                                         process is born in it
-#   zygote -> worker  Z<seq><status>     job process number seq (1, 2, ...: the order of
-#                                         the Fs) ended, with this wait status
-# and over each job process's own socket:
-#   job    -> worker  W                  forked and waiting for its job (with its pid)
-#   worker -> job     J{json} + 3 fds    the job: dir, limits, env, argv; stdin/out/err
-#   job    -> worker  E<text>            setup failed (nothing of the job ran)
-#   job    -> worker  M<text>            this job's mounts cannot be made here: it runs
-#                                         cold (nothing of the job ran; the zygote goes on)
-#
-# A job process is forked ahead of its job, while the job before it still runs (the
-# worker sends F once the zygote has moved into the next job's cgroup): it does
-# everything that does not depend on the job while it waits for J, so a job costs one
-# message, a bind mount and the script itself. Only one job process at a time has a job.
-# The zygote never reads a job's message, args or files: every job process is forked
-# from the same clean state, so nothing of one job can reach the next through inherited
-# memory. The job process is cloned straight into fresh user, mount, pid, ipc and uts
-# namespaces (raw clone(2); where that fails, E: the worker runs its jobs cold), pid 1
-# there; its network namespace is the zygote's own (the backend made it: empty, loopback
-# down, owned by a user namespace where the job has no capability), shared by its jobs
-# one after another: a fresh one per job cost 1 ms of CPU, half of it in kernel threads
-# (docs/performance.md). It mounts its own /proc; on J it binds its own work dir over the
-# shared jobs dir (hiding the others), mounts a size-capped /tmp, sets the rlimits, drops
-# every capability and runs the script in-process, or execs the job's program (J with
-# "exec").
-#
-# Mount roots (argv[5], JSON: directories the backend made visible to the zygote, e.g.
-# the python dependencies' environments): before its job, each job process keeps an
-# O_PATH fd of every root and masks it with an empty read-only tmpfs; on J it binds only
-# its own mounts (J "mounts": [source, target], read-only) from those fds, so a job sees
-# its own environment and no other one.
+# Each job process is cloned ahead of its job, while the job before it runs, straight
+# into fresh user, mount, pid, ipc and uts namespaces (pid 1 there; the network namespace
+# is the zygote's own, empty), from the same clean state: the zygote never reads a job's
+# message, args or files. It mounts its own /proc and masks the mount roots (argv[5],
+# keeping an O_PATH fd of each); on J it binds its own work dir over the shared jobs dir,
+# binds its own read-only mounts from those fds, mounts a size-capped /tmp, sets the
+# rlimits, drops every capability, and runs the script in-process or execs the program.
 import atexit  # here, like resource: in a job process its import cost 0.3 ms (faults)
 import ctypes
 import gc
