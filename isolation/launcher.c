@@ -3,7 +3,7 @@
  * It speaks the zygote protocol (isolation/README.md; zygote.py) for jobs that exec a program, so a job
  * process is a clone of this small static process, not of a Python interpreter: the
  * clone copies a few pages instead of an interpreter's address space, and the exec
- * tears down almost nothing (docs/performance.md, "Round 5: a native exec zygote").
+ * tears down almost nothing (docs/performance.md, "Round 7").
  * Runs inside the sandbox (nsjail, or the process backend's namespaces), as the job uid.
  *
  *   argv: launcher SOCKFD [MOUNT_ROOT...]

@@ -1,6 +1,6 @@
 """The native exec zygote (``launcher.c``): built once per host with the C compiler, on
 first use, into a cache dir; warm exec jobs without mounts of their own then fork from
-it instead of from a Python interpreter (docs/performance.md, "Round 5: a native exec
+it instead of from a Python interpreter (docs/performance.md, "Round 7: a native exec
 zygote"). Where no compiler is found, or ``SANDMILL_LAUNCHER=0``, they use the Python
 exec zygote as before: same guarantees, more CPU per job."""
 
