@@ -29,6 +29,11 @@ from .warm_proto import (
 
 __all__ = ["JobProc", "JobRequest", "WarmError", "WarmMountError", "WarmSetupError", "Zygote"]
 
+# Job processes forked ahead of their jobs: 2, so that the next one's clone and set-up
+# (in a Python zygote 2-3 ms, longer than a short job) have two jobs' time to finish;
+# SANDMILL_FORK_AHEAD=1 as before (docs/performance.md, "Round 7").
+FORK_DEPTH = 1 if os.environ.get("SANDMILL_FORK_AHEAD") == "1" else 2
+
 
 class Zygote:
     """One warm interpreter; one job at a time.
@@ -65,6 +70,7 @@ class Zygote:
         self._fork_wanted = False  # fork once the running step is over
         self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
         self.ahead: JobProc | None = None  # forked, waiting for its job
+        self.behind: JobProc | None = None  # forked after it, waiting for the job after (FORK_DEPTH 2)
         self._last: JobProc | None = None  # the last one asked for (a move waits until it is born)
         self.current: JobProc | None = None  # the one that got the last job
         self._seq = 0
@@ -134,7 +140,14 @@ class Zygote:
             raise
         finally:
             theirs.close()
-        self.ahead = self._last = JobProc(self._seq, ours, ended, self.zcg)
+        jp = self._last = JobProc(self._seq, ours, ended, self.zcg)
+        if self.ahead is None:
+            self.ahead = jp
+        else:
+            self.behind = jp
+
+    def _waiting(self) -> int:
+        return (self.ahead is not None) + (self.behind is not None)
 
     def _move(self) -> None:
         """(In a thread.) Into another cgroup: a recycled one, else a fresh one; not out
@@ -184,9 +197,10 @@ class Zygote:
                 finally:
                     self._moving -= move
                 if self._fork_wanted and self._moving == 0 and not self.broken:
-                    self._fork_wanted = False
                     self._fork()
-                    if self.current is None:  # nothing runs: move on from its cgroup now
+                    # nothing runs, or one more to fork: move on from its cgroup now
+                    self._fork_wanted = self._waiting() < FORK_DEPTH
+                    if self.current is None or self._fork_wanted:
                         self._begin_step(None, move=True)
             except (OSError, CgroupUnavailable):
                 self.broken = True
@@ -203,9 +217,14 @@ class Zygote:
         self._step.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _want_fork(self) -> None:
+        if self._waiting() >= FORK_DEPTH or self.broken:
+            return
         if self._moving:
             self._fork_wanted = True  # once the zygote has moved on
-        elif not self.broken:
+        elif self._last is not None and self._last.cgroup is self.zcg:
+            self._fork_wanted = True  # not into the cgroup of the one before: move on first
+            self._begin_step(None, move=True)
+        else:
             self._fork()
 
     def prepare(self) -> None:
@@ -217,7 +236,7 @@ class Zygote:
     def after_job(self, cleanup: Callable[[], None] | None) -> None:
         """The job ended: in one thread step, ``cleanup`` (its leftovers: the zygote is out
         of its cgroup) and the zygote moves on; the next job may start meanwhile."""
-        if self.ahead is None:
+        if self._waiting() < FORK_DEPTH:
             self._fork_wanted = True
         self._begin_step(cleanup, move=True)
 
@@ -280,7 +299,7 @@ class Zygote:
         ``cgroup``); with ``fork_ahead``, the zygote forks the next job's process while
         this job runs."""
         self.job_sent = False
-        jp, self.ahead = self.ahead, None
+        jp, self.ahead, self.behind = self.ahead, self.behind, None
         try:
             if jp is None:
                 raise WarmError("no job process forked ahead")
@@ -354,11 +373,11 @@ class Zygote:
         held, self._ended_ns = self._ended_ns, []
         for fd in held:
             os.close(fd)
-        ahead_cg = self.ahead.cgroup if self.ahead is not None else None
-        for jp in (self.ahead, self.current):
+        waiting_cgs = [jp.cgroup for jp in (self.ahead, self.behind) if jp is not None]
+        for jp in (self.ahead, self.behind, self.current):
             if jp is not None:
                 jp.close()
-        self.ahead = self.current = None
+        self.ahead = self.behind = self.current = None
         try:
             self.sock.close()
         except OSError:
@@ -369,7 +388,7 @@ class Zygote:
             except ProcessLookupError:
                 pass
         spare, self.spare = list(self.spare), collections.deque()
-        for cg in {id(c): c for c in (self.zcg, ahead_cg, self.home, *spare) if c is not None}.values():
+        for cg in {id(c): c for c in (self.zcg, *waiting_cgs, self.home, *spare) if c is not None}.values():
             cg.kill_all(timeout=0.5)
             cg.remove()
         self.zcg = None

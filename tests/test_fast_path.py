@@ -14,6 +14,7 @@ import pytest
 from sandmill.isolation import Backend, RunSpec, Status, workdir
 from sandmill.isolation.nsjail import NsjailBackend
 from sandmill.isolation.process import ProcessBackend
+from sandmill.isolation.warm_zygote import FORK_DEPTH
 from sandmill.profiles import profile_from_dict
 from sandmill.store import db as dbmod
 from sandmill.store import queue
@@ -279,4 +280,6 @@ async def test_a_zygotes_job_cgroups_are_recycled_and_nothing_carries_over(warm)
         assert o.status is Status.success, o
         assert o.peak_memory_kb > 90 * 1024, o.peak_memory_kb
         seen.append(o.stdout.decode().strip().splitlines()[-1])
-    assert len(set(seen)) <= 3, seen  # the same few cgroups, not one per job
+    # the same few cgroups, not one per job: the running one, those of the job processes
+    # forked ahead (FORK_DEPTH), the zygote's and one spare
+    assert len(set(seen)) <= 2 + FORK_DEPTH, seen

@@ -15,6 +15,7 @@ from test_warm import _usable
 from sandmill.isolation import Status
 from sandmill.isolation.nsjail import NsjailBackend
 from sandmill.isolation.process import ProcessBackend
+from sandmill.isolation.warm_zygote import FORK_DEPTH
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,15 +53,16 @@ async def test_the_next_job_process_waits_beside_a_running_job(warm) -> None:
         "time.sleep(2)\n")
     assert o.status is Status.success and o.warm, explain(o)
     assert o.stdout == b"['1']\n"  # the job sees no other process, the one waiting included
-    assert len(kids) == 2, kids  # the job and the next one, forked ahead
-    assert kids[0][1] != kids[1][1]  # each in its own job cgroup
+    assert len(kids) == 1 + FORK_DEPTH, kids  # the job and the next ones, forked ahead
+    assert len({cg for _, cg in kids}) == len(kids)  # each in its own job cgroup
 
 
 async def test_a_job_process_killed_while_waiting_costs_no_job(warm) -> None:
     assert (await warm.run(spec("print(1)"))).warm
     zygote = _zygote(warm)
-    [ahead] = zygote.children()
-    os.kill(ahead.pid, signal.SIGKILL)
+    waiting = zygote.children()
+    assert len(waiting) == FORK_DEPTH
+    os.kill(waiting[0].pid, signal.SIGKILL)
     await asyncio.sleep(0.2)
     outs = [await warm.run(spec(f"print({i})")) for i in range(3)]
     assert [o.stdout for o in outs] == [b"0\n", b"1\n", b"2\n"], [explain(o) for o in outs]
