@@ -1,6 +1,6 @@
 """A warm interpreter as the worker sees it (``Zygote``): one per job running at once,
-the socket protocol with ``zygote.py`` (messages R, F, Z; W, J, E, M on each job process's own socket), the job process's
-cgroup hand-over and its kill. The pool and the run are in ``warm.py``."""
+the zygote protocol (isolation/README.md), the job process's cgroup hand-over and its
+kill. The pool and the run are in ``warm.py``."""
 
 from __future__ import annotations
 
@@ -38,16 +38,12 @@ FORK_DEPTH = 1 if os.environ.get("SANDMILL_FORK_AHEAD") == "1" else 2
 class Zygote:
     """One warm interpreter; one job at a time.
 
-    Moving a process between cgroups is slow on some kernels (cgroup v1 waits for an RCU
-    grace period; docs/performance.md), so no job waits for it. The zygote sits in the
-    cgroup of the job after the next one (``zcg``) and forks each job process there, ahead
-    of its job (``ahead``: it sets itself up and waits). After each job, one thread step
-    (``after_job``) removes the job's leftovers and moves the zygote on, out of the cgroup
-    of the job process it forked last, into another: on cgroup v1 the cgroup the job just
-    emptied, reset (``spare``, JobCgroup.recycle), else a fresh one. When the next job
-    starts, its process is already waiting, alone in its cgroup, and the zygote forks
-    the one after it meanwhile. The zygote's own memory stays charged to its home
-    cgroup, where it was first touched.
+    No job waits for a cgroup move (slow on some kernels: docs/performance.md). The zygote
+    forks each job process ahead of its job (``ahead``, then ``behind``: each sets itself
+    up and waits, alone in its own cgroup) into the cgroup it sits in (``zcg``). After
+    each job one thread step (``after_job``) moves it on into another (on cgroup v1 a
+    recycled one, ``spare``, else a fresh one), forks meanwhile if a fork waited, and
+    removes the job's leftovers. Its own memory stays charged to its home cgroup.
     """
 
     def __init__(self, key: tuple[str, bytes], proc: asyncio.subprocess.Process,
@@ -185,32 +181,49 @@ class Zygote:
             if cleanup is not None:
                 cleanup()
 
-        async def step() -> None:
-            try:
+        done = False
+
+        def moved() -> None:  # (on the loop) the move is over or did not happen: a waiting fork goes
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._moving -= move
+            if self._fork_wanted and self._moving == 0 and not self.broken:
                 try:
-                    if prev is not None:
-                        await asyncio.wait([prev])  # its failure is its own: ours runs anyway
-                    if move and not self.broken:
-                        if self._last is not None:
-                            await self._last.heard  # forked (not only asked to): it stays in its cgroup
-                        await asyncio.to_thread(self._move)
-                finally:
-                    self._moving -= move
-                if self._fork_wanted and self._moving == 0 and not self.broken:
                     self._fork()
-                    # nothing runs, or one more to fork: move on from its cgroup now
-                    self._fork_wanted = self._waiting() < FORK_DEPTH
-                    if self.current is None or self._fork_wanted:
-                        self._begin_step(None, move=True)
+                except OSError:
+                    self.broken = True
+                    return
+                # nothing runs, or one more to fork: move on from its cgroup now
+                self._fork_wanted = self._waiting() < FORK_DEPTH
+                if self.current is None or self._fork_wanted:
+                    self._begin_step(None, move=True)
+
+        async def step() -> None:
+            loop = asyncio.get_running_loop()
+
+            def work(moving: bool) -> None:  # one thread hop: the fork goes while the clean-up runs
+                try:
+                    if moving:
+                        self._move()
+                finally:
+                    loop.call_soon_threadsafe(moved)
+                    tidy()  # the job's leftovers go whatever happened to the move
+
+            try:
+                if prev is not None:
+                    await asyncio.wait([prev])  # its failure is its own: ours runs anyway
+                moving = move and not self.broken
+                if moving and self._last is not None:
+                    await self._last.heard  # forked (not only asked to): it stays in its cgroup
+                await asyncio.to_thread(work, moving)
             except (OSError, CgroupUnavailable):
                 self.broken = True
                 raise
             finally:
-                try:  # the job's leftovers go whatever happened to the move
-                    if held or cleanup is not None:
-                        await asyncio.to_thread(tidy)
-                finally:
-                    self._steps -= 1
+                moved()  # (a no-op when the thread's call came first)
+                self._steps -= 1
 
         self._step = asyncio.ensure_future(step())
         # a zygote closed (or dead) before settle() never awaits it: its error is no news
