@@ -219,15 +219,21 @@ async def wait_drained(conn, n: int, tag: str, timeout: float, poll_s: float = 0
 
 
 
-def count_completion_batches(worker: Any) -> list[int]:
-    """The sizes of the completion statements ``worker`` (a worker.Worker not yet run)
-    sends from now on, appended as they go (how many jobs each statement completes)."""
+def count_batches(batcher: Any) -> list[int]:
+    """The sizes of the statements ``batcher`` (a worker.batching.Batcher) sends from now
+    on, appended as they go (how many requests each serves)."""
     sizes: list[int] = []
-    complete_batch = worker.feed.complete_batch
+    run_batch = batcher._run_batch
 
     async def counted(reqs: list[Any]) -> list[Any]:
         sizes.append(len(reqs))
-        return await complete_batch(reqs)
+        return await run_batch(reqs)
 
-    worker.feed.completer._run_batch = counted
+    batcher._run_batch = counted
     return sizes
+
+
+def count_completion_batches(worker: Any) -> list[int]:
+    """The sizes of the completion statements ``worker`` (a worker.Worker not yet run)
+    sends from now on (how many jobs each statement completes)."""
+    return count_batches(worker.feed.completer)

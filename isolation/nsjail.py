@@ -146,7 +146,7 @@ class NsjailBackend(Backend):
              "--rlimit_fsize", str(lim.file_size_mb) if lim.file_size_mb else "max",
              "--rlimit_nofile", str(lim.open_files) if lim.open_files else "max",
              "--rlimit_cpu", str(max(1, math.ceil(lim.cpu_s))) if lim.cpu_s else "max"]
-        tmp_opts = f"size={lim.tmp_mb * 1024 * 1024}" if lim.tmp_mb else ""
+        tmp_opts = f"size={lim.tmp_bytes}" if lim.tmp_bytes else ""
         a += ["-m", f"none:/tmp:tmpfs:{tmp_opts}" if tmp_opts else "none:/tmp:tmpfs"]
         if spec.network == "host":
             a.append("-N")
@@ -249,7 +249,7 @@ class NsjailBackend(Backend):
             if self._cgroup_gap is None:
                 try:
                     cgroup = JobCgroup.create(
-                        memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
+                        memory_bytes=limits.memory_bytes,
                         pids=limits.pids + 1 if limits.pids else None,  # +1: nsjail itself
                         parent=self.cgroup_parent, cpu_cores=limits.cpu_cores,
                         devices=self.device_rules(spec))

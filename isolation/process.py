@@ -131,7 +131,7 @@ class ProcessBackend(Backend):
             if self._cgroup_gap is None:
                 try:
                     cgroup = JobCgroup.create(
-                        memory_bytes=limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
+                        memory_bytes=limits.memory_bytes,
                         pids=limits.pids, parent=self.cgroup_parent, cpu_cores=limits.cpu_cores,
                         devices=self.device_rules(spec))
                 except (CgroupUnavailable, OSError) as e:
@@ -227,7 +227,7 @@ class ProcessBackend(Backend):
         procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
         rl = job_rlimits(limits)
         if cgroup is None and limits.memory_mb is not None:
-            n = limits.memory_mb * 1024 * 1024  # fallback: per process, virtual memory
+            n = limits.memory_bytes  # fallback: per process, virtual memory
             rl.append((resource.RLIMIT_AS, (n, n)))
         if cgroup is None and self.root and limits.pids is not None:
             # Counts every process of the uid, not just this job: only a backstop.

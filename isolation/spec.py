@@ -30,6 +30,14 @@ class Limits(BaseModel):
     tmp_mb: int | None = Field(64, gt=0, description="size of the job's /tmp")
     open_files: int | None = Field(256, gt=0, description="open file descriptors")
 
+    @property
+    def memory_bytes(self) -> int | None:
+        return self.memory_mb * 1024 * 1024 if self.memory_mb else None
+
+    @property
+    def tmp_bytes(self) -> int | None:
+        return self.tmp_mb * 1024 * 1024 if self.tmp_mb else None
+
     def merged(self, override: "Limits | dict | None") -> "Limits":
         """This model with the fields set in ``override`` replacing ours."""
         if override is None:

@@ -231,16 +231,27 @@ def make_launch(z: Zygote, req: JobRequest, cgroup: JobCgroup,
     return launch
 
 
+def _plan(pool: WarmPool, spec: RunSpec, program: str,
+          can_exec: bool) -> tuple[str | None, list[str] | None] | None:
+    """How ``spec`` runs warm: (its runtime script, run in-process, or None; the argv to
+    exec, or None); None when it cannot (run_warm's arguments)."""
+    if pool.disabled or spec.network != "none" or not spec.argv:
+        return None
+    script = warm_script(spec)
+    if script is not None:
+        return script, None
+    if can_exec and os.path.isabs(program) and os.access(program, os.X_OK):
+        return None, [program, *spec.argv[1:]]
+    return None
+
+
 def prepare_warm(pool: WarmPool, spec: RunSpec, lane: object, program: str,
                  can_exec: bool = True) -> WarmPrepared | None:
     """``spec``'s warm set-up, started while ``lane``'s job runs (warm_prepare.py), for
     ``run_warm(..., prepared=)`` with the same arguments; None when it would not run warm."""
-    if pool.disabled or spec.network != "none" or not spec.argv:
+    if (plan := _plan(pool, spec, program, can_exec)) is None:
         return None
-    script = warm_script(spec)
-    if script is None and not (can_exec and os.path.isabs(program) and os.access(program, os.X_OK)):
-        return None
-    exec_argv = None if script is not None else [program, *spec.argv[1:]]
+    script, exec_argv = plan
     p = WarmPrepared(pool, spec, lane, script, program,
                      functools.partial(_request, pool, spec, script, exec_argv))
     p.start()
@@ -256,7 +267,7 @@ def _request(pool: WarmPool, spec: RunSpec, script: str | None, exec_argv: list[
         dir=f"{mount}/{wd.name}", mount=mount,
         argv=spec.argv[spec.argv.index(script, 1):] if script else [], env=dict(spec.env),
         rlimits=[(r, s, h) for r, (s, h) in job_rlimits(limits)],
-        tmp_bytes=limits.tmp_mb * 1024 * 1024 if limits.tmp_mb else None,
+        tmp_bytes=limits.tmp_bytes,
         hostname=pool.hostname, exec=exec_argv,
         mounts=[[m.source, m.target] for m in spec.mounts])
 
@@ -272,18 +283,15 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
     backend says ``program`` is visible in the sandbox), which still skips the sandbox
     set-up and the cgroup move. ``prepared``: its set-up made by ``prepare_warm`` while
     the job before ran, taken when it fits (else discarded)."""
-    if pool.disabled or spec.network != "none" or not spec.argv:
+    if (plan := _plan(pool, spec, program, can_exec)) is None:
         return None
-    script = warm_script(spec)
-    exec_argv: list[str] | None = None
+    script, exec_argv = plan
     if script is not None:
         key: tuple[str, str, bytes] = (program, script, spec.files[script])
-    elif can_exec and os.path.isabs(program) and os.access(program, os.X_OK):
+    else:
         # the native exec zygote binds no mounts of a job's own: those go to the Python one
         native = not spec.mounts and await pool.native() is not None
-        key, exec_argv = (NATIVE if native else pool.python, "", b""), [program, *spec.argv[1:]]
-    else:
-        return None
+        key = (NATIVE if native else pool.python, "", b"")
     limits = spec.limits
     lane = asyncio.current_task()
     ready = await prepared.take(spec, (key[0], key[2])) if isinstance(prepared, WarmPrepared) else None
@@ -310,8 +318,7 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             # The zygote may still be in the cgroup for a moment, when its steps fall
             # behind: a job may then have one process less than its limit, never more.
             if ready is None:
-                cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                                  limits.pids, limits.cpu_cores)
+                cgroup.set_limits(limits.memory_bytes, limits.pids, limits.cpu_cores)
         except (WarmError, OSError) as e:
             z.broken = True
             return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")

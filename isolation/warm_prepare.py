@@ -103,11 +103,10 @@ class WarmPrepared(Prepared):
             self.wd = workdir.create(z.dir, self.spec.files, self.pool.uid, self.pool.gid)
             self.req = self.build(z, self.wd)
             jp = await z.forked_ahead()
-            await asyncio.shield(z.check_ahead(jp))
+            await asyncio.shield(jp.check())
             if z.ahead is not jp or z.broken:
                 return
-            jp.cgroup.set_limits(limits.memory_mb * 1024 * 1024 if limits.memory_mb else None,
-                                 limits.pids, limits.cpu_cores)
+            jp.cgroup.set_limits(limits.memory_bytes, limits.pids, limits.cpu_cores)
             self.jp = jp
         except (WarmError, OSError, CgroupUnavailable, workdir.BadSpec) as e:
             # the run sets it up the normal way (and meets the same failure there)

@@ -69,7 +69,7 @@ class JobProc:
         self.cgroup = cgroup  # its job's cgroup, where it was born
         self.mnt_ns: int | None = None  # held from its W (see Zygote.after_job)
         self.pidfd: int | None = None  # from its W until its job starts (the zygote's then)
-        self.checked: asyncio.Future[None] | None = None  # the check of its W, made ahead
+        self._checked: asyncio.Future[None] | None = None  # check()'s, made once
         self._loop = asyncio.get_running_loop()
         self.heard: asyncio.Future[None] = self._loop.create_future()  # a first message or EOF
         self._msgs: collections.deque[tuple[bytes, int | None]] = collections.deque()
@@ -93,6 +93,31 @@ class JobProc:
             self.heard.set_result(None)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def check(self) -> asyncio.Future[None]:
+        """Its W, checked once (a set-up ahead and its job's start await the same check):
+        it waits for its job in its own job cgroup; its pidfd and mount namespace are
+        then held. The future raises WarmSetupError (E) or WarmError."""
+        if self._checked is None:
+            self._checked = asyncio.ensure_future(self._check())
+            self._checked.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._checked
+
+    async def _check(self) -> None:
+        msg, pid = await self.next()
+        if msg[:1] == b"E":
+            raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
+        if msg != b"W" or pid is None:
+            raise WarmError(f"unexpected message from the warm job process: {msg[:200]!r}")
+        if self.sock.fileno() < 0:  # closed meanwhile: nothing may be held past close()
+            raise WarmError("the warm job process was closed")
+        self.pidfd = os.pidfd_open(pid)  # from here on, this very process
+        # Its mount namespace, held: freed at its exit, it would hold up the exit (and so
+        # the job's end) by an RCU grace period; freed in after_job's thread instead.
+        self.mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        with open(f"/proc/{pid}/cgroup") as f:
+            if self.cgroup.unique_dirs()[0].name not in f.read():
+                raise WarmError("the job process is not in its job cgroup")
 
     async def next(self) -> tuple[bytes, int | None]:
         """Its next message and the sender's pid (in our pid namespace) when attached;

@@ -145,15 +145,18 @@ class Zygote:
     def _waiting(self) -> int:
         return (self.ahead is not None) + (self.behind is not None)
 
+    def _fresh(self) -> bool:
+        """The zygote sits in a cgroup where no job process was forked yet: the one place
+        to fork into, and not one to move out of (it would be left behind)."""
+        return self.zcg is not None and (self._last is None or self._last.cgroup is not self.zcg)
+
     def _move(self) -> None:
         """(In a thread.) Into another cgroup: a recycled one, else a fresh one; not out
-        of one where no job process was forked yet (it would be left behind, never
-        removed: a job that ends before the step before it has moved on, twice in a row)."""
+        of a fresh one (a job that ended before the step before it had moved on made two
+        moves in a row: the cgroup between them was never removed)."""
         assert self.pid is not None
-        if self.broken:
+        if self.broken or self._fresh():
             return
-        if self.zcg is not None and (self._last is None or self._last.cgroup is not self.zcg):
-            return  # the next fork lands here
         try:
             cg = self.spare.popleft()
         except IndexError:
@@ -189,7 +192,7 @@ class Zygote:
                 return
             done = True
             self._moving -= move
-            if self._fork_wanted and self._moving == 0 and not self.broken:
+            if self._fork_wanted and self._moving == 0 and not self.broken and self._fresh():
                 try:
                     self._fork()
                 except OSError:
@@ -234,7 +237,7 @@ class Zygote:
             return
         if self._moving:
             self._fork_wanted = True  # once the zygote has moved on
-        elif self._last is not None and self._last.cgroup is self.zcg:
+        elif not self._fresh():
             self._fork_wanted = True  # not into the cgroup of the one before: move on first
             self._begin_step(None, move=True)
         else:
@@ -282,30 +285,6 @@ class Zygote:
             raise WarmError("no job process forked ahead")
         return self.ahead
 
-    def check_ahead(self, jp: JobProc) -> asyncio.Future[None]:
-        """The check of ``jp`` (``_check``), started now while a job runs; ``start_job``
-        awaits the same check."""
-        if jp.checked is None:
-            jp.checked = asyncio.ensure_future(self._check(jp))
-            jp.checked.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return jp.checked
-
-    async def _check(self, jp: JobProc) -> None:
-        """``jp`` waits for its job (W) in its own job cgroup: its pidfd and its mount
-        namespace are then held. Raises WarmSetupError (E) or WarmError."""
-        msg, pid = await jp.next()
-        if msg[:1] == b"E":
-            raise WarmSetupError(f"warm job setup failed: {msg[1:].decode(errors='replace')}")
-        if msg != b"W" or pid is None:
-            raise WarmError(f"unexpected message from the warm job process: {msg[:200]!r}")
-        jp.pidfd = os.pidfd_open(pid)  # from here on, this very process
-        # Its mount namespace, held: freed at its exit, it would hold up the exit (and
-        # so the job's end) by an RCU grace period; freed in after_job's thread instead.
-        jp.mnt_ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        with open(f"/proc/{pid}/cgroup") as f:
-            if jp.cgroup.unique_dirs()[0].name not in f.read():
-                raise WarmError("the job process is not in its job cgroup")
-
     async def start_job(self, req: JobRequest, fds: list[int], cgroup: JobCgroup, *,
                         fork_ahead: bool = True) -> None:
         """Hand the waiting job process its job and fds (once it is sure to be in
@@ -319,10 +298,7 @@ class Zygote:
             self.current = jp
             if cgroup is not jp.cgroup:
                 raise WarmError("the job process is not in its job cgroup")
-            if jp.checked is None:
-                await self._check(jp)  # not checked ahead (warm_prepare.py): now
-            else:
-                await asyncio.shield(jp.checked)
+            await asyncio.shield(jp.check())  # made ahead (warm_prepare.py), or now
             self.job_pidfd, jp.pidfd = jp.pidfd, None  # from here on, this very process
             payload = launcher.encode(req) if self.native else b"J" + json.dumps(req.__dict__).encode()
             jp.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,

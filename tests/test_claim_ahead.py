@@ -10,7 +10,7 @@ import datetime as dt
 import contextlib
 import uuid
 
-from bench.common import count_completion_batches
+from bench.common import count_batches, count_completion_batches
 from sandmill.store import db as dbmod
 from sandmill.store import queue
 from sandmill.profiles import profile_from_dict
@@ -121,19 +121,6 @@ async def _serving(pg_url: str, tag: str, claim_ahead: bool = True, db_conns: in
     finally:
         w.stop()
         await asyncio.wait_for(run, 20)
-
-
-def _count_claims(w: Worker) -> list[int]:
-    """From now on, the size of each claim of idle slots that ``w`` sends (the list)."""
-    claims: list[int] = []
-    claim = w.feed.claims._run_batch
-
-    async def counted(asks):
-        claims.append(len(asks))
-        return await claim(asks)
-
-    w.feed.claims._run_batch = counted
-    return claims
 
 
 def _started(pool, job_id):
@@ -449,7 +436,7 @@ async def test_a_slot_whose_completion_found_no_job_waits_for_a_wake_up(pg_url):
     tag = "can-" + uuid.uuid4().hex[:6]
     pool = await dbmod.create_pool(pg_url)
     async with _serving(pg_url, tag, poll_s=30.0) as w:
-        claims = _count_claims(w)
+        claims = count_batches(w.feed.claims)
         await _wait(lambda: _const(bool(claims)))  # its first claim at start found nothing
         await asyncio.sleep(0.2)
         first = await _push(pool, tag)
@@ -476,7 +463,7 @@ async def test_a_stopping_worker_claims_nothing_more(pg_url):
         quiet = uuid.uuid4()
         await pool.execute("INSERT INTO queue (id, workspace, kind, language, content, tag)"
                            " VALUES ($1, 'w', 'script', 'noop', '', $2)", quiet, tag)
-        claims = _count_claims(w)
+        claims = count_batches(w.feed.claims)
         w.stop()
     assert claims == []  # not even one whose job goes back: a wasted claim and requeue
     row = await pool.fetchrow("SELECT running, worker, restarts FROM queue WHERE id = $1", quiet)
@@ -611,14 +598,7 @@ async def test_a_lone_jobs_claim_ahead_not_sent_yet_rides_on_its_completion(pg_u
     pool = await dbmod.create_pool(pg_url)
     w = Worker(profile_from_dict({"name": "lone", "tags": [tag], "native": True, "subworkers": 1}), pg_url,
                settings=WorkerSettings(poll_s=1.0, claim_ahead_after_s=0.0, completion_lazy_s=5.0))
-    ahead: list[int] = []
-    claim_ahead = w.feed.ahead._run_batch
-
-    async def counted(reqs):
-        ahead.append(len(reqs))
-        return await claim_ahead(reqs)
-
-    w.feed.ahead._run_batch = counted
+    ahead = count_batches(w.feed.ahead)
     sizes = count_completion_batches(w)
     run = asyncio.create_task(w.run())
     try:

@@ -81,14 +81,12 @@ class Runtime(Channel):
         try:
             self._wd = workdir.create(z.dir, {RUNTIME_NAME: RUNTIME_SOURCE}, pool.uid, pool.gid)
             self._cgroup = await z.take_cgroup()
-            self._cgroup.set_limits(lim.memory_mb * 1024 * 1024 if lim.memory_mb else None,
-                                    lim.pids, lim.cpu_cores)
+            self._cgroup.set_limits(lim.memory_bytes, lim.pids, lim.cpu_cores)
             mount = pool.mount_at or str(z.dir)
             # no RLIMIT_CPU: it would count the runtime's whole life, not one job
             rl = [(r, s, h) for r, (s, h) in job_rlimits(lim) if r != resource.RLIMIT_CPU]
             req = JobRequest(dir=f"{mount}/{self._wd.name}", mount=mount, argv=[RUNTIME_NAME],
-                             env=dict(self.env), rlimits=rl,
-                             tmp_bytes=lim.tmp_mb * 1024 * 1024 if lim.tmp_mb else None,
+                             env=dict(self.env), rlimits=rl, tmp_bytes=lim.tmp_bytes,
                              hostname=pool.hostname)
             await z.start_job(req, [theirs.fileno(), out_w, out_w], self._cgroup,
                               fork_ahead=False)  # it runs for long: no process waits beside it
