@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -85,3 +86,26 @@ async def test_ended_jobs_leave_no_descriptor_behind(warm) -> None:
     before = len(os.listdir("/proc/self/fd"))
     await run(30)
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+async def test_the_next_fork_does_not_wait_for_the_clean_up_of_the_job_before(warm, monkeypatch) -> None:
+    # A step moves the zygote on first and the waiting fork goes then; the ended job's
+    # clean-up (here made slow) follows. Before, the fork waited for the clean-up.
+    from sandmill.isolation import warm as warm_mod
+
+    remove = warm_mod._remove
+
+    def slow_remove(*a, **k):  # type: ignore[no-untyped-def]
+        time.sleep(1.5)
+        remove(*a, **k)
+
+    assert (await warm.run(spec("print(1)"))).warm
+    zygote = _zygote(warm)
+    monkeypatch.setattr(warm_mod, "_remove", slow_remove)
+    assert (await warm.run(spec("print(2)"))).warm  # its clean-up now takes 1.5 s
+    run = asyncio.ensure_future(warm.run(spec("import time\ntime.sleep(1)\nprint(3)\n")))
+    await asyncio.sleep(0.6)
+    kids = zygote.children()
+    o = await run
+    assert o.warm and o.stdout == b"3\n", explain(o)
+    assert len(kids) == 1 + FORK_DEPTH, kids  # the job and the ones forked ahead, already
