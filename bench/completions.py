@@ -24,7 +24,7 @@ from sandmill.store import embedded, queue
 from sandmill.worker.settings import WorkerSettings
 from sandmill.worker.worker import Worker
 
-from .common import count_completion_batches, drop_scratch, scratch_dir
+from .common import count_completion_batches, count_done, drop_scratch, scratch_dir
 
 SWITCH = "SANDMILL_SHARE_SHORT_COMPLETIONS"
 
@@ -57,7 +57,7 @@ async def drain(url: str, pool, pg_dir: Path, jobs: int, job_s: float, cover_s: 
     c0, p0, t0 = time.process_time(), pg_cpu_s(pg_dir), time.perf_counter()
     run = asyncio.create_task(w.run())
     try:
-        while await pool.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1)", ids) < jobs:
+        while await count_done(pool, ids) < jobs:
             await asyncio.sleep(0.05)
         t1, c1, p1 = time.perf_counter(), time.process_time(), pg_cpu_s(pg_dir)
     finally:

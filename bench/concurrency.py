@@ -17,6 +17,7 @@ import httpx
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
+from .common import count_done
 
 NATIVE = "name: cbench\ntags: [cbench]\nnative: true\nsubworkers: {sub}\n"
 
@@ -38,7 +39,7 @@ async def drain(cluster: LocalCluster, path: str, jobs: int) -> float:
         t0 = time.perf_counter()
         await conn.execute("UPDATE queue SET tag = 'cbench' WHERE id = ANY($1::uuid[])", ids)
         await conn.execute("NOTIFY sandmill_queue, 'cbench'")
-        while await conn.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1::uuid[])", ids) < jobs:
+        while await count_done(conn, ids) < jobs:
             await asyncio.sleep(0.02)
         return jobs / (time.perf_counter() - t0)
     finally:

@@ -27,7 +27,7 @@ import httpx
 from sandmill.store import db as dbmod
 from sandmill.store import embedded
 
-from .common import NATIVE_PROFILE, BenchPG, pct, wait_registered
+from .common import NATIVE_PROFILE, BenchPG, count_done, pct, wait_registered
 
 class FaultPG(BenchPG):
     """The run's embedded PostgreSQL, which it may stop, start and restart."""
@@ -126,7 +126,7 @@ async def _wait_completed(url: str, ids: list[str], timeout_s: float) -> None:
         try:
             conn = await dbmod.connect(url)
             try:
-                n = await conn.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1::uuid[])", ids)
+                n = await count_done(conn, ids)
             finally:
                 await conn.close()
             if n >= len(ids):

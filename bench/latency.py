@@ -36,7 +36,7 @@ from sandmill.store import embedded
 from sandmill.localcluster import LocalCluster
 
 from . import rawhttp
-from .common import drop_scratch, scratch_dir
+from .common import count_done, drop_scratch, last_done_at, scratch_dir
 
 TRIVIAL = {"python3": "def main():\n    return 1\n", "bash": "echo 1\n"}
 BARE = {"python3": ["/usr/bin/python3", "-c", "pass"], "bash": ["/bin/bash", "-c", "echo 1"]}
@@ -104,10 +104,9 @@ async def throughput(cluster: LocalCluster, language: str, jobs: int, client: st
             ids = await asyncio.gather(*(submit() for _ in range(jobs)))
     conn = await dbmod.connect(cluster.db_url)
     try:
-        while await conn.fetchval("SELECT count(*) FROM completed_job WHERE id = ANY($1::uuid[])", ids) < jobs:
+        while await count_done(conn, ids) < jobs:
             await asyncio.sleep(0.05)
-        t1 = float(await conn.fetchval(
-            "SELECT extract(epoch FROM max(completed_at)) FROM completed_job WHERE id = ANY($1::uuid[])", ids))
+        t1 = float(await last_done_at(conn, ids))
     finally:
         await conn.close()
     return jobs / (t1 - t0)

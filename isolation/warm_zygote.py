@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,9 @@ __all__ = ["JobProc", "JobRequest", "WarmError", "WarmMountError", "WarmSetupErr
 # (in a Python zygote 2-3 ms, longer than a short job) have two jobs' time to finish;
 # SANDMILL_FORK_AHEAD=1 as before (docs/performance.md, "Round 7").
 FORK_DEPTH = 1 if os.environ.get("SANDMILL_FORK_AHEAD") == "1" else 2
+# Thread steps (a move, then a job's clean-up) that may be under way when a job starts;
+# beyond, it waits for the oldest to be over (clean-ups slower than the jobs pile up no further).
+MAX_STEPS_BEHIND = 2
 
 
 class Zygote:
@@ -60,8 +64,10 @@ class Zygote:
         self.zcg: JobCgroup | None = None  # where the zygote sits: its next job process's
         # emptied job cgroups made ready again (JobCgroup.recycle), before a fresh one
         self.spare: collections.deque[JobCgroup] = collections.deque()
-        self._step: asyncio.Future[None] | None = None  # the last thread step (after_job)
-        self._steps = 0  # steps started and not yet over
+        # thread steps started and not over yet, oldest first
+        self._pending: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._last_move: asyncio.Future[None] | None = None  # over once the last step's move is
+        self._tidying = threading.Lock()
         self._moving = 0  # steps whose move is not over yet (a fork waits for those only)
         self._fork_wanted = False  # fork once the running step is over
         self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
@@ -169,12 +175,13 @@ class Zygote:
         self.zcg = cg
 
     def _begin_step(self, cleanup: Callable[[], None] | None, move: bool) -> None:
-        """Start a thread step (after the one before it): with ``move``, the zygote into
-        another cgroup, then a fork that waited for it; then ``cleanup`` (a job's
-        leftovers). The move comes first: the next job process is forked while the clean-up
-        runs, not after it (its W was what the next job waited for)."""
-        prev = self._step
-        self._steps += 1
+        """Start a thread step: with ``move``, the zygote into another cgroup (after the
+        move of the step before), then a fork that waited for it; then ``cleanup`` (a
+        job's leftovers). The move comes first and waits for no clean-up before it: the
+        next job process is forked while clean-ups run, not after them (its W was what
+        the next job waited for; a clean-up can take a few ms, a namespace's teardown)."""
+        prev = self._last_move
+        move_over = self._last_move = asyncio.get_running_loop().create_future()
         self._moving += move
         held, self._ended_ns = self._ended_ns, []
 
@@ -192,6 +199,8 @@ class Zygote:
                 return
             done = True
             self._moving -= move
+            if not move_over.done():  # (cancelled with the loop's end)
+                move_over.set_result(None)
             if self._fork_wanted and self._moving == 0 and not self.broken and self._fresh():
                 try:
                     self._fork()
@@ -212,11 +221,12 @@ class Zygote:
                         self._move()
                 finally:
                     loop.call_soon_threadsafe(moved)
-                    tidy()  # the job's leftovers go whatever happened to the move
+                    with self._tidying:  # one clean-up at a time: fewer threads to share the GIL
+                        tidy()  # the job's leftovers go whatever happened to the move
 
             try:
                 if prev is not None:
-                    await asyncio.wait([prev])  # its failure is its own: ours runs anyway
+                    await asyncio.shield(prev)  # the move before (not its clean-up); it cannot fail
                 moving = move and not self.broken
                 if moving and self._last is not None:
                     await self._last.heard  # forked (not only asked to): it stays in its cgroup
@@ -226,11 +236,11 @@ class Zygote:
                 raise
             finally:
                 moved()  # (a no-op when the thread's call came first)
-                self._steps -= 1
 
-        self._step = asyncio.ensure_future(step())
+        t = asyncio.ensure_future(step())
+        self._pending.append(t)
         # a zygote closed (or dead) before settle() never awaits it: its error is no news
-        self._step.add_done_callback(lambda f: f.cancelled() or f.exception())
+        t.add_done_callback(lambda f: self._pending.remove(f) or f.cancelled() or f.exception())
 
     def _want_fork(self) -> None:
         if self._waiting() >= FORK_DEPTH or self.broken:
@@ -259,18 +269,25 @@ class Zygote:
     async def settle(self) -> None:
         """Wait for every thread step started so far (a job's cgroup may then be swept:
         the zygote is out of it)."""
-        while self._step is not None and not self._step.done():
-            try:
-                await asyncio.shield(self._step)
-            except (OSError, CgroupUnavailable, WarmError):
+        while self._pending:
+            done, _ = await asyncio.wait(list(self._pending))
+            if any(not f.cancelled() and f.exception() is not None for f in done):
                 self.broken = True
+
+    async def _forks_over(self) -> None:
+        """Wait until the moves started so far are over, and with them the fork that
+        waited for them (not their clean-ups)."""
+        while self.ahead is None and self._moving and not self.broken:
+            assert self._last_move is not None
+            await asyncio.shield(self._last_move)
 
     async def take_cgroup(self) -> JobCgroup:
         """The cgroup the next job runs in (its process is already there, waiting)."""
-        # the first job process not forked yet, or a backlog of steps (clean-ups slower
-        # than the jobs): wait for them
-        while (self.ahead is None or self._steps > 1) and self._steps and not self.broken:
-            await self.settle()
+        # a backlog of clean-ups (slower than the jobs, a cgroup v1 move or a namespace's
+        # teardown can take ms): the oldest first, so that they cannot pile up
+        while len(self._pending) > MAX_STEPS_BEHIND and not self.broken:
+            await asyncio.wait([self._pending[0]])
+        await self._forks_over()  # the first job process, not forked yet
         if self.ahead is None or self.broken:
             self.broken = True
             raise WarmError("no job process forked ahead")
@@ -279,8 +296,7 @@ class Zygote:
     async def forked_ahead(self) -> JobProc:
         """The job process forked for the next job, once the steps before its fork are
         over (while a job runs: the one after it). Raises WarmError."""
-        while self.ahead is None and self._steps and not self.broken:
-            await self.settle()
+        await self._forks_over()
         if self.ahead is None or self.broken:
             raise WarmError("no job process forked ahead")
         return self.ahead

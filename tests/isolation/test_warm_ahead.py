@@ -58,10 +58,23 @@ async def test_the_next_job_process_waits_beside_a_running_job(warm) -> None:
     assert len({cg for _, cg in kids}) == len(kids)  # each in its own job cgroup
 
 
+async def _waiting(b, zygote: psutil.Process) -> list[psutil.Process]:
+    """The job processes forked ahead, once the zygote's steps are over (a job does not
+    wait for the second fork)."""
+    [z] = [z for zs in b.warm_pool.idle.values() for z in zs]
+    await z.settle()
+    await z.forked_ahead()
+    for _ in range(100):
+        if len(kids := zygote.children()) >= FORK_DEPTH:
+            return kids
+        await asyncio.sleep(0.02)
+    return zygote.children()
+
+
 async def test_a_job_process_killed_while_waiting_costs_no_job(warm) -> None:
     assert (await warm.run(spec("print(1)"))).warm
     zygote = _zygote(warm)
-    waiting = zygote.children()
+    waiting = await _waiting(warm, zygote)
     assert len(waiting) == FORK_DEPTH
     os.kill(waiting[0].pid, signal.SIGKILL)
     await asyncio.sleep(0.2)
@@ -109,3 +122,28 @@ async def test_the_next_fork_does_not_wait_for_the_clean_up_of_the_job_before(wa
     o = await run
     assert o.warm and o.stdout == b"3\n", explain(o)
     assert len(kids) == 1 + FORK_DEPTH, kids  # the job and the ones forked ahead, already
+
+
+async def test_a_job_does_not_wait_for_the_clean_ups_of_the_jobs_before(warm, monkeypatch) -> None:
+    # Clean-ups run beside the moves, not in their chain: with each one slower than a
+    # job (here 0.8 s), the next jobs start at once while at most MAX_STEPS_BEHIND (2)
+    # are under way. Before, the third job waited for both steps before it (2 x 0.8 s).
+    from sandmill.isolation import warm as warm_mod
+
+    remove = warm_mod._remove
+
+    def slow_remove(*a, **k):  # type: ignore[no-untyped-def]
+        time.sleep(0.8)
+        remove(*a, **k)
+
+    assert (await warm.run(spec("print(0)"))).warm
+    [z] = [z for zs in warm.warm_pool.idle.values() for z in zs]
+    await z.settle()
+    monkeypatch.setattr(warm_mod, "_remove", slow_remove)
+    t0 = time.monotonic()
+    outs = [await warm.run(spec(f"print({i})")) for i in (1, 2, 3)]
+    took = time.monotonic() - t0
+    assert [o.stdout for o in outs] == [b"1\n", b"2\n", b"3\n"] and all(o.warm for o in outs)
+    assert took < 0.7, took  # neither waited for a clean-up of 0.8 s
+    await z.settle()
+    assert not z.broken
