@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,7 +66,6 @@ class Zygote:
         # thread steps started and not over yet, oldest first
         self._pending: collections.deque[asyncio.Future[None]] = collections.deque()
         self._last_move: asyncio.Future[None] | None = None  # over once the last step's move is
-        self._tidying = threading.Lock()
         self._moving = 0  # steps whose move is not over yet (a fork waits for those only)
         self._fork_wanted = False  # fork once the running step is over
         self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
@@ -221,8 +219,9 @@ class Zygote:
                         self._move()
                 finally:
                     loop.call_soon_threadsafe(moved)
-                    with self._tidying:  # one clean-up at a time: fewer threads to share the GIL
-                        tidy()  # the job's leftovers go whatever happened to the move
+                    # the job's leftovers go whatever happened to the move (clean-ups of
+                    # jobs before may still run in other threads: each has its own job's)
+                    tidy()
 
             try:
                 if prev is not None:
