@@ -5,6 +5,7 @@ the same machine in the same run.
     python -m bench.latency [--backend process|nsjail|docker] [--language python3|bash]
                             [--jobs 200] [--latency-runs 50] [--cold] [--quick]
                             [--profile PATH] [--workdir-root DIR] [--client raw|httpx]
+                            [--gaps]
 
 Over the throughput batch it also reports the CPU ms per job of each process (psutil):
 the server, the worker, the sandbox (every process under the worker: nsjail, warm
@@ -37,9 +38,11 @@ from sandmill.localcluster import LocalCluster
 
 from . import rawhttp
 from .common import count_done, drop_scratch, last_done_at, scratch_dir
+from .gaps import GapTrace, spread
 
 TRIVIAL = {"python3": "def main():\n    return 1\n", "bash": "echo 1\n"}
 BARE = {"python3": ["/usr/bin/python3", "-c", "pass"], "bash": ["/bin/bash", "-c", "echo 1"]}
+COMM = {"python3": "python3", "bash": "bash"}  # the job program's name in the kernel's events
 TARGET_OVERHEAD_MS = 25.0
 
 
@@ -186,11 +189,13 @@ async def run(args: argparse.Namespace) -> dict:
         bare = await bare_start(BARE[args.language], args.latency_runs)
         lat = await latency(cluster, args.language, args.latency_runs, args.client)
         spy = start_profile(cluster, args.profile) if args.profile else None
+        trace = GapTrace(COMM[args.language], tmp / "gaps.data") if args.gaps else None
         cpu0 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
         jps = await throughput(cluster, args.language, args.jobs, args.client)
         cpu1 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
         if spy is not None:
             stop_profile(spy)
+        gaps = trace.stop() if trace is not None else None
         cpu = {k: (cpu1[k] - cpu0[k]) * 1000 / args.jobs for k in cpu0}
         warm = await warm_share(cluster, args.language)
     finally:
@@ -198,7 +203,7 @@ async def run(args: argparse.Namespace) -> dict:
         pg.cleanup()
         drop_scratch(tmp)
     return {"backend": args.backend + (" (cold)" if args.cold else ""), "language": args.language, "bare": bare, "latency": lat, "jobs_per_s": jps,
-            "jobs": args.jobs, "warm_share": warm, "cpu_ms_per_job": cpu}
+            "jobs": args.jobs, "warm_share": warm, "cpu_ms_per_job": cpu, "gaps": gaps}
 
 
 def report(r: dict) -> str:
@@ -216,6 +221,10 @@ def report(r: dict) -> str:
         + f"   total {sum(r['cpu_ms_per_job'].values()):.2f} ms",
         "  for scale: Windmill publishes ~50 ms overhead per standard job (~65 ms per Python job in its CI)",
     ]
+    if r.get("gaps") is not None:
+        g = r["gaps"]
+        lines += [f"  the program's run        {spread(g['runs_ms'])}   (exec -> exit, {len(g['runs_ms'])} jobs)",
+                  f"  the gap between jobs     {spread(g['gaps_ms'])}   (an exit -> the next exec)"]
     return "\n".join(lines)
 
 
@@ -233,6 +242,9 @@ def main() -> None:
     ap.add_argument("--client", default="raw", choices=["raw", "httpx"],
                     help="the HTTP client of the batch and the latency runs (raw: bench/rawhttp.py; "
                          "httpx: as before session 12, for the latency runs before session 13)")
+    ap.add_argument("--gaps", action="store_true",
+                    help="bash: the program's own run against the gap between jobs over the batch "
+                         "(perf's exec/exit tracepoints; needs perf and root; bench/gaps.py)")
     ap.add_argument("--quick", action="store_true", help="a small run (40 jobs, 10 latency runs)")
     args = ap.parse_args()
     if args.quick:

@@ -29,13 +29,14 @@ from .warm_proto import (
 
 __all__ = ["JobProc", "JobRequest", "WarmError", "WarmMountError", "WarmSetupError", "Zygote"]
 
-# Job processes forked ahead of their jobs: 2, so that the next one's clone and set-up
-# (in a Python zygote 2-3 ms, longer than a short job) have two jobs' time to finish;
-# SANDMILL_FORK_AHEAD=1 as before (docs/performance.md, "Round 7").
-FORK_DEPTH = 1 if os.environ.get("SANDMILL_FORK_AHEAD") == "1" else 2
-# Thread steps (a move, then a job's clean-up) that may be under way when a job starts;
-# beyond, it waits for the oldest to be over (clean-ups slower than the jobs pile up no further).
-MAX_STEPS_BEHIND = 2
+# Job processes forked ahead of their jobs: 3, so that a clone and set-up (in a Python
+# zygote 2-3 ms, longer than a short job) and the cgroup move before it (on cgroup v1 now
+# and then 10-25 ms: an RCU grace period) have several jobs' time to finish;
+# SANDMILL_FORK_AHEAD=N sets another depth (docs/performance.md, rounds 7 and 8).
+FORK_DEPTH = max(1, int(os.environ.get("SANDMILL_FORK_AHEAD", "3") or 3))
+# Clean-ups (a job's leftovers, after its step's move) that may be under way when a job
+# starts; beyond, it waits for one to be over: clean-ups slower than the jobs pile up no further.
+MAX_CLEANUPS_BEHIND = 2
 
 
 class Zygote:
@@ -69,8 +70,9 @@ class Zygote:
         self._moving = 0  # steps whose move is not over yet (a fork waits for those only)
         self._fork_wanted = False  # fork once the running step is over
         self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
-        self.ahead: JobProc | None = None  # forked, waiting for its job
-        self.behind: JobProc | None = None  # forked after it, waiting for the job after (FORK_DEPTH 2)
+        # forked, each waiting for its job, the next job's first (at most FORK_DEPTH)
+        self.forked: collections.deque[JobProc] = collections.deque()
+        self._cleaning = 0  # steps with a clean-up in their thread (its move first), not over yet
         self._last: JobProc | None = None  # the last one asked for (a move waits until it is born)
         self.current: JobProc | None = None  # the one that got the last job
         self._seq = 0
@@ -140,14 +142,16 @@ class Zygote:
             raise
         finally:
             theirs.close()
-        jp = self._last = JobProc(self._seq, ours, ended, self.zcg)
-        if self.ahead is None:
-            self.ahead = jp
-        else:
-            self.behind = jp
+        self._last = jp = JobProc(self._seq, ours, ended, self.zcg)
+        self.forked.append(jp)
+
+    @property
+    def ahead(self) -> JobProc | None:
+        """The job process forked for the next job (None: not forked yet)."""
+        return self.forked[0] if self.forked else None
 
     def _waiting(self) -> int:
-        return (self.ahead is not None) + (self.behind is not None)
+        return len(self.forked)
 
     def _fresh(self) -> bool:
         """The zygote sits in a cgroup where no job process was forked yet: the one place
@@ -182,6 +186,7 @@ class Zygote:
         move_over = self._last_move = asyncio.get_running_loop().create_future()
         self._moving += move
         held, self._ended_ns = self._ended_ns, []
+        cleans = bool(held) or cleanup is not None
 
         def tidy() -> None:
             for fd in held:  # first: the job's /tmp is then uncharged before its cgroup's reset
@@ -212,6 +217,7 @@ class Zygote:
 
         async def step() -> None:
             loop = asyncio.get_running_loop()
+            counted = False
 
             def work(moving: bool) -> None:  # one thread hop: the fork goes while the clean-up runs
                 try:
@@ -229,12 +235,15 @@ class Zygote:
                 moving = move and not self.broken
                 if moving and self._last is not None:
                     await self._last.heard  # forked (not only asked to): it stays in its cgroup
+                self._cleaning += cleans  # counted from its thread's start: the move, then it
+                counted = cleans
                 await asyncio.to_thread(work, moving)
             except (OSError, CgroupUnavailable):
                 self.broken = True
                 raise
             finally:
                 moved()  # (a no-op when the thread's call came first)
+                self._cleaning -= counted
 
         t = asyncio.ensure_future(step())
         self._pending.append(t)
@@ -282,11 +291,14 @@ class Zygote:
 
     async def take_cgroup(self) -> JobCgroup:
         """The cgroup the next job runs in (its process is already there, waiting)."""
-        # a backlog of clean-ups (slower than the jobs, a cgroup v1 move or a namespace's
-        # teardown can take ms): the oldest first, so that they cannot pile up
-        while len(self._pending) > MAX_STEPS_BEHIND and not self.broken:
-            await asyncio.wait([self._pending[0]])
-        await self._forks_over()  # the first job process, not forked yet
+        # a backlog of clean-ups (slower than the jobs: a namespace's teardown can take
+        # ms), so that they cannot pile up; not a slow move (the jobs forked ahead cover it)
+        while True:
+            while self._cleaning > MAX_CLEANUPS_BEHIND and self._pending and not self.broken:
+                await asyncio.wait(list(self._pending), return_when=asyncio.FIRST_COMPLETED)
+            await self._forks_over()  # the next job's process, not forked yet
+            if self._cleaning <= MAX_CLEANUPS_BEHIND or self.broken:  # (more began meanwhile)
+                break
         if self.ahead is None or self.broken:
             self.broken = True
             raise WarmError("no job process forked ahead")
@@ -306,7 +318,7 @@ class Zygote:
         ``cgroup``); with ``fork_ahead``, the zygote forks the next job's process while
         this job runs."""
         self.job_sent = False
-        jp, self.ahead, self.behind = self.ahead, self.behind, None
+        jp = self.forked.popleft() if self.forked else None
         try:
             if jp is None:
                 raise WarmError("no job process forked ahead")
@@ -377,11 +389,12 @@ class Zygote:
         held, self._ended_ns = self._ended_ns, []
         for fd in held:
             os.close(fd)
-        waiting_cgs = [jp.cgroup for jp in (self.ahead, self.behind) if jp is not None]
-        for jp in (self.ahead, self.behind, self.current):
+        waiting_cgs = [jp.cgroup for jp in self.forked]
+        for jp in (*self.forked, self.current):
             if jp is not None:
                 jp.close()
-        self.ahead = self.behind = self.current = None
+        self.forked.clear()
+        self.current = None
         try:
             self.sock.close()
         except OSError:

@@ -16,7 +16,7 @@ from test_warm import _usable
 from sandmill.isolation import Status
 from sandmill.isolation.nsjail import NsjailBackend
 from sandmill.isolation.process import ProcessBackend
-from sandmill.isolation.warm_zygote import FORK_DEPTH
+from sandmill.isolation.warm_zygote import FORK_DEPTH, MAX_CLEANUPS_BEHIND
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,7 +126,7 @@ async def test_the_next_fork_does_not_wait_for_the_clean_up_of_the_job_before(wa
 
 async def test_a_job_does_not_wait_for_the_clean_ups_of_the_jobs_before(warm, monkeypatch) -> None:
     # Clean-ups run beside the moves, not in their chain: with each one slower than a
-    # job (here 0.8 s), the next jobs start at once while at most MAX_STEPS_BEHIND (2)
+    # job (here 0.8 s), the next jobs start at once while at most MAX_CLEANUPS_BEHIND (2)
     # are under way. Before, the third job waited for both steps before it (2 x 0.8 s).
     from sandmill.isolation import warm as warm_mod
 
@@ -147,3 +147,31 @@ async def test_a_job_does_not_wait_for_the_clean_ups_of_the_jobs_before(warm, mo
     assert took < 0.7, took  # neither waited for a clean-up of 0.8 s
     await z.settle()
     assert not z.broken
+
+
+async def test_clean_ups_slower_than_the_jobs_pile_up_no_further(warm, monkeypatch) -> None:
+    # Each job's clean-up holds its mount namespace, work dir and cgroup: with clean-ups
+    # slower than the jobs, a job starts only while at most MAX_CLEANUPS_BEHIND run (the
+    # steps still queued behind a move, at most one per job process forked ahead, and the
+    # job's own come on top). Without the bound all 8 would run at once.
+    import threading
+
+    from sandmill.isolation import warm as warm_mod
+
+    remove, lock = warm_mod._remove, threading.Lock()
+    now = most = 0
+
+    def slow_remove(*a, **k):  # type: ignore[no-untyped-def]
+        nonlocal now, most
+        with lock:
+            now += 1
+            most = max(most, now)
+        time.sleep(0.3)
+        remove(*a, **k)
+        with lock:
+            now -= 1
+
+    monkeypatch.setattr(warm_mod, "_remove", slow_remove)
+    outs = [await warm.run(spec(f"print({i})")) for i in range(8)]
+    assert all(o.warm and o.status is Status.success for o in outs), [explain(o) for o in outs]
+    assert 2 <= most <= MAX_CLEANUPS_BEHIND + FORK_DEPTH, most
