@@ -312,6 +312,12 @@ class JobCgroup:
         """cgroup.procs paths to write "0" into from the child before exec."""
         return [str(d / "cgroup.procs") for d in self.unique_dirs()]
 
+    def move_files(self) -> list[str]:
+        """Where a process writes "0" to move itself here: v1 ``tasks`` (a thread that
+        moves itself takes no global lock), v2 ``cgroup.procs``."""
+        name = "tasks" if self.host.version == 1 else "cgroup.procs"
+        return [str(d / name) for d in self.unique_dirs()]
+
     def unique_dirs(self) -> list[Path]:
         """Each job dir once (v1 co-mounted controllers share one)."""
         return list(dict.fromkeys(self.dirs.values()))

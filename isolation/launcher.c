@@ -8,6 +8,8 @@
  *
  *   argv: launcher SOCKFD [MOUNT_ROOT...]
  *   zygote -> worker  R                  ready (the kernel attaches our pid)
+ *   worker -> zygote  M + 1..8 fds       move into the job cgroup whose tasks (v1) or
+ *                                        cgroup.procs (v2) files these are; then "m"
  *   worker -> zygote  F + 1 fd           clone a job process now, with this socket
  *   zygote -> worker  Z<seq><status>     job process number seq ended (two native ints)
  * and over each job process's own socket:
@@ -45,6 +47,7 @@
 #define MAX_CHILDREN 64
 #define MAX_MSG (1 << 20)
 #define MAX_ITEMS 4096
+#define MAX_MOVE_FDS 8
 
 static char **roots;
 static int nroots;
@@ -237,6 +240,24 @@ struct child {
     int pidfd, pid, seq;
 };
 
+/* M: "0" into each cgroup file passed: this (single-threaded) process moves itself, which
+   on cgroup v1 takes no global lock (a move by pid waits, now and then, for an RCU grace
+   period that stalls every fork and exit on the host). A failed move ends us: a clone
+   must never be born in the wrong cgroup. */
+static void move_self(int sock, struct cmsghdr *c) {
+    size_t nfds = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    int fds[MAX_MOVE_FDS];
+    memcpy(fds, CMSG_DATA(c), nfds * sizeof(int));
+    int ok = 1;
+    for (size_t i = 0; i < nfds; i++) {
+        if (write(fds[i], "0", 1) != 1)
+            ok = 0;
+        close(fds[i]);
+    }
+    if (!ok || send(sock, "m", 1, MSG_NOSIGNAL) != 1)
+        _exit(1);
+}
+
 static void send_status(int sock, int seq, int status) {
     char z[1 + 2 * sizeof(int)];
     z[0] = 'Z';
@@ -296,7 +317,7 @@ int main(int argc, char **argv) {
             continue;
         char m[16];
         union {
-            char space[CMSG_SPACE(sizeof(int))];
+            char space[CMSG_SPACE(MAX_MOVE_FDS * sizeof(int))];
             struct cmsghdr align;
         } ctl;
         struct iovec iov = {m, sizeof m};
@@ -310,6 +331,10 @@ int main(int argc, char **argv) {
         struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
         if (c == NULL || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
             continue;
+        if (n == 1 && m[0] == 'M') {
+            move_self(sock, c);
+            continue;
+        }
         int job_sock;
         memcpy(&job_sock, CMSG_DATA(c), sizeof job_sock);
         if (n != 1 || m[0] != 'F' || c->cmsg_len != CMSG_LEN(sizeof(int)) || nkids == MAX_CHILDREN) {

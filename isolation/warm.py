@@ -350,10 +350,15 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
         if not z.broken and cgroup is not None and wd is not None:
             # After the result, in a thread while the next job of this zygote may already
             # run: the cgroup and work dir go, and the zygote moves on.
-            z.after_job(functools.partial(_remove, z, cgroup, wd))
+            z.after_job(cgroup, functools.partial(_remove, z, cgroup, wd))
             cgroup = wd = None
         if cgroup is not None:
-            await z.settle()  # never sweep the zygote along with the job
+            await z.settle()
+            if not z.broken:  # never sweep the zygote along with the job
+                try:
+                    await z.out_of(cgroup)
+                except (OSError, WarmError, CgroupUnavailable):
+                    z.broken = True
             cgroup.kill_all()
             cgroup.remove()
         if wd is not None:

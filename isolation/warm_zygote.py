@@ -29,11 +29,10 @@ from .warm_proto import (
 
 __all__ = ["JobProc", "JobRequest", "WarmError", "WarmMountError", "WarmSetupError", "Zygote"]
 
-# Job processes forked ahead of their jobs: 3, so that a clone and set-up (in a Python
-# zygote 2-3 ms, longer than a short job) and the cgroup move before it (on cgroup v1 now
-# and then 10-25 ms: an RCU grace period) have several jobs' time to finish;
+# Job processes forked ahead of their jobs: 2, so that a clone and set-up (in a Python
+# zygote 2-3 ms, longer than a short job) have two jobs' time to finish;
 # SANDMILL_FORK_AHEAD=N sets another depth (docs/performance.md, rounds 7 and 8).
-FORK_DEPTH = max(1, int(os.environ.get("SANDMILL_FORK_AHEAD", "3") or 3))
+FORK_DEPTH = max(1, int(os.environ.get("SANDMILL_FORK_AHEAD", "2") or 2))
 # Clean-ups (a job's leftovers, after its step's move) that may be under way when a job
 # starts; beyond, it waits for one to be over: clean-ups slower than the jobs pile up no further.
 MAX_CLEANUPS_BEHIND = 2
@@ -42,12 +41,13 @@ MAX_CLEANUPS_BEHIND = 2
 class Zygote:
     """One warm interpreter; one job at a time.
 
-    No job waits for a cgroup move (slow on some kernels: docs/performance.md). The zygote
-    forks each job process ahead of its job (``ahead``, then ``behind``: each sets itself
-    up and waits, alone in its own cgroup) into the cgroup it sits in (``zcg``). After
-    each job one thread step (``after_job``) moves it on into another (on cgroup v1 a
-    recycled one, ``spare``, else a fresh one), forks meanwhile if a fork waited, and
-    removes the job's leftovers. Its own memory stays charged to its home cgroup.
+    No job waits for a cgroup move. The zygote forks each job process ahead of its job
+    (``forked``: each sets itself up and waits, alone in its own cgroup) into the cgroup
+    it sits in (``zcg``), and moves itself on first (M, then F: it reads them in order;
+    on cgroup v1 a process that moves itself takes no global lock, docs/performance.md,
+    "Round 8"), into a recycled cgroup (``spare``) or a fresh one. After each job a
+    thread step (``after_job``) removes the job's leftovers once the zygote's answer to
+    the M out of its cgroup has come. Its own memory stays charged to its home cgroup.
     """
 
     def __init__(self, key: tuple[str, bytes], proc: asyncio.subprocess.Process,
@@ -66,14 +66,13 @@ class Zygote:
         self.spare: collections.deque[JobCgroup] = collections.deque()
         # thread steps started and not over yet, oldest first
         self._pending: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._last_move: asyncio.Future[None] | None = None  # over once the last step's move is
-        self._moving = 0  # steps whose move is not over yet (a fork waits for those only)
-        self._fork_wanted = False  # fork once the running step is over
+        self._moved: collections.deque[asyncio.Future[None]] = collections.deque()  # Ms not yet answered
+        self._left: dict[JobCgroup, asyncio.Future[None]] = {}  # a cgroup -> the answer to the M out of it
         self._ended_ns: list[int] = []  # namespaces of ended jobs, freed by the next step
         # forked, each waiting for its job, the next job's first (at most FORK_DEPTH)
         self.forked: collections.deque[JobProc] = collections.deque()
         self._cleaning = 0  # steps with a clean-up in their thread (its move first), not over yet
-        self._last: JobProc | None = None  # the last one asked for (a move waits until it is born)
+        self._last: JobProc | None = None  # the last one asked for
         self.current: JobProc | None = None  # the one that got the last job
         self._seq = 0
         self._ends: dict[int, asyncio.Future[int]] = {}  # seq -> its Z's wait status
@@ -100,6 +99,10 @@ class Zygote:
                 return
             except OSError:
                 data = b""
+            if data == b"m":  # a move is over (they are answered in order)
+                if self._moved:
+                    self._moved.popleft().set_result(None)
+                continue
             if data[:1] == b"Z" and len(data) == 9:
                 seq, status = struct.unpack("ii", data[1:])
                 fut = self._ends.pop(seq, None)
@@ -115,6 +118,10 @@ class Zygote:
                                                 if not data else f"unexpected message {data[:200]!r}"))
                     fut.exception()  # retrieved here: nobody may be waiting for it
             self._ends.clear()
+            for left in self._moved:  # a step waiting for one finds us broken
+                left.set_exception(WarmError("the warm interpreter exited"))
+                left.exception()
+            self._moved.clear()
             return
 
     def _stop_reading(self) -> None:
@@ -159,91 +166,66 @@ class Zygote:
         return self.zcg is not None and (self._last is None or self._last.cgroup is not self.zcg)
 
     def _move(self) -> None:
-        """(In a thread.) Into another cgroup: a recycled one, else a fresh one; not out
-        of a fresh one (a job that ended before the step before it had moved on made two
-        moves in a row: the cgroup between them was never removed)."""
-        assert self.pid is not None
+        """Have the zygote move itself (M) into another cgroup, a recycled one, else a
+        fresh one; not out of a fresh one. The zygote reads its messages in order: an F
+        after it clones into that cgroup. Its "m" says it has left the one before, where
+        the job process forked last was born (``JobProc.left``)."""
         if self.broken or self._fresh():
             return
         try:
             cg = self.spare.popleft()
         except IndexError:
             cg = JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent)
+        fds: list[int] = []
         try:
-            cg.add(self.pid)
+            fds = [os.open(f, os.O_WRONLY | os.O_CLOEXEC) for f in cg.move_files()]
+            self.sock.sendmsg([b"M"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         except BaseException:
             cg.remove()
             raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        left = asyncio.get_running_loop().create_future()
+        self._moved.append(left)
+        if self.zcg is not None:
+            self._left[self.zcg] = left
         self.zcg = cg
 
-    def _begin_step(self, cleanup: Callable[[], None] | None, move: bool) -> None:
-        """Start a thread step: with ``move``, the zygote into another cgroup (after the
-        move of the step before), then a fork that waited for it; then ``cleanup`` (a
-        job's leftovers). The move comes first and waits for no clean-up before it: the
-        next job process is forked while clean-ups run, not after them (its W was what
-        the next job waited for; a clean-up can take a few ms, a namespace's teardown)."""
-        prev = self._last_move
-        move_over = self._last_move = asyncio.get_running_loop().create_future()
-        self._moving += move
+    async def out_of(self, cg: JobCgroup) -> None:
+        """Once the zygote has left ``cg`` (it may then be swept); it moves on if it sits
+        there. Raises WarmError when it died meanwhile."""
+        if self.zcg is cg:
+            self._move()
+        left = self._left.pop(cg, None)
+        if left is not None:
+            await asyncio.shield(left)
+
+    def _begin_step(self, cgroup: JobCgroup, cleanup: Callable[[], None] | None) -> None:
+        """Start a thread step: ``cleanup`` (a job's leftovers: its work dir, ``cgroup``)
+        and the namespaces held for the jobs that ended, once the zygote has left
+        ``cgroup`` (its "m"). Steps do not wait for each other: each has its own job's."""
         held, self._ended_ns = self._ended_ns, []
-        cleans = bool(held) or cleanup is not None
 
         def tidy() -> None:
             for fd in held:  # first: the job's /tmp is then uncharged before its cgroup's reset
                 os.close(fd)
             if cleanup is not None:
                 cleanup()
-
-        done = False
-
-        def moved() -> None:  # (on the loop) the move is over or did not happen: a waiting fork goes
-            nonlocal done
-            if done:
-                return
-            done = True
-            self._moving -= move
-            if not move_over.done():  # (cancelled with the loop's end)
-                move_over.set_result(None)
-            if self._fork_wanted and self._moving == 0 and not self.broken and self._fresh():
-                try:
-                    self._fork()
-                except OSError:
-                    self.broken = True
-                    return
-                # nothing runs, or one more to fork: move on from its cgroup now
-                self._fork_wanted = self._waiting() < FORK_DEPTH
-                if self.current is None or self._fork_wanted:
-                    self._begin_step(None, move=True)
+            if len(self.spare) < FORK_DEPTH and not self.broken:  # the next moves need none made
+                self.spare.append(JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent))
 
         async def step() -> None:
-            loop = asyncio.get_running_loop()
-            counted = False
-
-            def work(moving: bool) -> None:  # one thread hop: the fork goes while the clean-up runs
-                try:
-                    if moving:
-                        self._move()
-                finally:
-                    loop.call_soon_threadsafe(moved)
-                    # the job's leftovers go whatever happened to the move (clean-ups of
-                    # jobs before may still run in other threads: each has its own job's)
-                    tidy()
-
             try:
-                if prev is not None:
-                    await asyncio.shield(prev)  # the move before (not its clean-up); it cannot fail
-                moving = move and not self.broken
-                if moving and self._last is not None:
-                    await self._last.heard  # forked (not only asked to): it stays in its cgroup
-                self._cleaning += cleans  # counted from its thread's start: the move, then it
-                counted = cleans
-                await asyncio.to_thread(work, moving)
-            except (OSError, CgroupUnavailable):
+                await self.out_of(cgroup)
+                self._cleaning += 1
+                try:
+                    await asyncio.to_thread(tidy)
+                finally:
+                    self._cleaning -= 1
+            except (OSError, CgroupUnavailable, WarmError):
                 self.broken = True
                 raise
-            finally:
-                moved()  # (a no-op when the thread's call came first)
-                self._cleaning -= counted
 
         t = asyncio.ensure_future(step())
         self._pending.append(t)
@@ -251,28 +233,27 @@ class Zygote:
         t.add_done_callback(lambda f: self._pending.remove(f) or f.cancelled() or f.exception())
 
     def _want_fork(self) -> None:
-        if self._waiting() >= FORK_DEPTH or self.broken:
-            return
-        if self._moving:
-            self._fork_wanted = True  # once the zygote has moved on
-        elif not self._fresh():
-            self._fork_wanted = True  # not into the cgroup of the one before: move on first
-            self._begin_step(None, move=True)
-        else:
-            self._fork()
+        """Fork job processes ahead until FORK_DEPTH wait, each in a cgroup of its own;
+        then the zygote moves on into an empty one (no job's cgroup holds it: one may be
+        swept any time)."""
+        try:
+            while self._waiting() < FORK_DEPTH and not self.broken:
+                if not self._fresh():
+                    self._move()
+                self._fork()
+            self._move()
+        except (OSError, CgroupUnavailable):
+            self.broken = True
 
     def prepare(self) -> None:
-        """After the ready message: into a job cgroup, fork the first job process there,
-        and move on (``settle`` waits for it)."""
-        self._fork_wanted = True
-        self._begin_step(None, move=True)
+        """After the ready message: fork the first job processes, each in a job cgroup."""
+        self._want_fork()
 
-    def after_job(self, cleanup: Callable[[], None] | None) -> None:
-        """The job ended: in one thread step, ``cleanup`` (its leftovers: the zygote is out
-        of its cgroup) and the zygote moves on; the next job may start meanwhile."""
-        if self._waiting() < FORK_DEPTH:
-            self._fork_wanted = True
-        self._begin_step(cleanup, move=True)
+    def after_job(self, cgroup: JobCgroup, cleanup: Callable[[], None] | None) -> None:
+        """The job in ``cgroup`` ended: ``cleanup`` (its leftovers) in a thread once the
+        zygote is out of its cgroup; the next job may start meanwhile."""
+        self._want_fork()
+        self._begin_step(cgroup, cleanup)
 
     async def settle(self) -> None:
         """Wait for every thread step started so far (a job's cgroup may then be swept:
@@ -282,33 +263,21 @@ class Zygote:
             if any(not f.cancelled() and f.exception() is not None for f in done):
                 self.broken = True
 
-    async def _forks_over(self) -> None:
-        """Wait until the moves started so far are over, and with them the fork that
-        waited for them (not their clean-ups)."""
-        while self.ahead is None and self._moving and not self.broken:
-            assert self._last_move is not None
-            await asyncio.shield(self._last_move)
-
     async def take_cgroup(self) -> JobCgroup:
         """The cgroup the next job runs in (its process is already there, waiting)."""
         # a backlog of clean-ups (slower than the jobs: a namespace's teardown can take
-        # ms), so that they cannot pile up; not a slow move (the jobs forked ahead cover it)
-        while True:
-            while self._cleaning > MAX_CLEANUPS_BEHIND and self._pending and not self.broken:
-                await asyncio.wait(list(self._pending), return_when=asyncio.FIRST_COMPLETED)
-            await self._forks_over()  # the next job's process, not forked yet
-            if self._cleaning <= MAX_CLEANUPS_BEHIND or self.broken:  # (more began meanwhile)
-                break
-        if self.ahead is None or self.broken:
-            self.broken = True
-            raise WarmError("no job process forked ahead")
-        return self.ahead.cgroup
+        # ms), so that they cannot pile up
+        while self._cleaning > MAX_CLEANUPS_BEHIND and self._pending and not self.broken:
+            await asyncio.wait(list(self._pending), return_when=asyncio.FIRST_COMPLETED)
+        return (await self.forked_ahead()).cgroup
 
     async def forked_ahead(self) -> JobProc:
-        """The job process forked for the next job, once the steps before its fork are
-        over (while a job runs: the one after it). Raises WarmError."""
-        await self._forks_over()
+        """The job process forked for the next job (asked for now if it was not; its W
+        may still come). Raises WarmError."""
+        if self.ahead is None:
+            self._want_fork()
         if self.ahead is None or self.broken:
+            self.broken = True
             raise WarmError("no job process forked ahead")
         return self.ahead
 
@@ -389,6 +358,12 @@ class Zygote:
         held, self._ended_ns = self._ended_ns, []
         for fd in held:
             os.close(fd)
+        for left in self._moved:  # a step waiting for one ends (its clean-up is close()'s)
+            if not left.done():
+                left.set_exception(WarmError("the warm interpreter was closed"))
+                left.exception()
+        self._moved.clear()
+        self._left.clear()
         waiting_cgs = [jp.cgroup for jp in self.forked]
         for jp in (*self.forked, self.current):
             if jp is not None:

@@ -127,7 +127,13 @@ def main():
                 continue
             if ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
                 os._exit(0)  # the worker is gone: our job processes die with us
-            msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
+            msg, fds, _, _ = socket.recv_fds(sock, 16, 8)
+            if msg == b"M" and fds:  # into the job cgroup that the next F's clone is born in
+                for f in fds:  # "0": this thread moves itself (no global lock on cgroup v1)
+                    os.write(f, b"0")  # a failure ends us: never clone into the wrong cgroup
+                    os.close(f)
+                sock.send(b"m")
+                continue
             if msg != b"F" or len(fds) != 1:
                 for f in fds:
                     os.close(f)

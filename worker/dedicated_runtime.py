@@ -202,7 +202,7 @@ class Runtime(Channel):
         if z is None:
             return
         if not z.broken and cg is not None:
-            z.after_job(functools.partial(_remove, cg, wd))  # and the zygote moves on
+            z.after_job(cg, functools.partial(_remove, cg, wd))  # once the zygote is out of it
         else:
             await z.settle()
             if cg is not None:

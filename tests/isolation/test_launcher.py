@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sandmill.isolation import Limits, Mount, RunSpec, launcher, workdir
+from sandmill.isolation.cgroups import JobCgroup
 from sandmill.isolation.nsjail import NsjailBackend
 from sandmill.isolation.process import ProcessBackend
 from sandmill.isolation.warm import NATIVE, JobRequest, WarmError
@@ -129,6 +130,29 @@ def test_protocol_spoken_directly() -> None:
         assert os.read(out_r, 4096).split() == [b"SigBlk:", b"0" * 16, b"SigIgn:", b"0" * 16]
         os.close(out_r)
         os.close(null)
+
+        # M: the zygote moves itself into the cgroup whose files come with it, says "m",
+        # and its next clone is born there
+        cg = JobCgroup.create(memory_bytes=None, pids=None, prefix="launcher-test")
+        try:
+            fds = [os.open(f, os.O_WRONLY) for f in cg.move_files()]
+            ours.sendmsg([b"M"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            for fd in fds:
+                os.close(fd)
+            assert _recv(ours) == b"m"
+            assert proc.pid in cg.pids()
+            job = fork()
+            assert len(cg.pids()) == 2  # the zygote and its new job process
+            job.close()  # the job process ends unstarted (its worker is gone)
+            assert struct.unpack("ii", _recv(ours)[1:])[0] == 4
+            home = JobCgroup(cg.host, {k: d.parent for k, d in cg.dirs.items()})
+            fds = [os.open(f, os.O_WRONLY) for f in home.move_files()]
+            ours.sendmsg([b"M"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            for fd in fds:
+                os.close(fd)
+            assert _recv(ours) == b"m" and cg.pids() == []
+        finally:
+            cg.remove()
     finally:
         ours.close()  # the zygote's end: it exits
         assert proc.wait(10) == 0
