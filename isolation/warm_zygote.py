@@ -168,8 +168,8 @@ class Zygote:
     def _move(self) -> None:
         """Have the zygote move itself (M) into another cgroup, a recycled one, else a
         fresh one; not out of a fresh one. The zygote reads its messages in order: an F
-        after it clones into that cgroup. Its "m" says it has left the one before, where
-        the job process forked last was born (``JobProc.left``)."""
+        after it clones into that cgroup. Its "m" says it has left the one before
+        (``out_of``)."""
         if self.broken or self._fresh():
             return
         try:
@@ -212,8 +212,8 @@ class Zygote:
                 os.close(fd)
             if cleanup is not None:
                 cleanup()
-            if len(self.spare) < FORK_DEPTH and not self.broken:  # the next moves need none made
-                self.spare.append(JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent))
+            if len(self.spare) < FORK_DEPTH and not self.broken:
+                self._stock_spare()  # here, so that the next moves make none on the loop
 
         async def step() -> None:
             try:
@@ -231,6 +231,17 @@ class Zygote:
         self._pending.append(t)
         # a zygote closed (or dead) before settle() never awaits it: its error is no news
         t.add_done_callback(lambda f: self._pending.remove(f) or f.cancelled() or f.exception())
+
+    def _stock_spare(self) -> None:
+        """(In a thread.) One more empty job cgroup for the moves to come."""
+        cg = JobCgroup.create(memory_bytes=None, pids=None, parent=self.cgroup_parent)
+        self.spare.append(cg)
+        if self.broken:  # closed meanwhile: close() may have missed it
+            try:
+                self.spare.remove(cg)
+            except ValueError:
+                return  # close() took it
+            cg.remove()
 
     def _want_fork(self) -> None:
         """Fork job processes ahead until FORK_DEPTH wait, each in a cgroup of its own;

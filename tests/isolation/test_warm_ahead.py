@@ -101,20 +101,25 @@ async def test_ended_jobs_leave_no_descriptor_behind(warm) -> None:
     assert len(os.listdir("/proc/self/fd")) <= before
 
 
-async def test_the_next_fork_does_not_wait_for_the_clean_up_of_the_job_before(warm, monkeypatch) -> None:
-    # A step moves the zygote on first and the waiting fork goes then; the ended job's
-    # clean-up (here made slow) follows. Before, the fork waited for the clean-up.
+def _slow_clean_ups(monkeypatch, seconds: float) -> None:
+    """Each job's clean-up (its leftovers' removal, in a thread) takes ``seconds`` more."""
     from sandmill.isolation import warm as warm_mod
 
     remove = warm_mod._remove
 
     def slow_remove(*a, **k):  # type: ignore[no-untyped-def]
-        time.sleep(1.5)
+        time.sleep(seconds)
         remove(*a, **k)
 
+    monkeypatch.setattr(warm_mod, "_remove", slow_remove)
+
+
+async def test_the_next_fork_does_not_wait_for_the_clean_up_of_the_job_before(warm, monkeypatch) -> None:
+    # The zygote moves itself on and forks at once; the ended job's clean-up (here made
+    # slow) runs in a thread beside it. Before, the fork waited for the clean-up.
     assert (await warm.run(spec("print(1)"))).warm
     zygote = _zygote(warm)
-    monkeypatch.setattr(warm_mod, "_remove", slow_remove)
+    _slow_clean_ups(monkeypatch, 1.5)
     assert (await warm.run(spec("print(2)"))).warm  # its clean-up now takes 1.5 s
     run = asyncio.ensure_future(warm.run(spec("import time\ntime.sleep(1)\nprint(3)\n")))
     await asyncio.sleep(0.6)
@@ -125,21 +130,13 @@ async def test_the_next_fork_does_not_wait_for_the_clean_up_of_the_job_before(wa
 
 
 async def test_a_job_does_not_wait_for_the_clean_ups_of_the_jobs_before(warm, monkeypatch) -> None:
-    # Clean-ups run beside the moves, not in their chain: with each one slower than a
+    # Clean-ups run beside each other and the moves, not in a chain: with each one slower than a
     # job (here 0.8 s), the next jobs start at once while at most MAX_CLEANUPS_BEHIND (2)
     # are under way. Before, the third job waited for both steps before it (2 x 0.8 s).
-    from sandmill.isolation import warm as warm_mod
-
-    remove = warm_mod._remove
-
-    def slow_remove(*a, **k):  # type: ignore[no-untyped-def]
-        time.sleep(0.8)
-        remove(*a, **k)
-
     assert (await warm.run(spec("print(0)"))).warm
     [z] = [z for zs in warm.warm_pool.idle.values() for z in zs]
     await z.settle()
-    monkeypatch.setattr(warm_mod, "_remove", slow_remove)
+    _slow_clean_ups(monkeypatch, 0.8)
     t0 = time.monotonic()
     outs = [await warm.run(spec(f"print({i})")) for i in (1, 2, 3)]
     took = time.monotonic() - t0
