@@ -212,8 +212,8 @@ class Zygote:
                 os.close(fd)
             if cleanup is not None:
                 cleanup()
-            if len(self.spare) < FORK_DEPTH and not self.broken:
-                self._stock_spare()  # here, so that the next moves make none on the loop
+            if not self.spare and not self.broken:
+                self._stock_spare()  # here, so that the next move makes none on the loop
 
         async def step() -> None:
             try:

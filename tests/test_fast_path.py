@@ -14,7 +14,6 @@ import pytest
 from sandmill.isolation import Backend, RunSpec, Status, workdir
 from sandmill.isolation.nsjail import NsjailBackend
 from sandmill.isolation.process import ProcessBackend
-from sandmill.isolation.warm_zygote import FORK_DEPTH
 from sandmill.profiles import profile_from_dict
 from sandmill.store import db as dbmod
 from sandmill.store import queue
@@ -271,7 +270,7 @@ async def test_a_zygotes_job_cgroups_are_recycled_and_nothing_carries_over(warm)
     seen = []
     oom = await run(big, tight)  # killed by the OOM killer in its cgroup
     assert oom.status is Status.memory_limit, oom
-    for _ in range(3):
+    for _ in range(8):
         o = await run(small, loose)
         assert o.status is Status.success, o
         assert o.peak_memory_kb < 50 * 1024, o.peak_memory_kb
@@ -280,6 +279,8 @@ async def test_a_zygotes_job_cgroups_are_recycled_and_nothing_carries_over(warm)
         assert o.status is Status.success, o
         assert o.peak_memory_kb > 90 * 1024, o.peak_memory_kb
         seen.append(o.stdout.decode().strip().splitlines()[-1])
-    # the same few cgroups, not one per job: the running one, those of the job processes
-    # forked ahead (FORK_DEPTH), the zygote's and one spare
-    assert len(set(seen)) <= 2 + FORK_DEPTH, seen
+    # the same few cgroups, not one per job (16 here): the running one, those of the job
+    # processes forked ahead (FORK_DEPTH), the empty one the zygote parks in, the last
+    # job's in its clean-up, a spare (and a fresh one where one was not reset: too much
+    # of a big job's memory left charged)
+    assert len(set(seen)) <= len(seen) // 2, seen
