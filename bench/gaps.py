@@ -49,7 +49,7 @@ def summarize(script: str, comm: str) -> dict:
     return {"runs_ms": runs, "gaps_ms": gaps}
 
 
-def spread(xs: list[float]) -> str:
+def ms_line(xs: list[float]) -> str:
     if len(xs) < 2:
         return "n/a"
     q = statistics.quantiles(xs, n=10)

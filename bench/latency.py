@@ -38,11 +38,10 @@ from sandmill.localcluster import LocalCluster
 
 from . import rawhttp
 from .common import count_done, drop_scratch, last_done_at, scratch_dir
-from .gaps import GapTrace, spread
+from .gaps import GapTrace, ms_line
 
 TRIVIAL = {"python3": "def main():\n    return 1\n", "bash": "echo 1\n"}
 BARE = {"python3": ["/usr/bin/python3", "-c", "pass"], "bash": ["/bin/bash", "-c", "echo 1"]}
-COMM = {"python3": "python3", "bash": "bash"}  # the job program's name in the kernel's events
 TARGET_OVERHEAD_MS = 25.0
 
 
@@ -189,7 +188,8 @@ async def run(args: argparse.Namespace) -> dict:
         bare = await bare_start(BARE[args.language], args.latency_runs)
         lat = await latency(cluster, args.language, args.latency_runs, args.client)
         spy = start_profile(cluster, args.profile) if args.profile else None
-        trace = GapTrace(COMM[args.language], tmp / "gaps.data") if args.gaps else None
+        # the job program's name in the kernel's events is the language's (bash)
+        trace = GapTrace(args.language, tmp / "gaps.data") if args.gaps else None
         cpu0 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
         jps = await throughput(cluster, args.language, args.jobs, args.client)
         cpu1 = {**cpu_by_process(cluster, tmp / "pg"), "bench client": _cpu(psutil.Process(), reaped=False)}
@@ -223,8 +223,8 @@ def report(r: dict) -> str:
     ]
     if r.get("gaps") is not None:
         g = r["gaps"]
-        lines += [f"  the program's run        {spread(g['runs_ms'])}   (exec -> exit, {len(g['runs_ms'])} jobs)",
-                  f"  the gap between jobs     {spread(g['gaps_ms'])}   (an exit -> the next exec)"]
+        lines += [f"  the program's run        {ms_line(g['runs_ms'])}   (exec -> exit, {len(g['runs_ms'])} jobs)",
+                  f"  the gap between jobs     {ms_line(g['gaps_ms'])}   (an exit -> the next exec)"]
     return "\n".join(lines)
 
 

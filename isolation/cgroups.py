@@ -309,12 +309,14 @@ class JobCgroup:
             _write(d / "cpu.cfs_quota_us", str(quota))
 
     def procs_files(self) -> list[str]:
-        """cgroup.procs paths to write "0" into from the child before exec."""
+        """cgroup.procs paths: a pid written there moves that process, every thread
+        (``add``)."""
         return [str(d / "cgroup.procs") for d in self.unique_dirs()]
 
     def move_files(self) -> list[str]:
-        """Where a process writes "0" to move itself here: v1 ``tasks`` (a thread that
-        moves itself takes no global lock), v2 ``cgroup.procs``."""
+        """Where a single-threaded process writes "0" to move itself here (a cold job's
+        child before its exec, a zygote): v1 ``tasks`` (a thread that moves itself takes
+        no global lock), v2 ``cgroup.procs``."""
         name = "tasks" if self.host.version == 1 else "cgroup.procs"
         return [str(d / name) for d in self.unique_dirs()]
 

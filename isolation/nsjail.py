@@ -197,7 +197,7 @@ class NsjailBackend(Backend):
         a += ["--", *argv]
         env: dict[str, str] = {}
         if cgroup is not None:
-            env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())
+            env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.move_files())
             a = ["/bin/sh", "-c", TRAMPOLINE, "sh", *a]
         return await asyncio.create_subprocess_exec(
             *a, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -255,7 +255,7 @@ class NsjailBackend(Backend):
                         devices=self.device_rules(spec))
                 except (CgroupUnavailable, OSError) as e:
                     return Outcome(Status.sandbox_error, detail=f"cgroup: {e}")
-                env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.procs_files())
+                env["SANDMILL_CGROUP_PROCS"] = " ".join(cgroup.move_files())
                 argv = ["/bin/sh", "-c", TRAMPOLINE, "sh", *argv]
             try:
                 sup = await supervise(argv, env=env, cwd=str(wd), stdin=spec.stdin,

@@ -224,7 +224,7 @@ class ProcessBackend(Backend):
         """Build the fork-to-exec hook. Everything is computed here, in the parent: the
         child only makes syscalls. ``masks_roots``: mask the mount roots (every job; not
         the warm interpreter, whose job processes reach their sources there)."""
-        procs = [p.encode() for p in cgroup.procs_files()] if cgroup else []
+        procs = [p.encode() for p in cgroup.move_files()] if cgroup else []
         rl = job_rlimits(limits)
         if cgroup is None and limits.memory_mb is not None:
             n = limits.memory_bytes  # fallback: per process, virtual memory

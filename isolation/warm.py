@@ -353,7 +353,6 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
             z.after_job(cgroup, functools.partial(_remove, z, cgroup, wd))
             cgroup = wd = None
         if cgroup is not None:
-            await z.settle()
             if not z.broken:  # never sweep the zygote along with the job
                 try:
                     await z.out_of(cgroup)
