@@ -43,7 +43,8 @@ step "host: ${PRETTY_NAME:-unknown}, kernel $(uname -r), repo $REPO"
 PACKAGES=(docker.io debootstrap debian-archive-keyring iproute2 procps psmisc ca-certificates
           git python3 python3-venv python3-pip tar gzip
           chromium chromium-driver  # the dashboard's browser tests (tests/browser/, selenium)
-          gcc libc6-dev)  # builds the native exec zygote (isolation/launcher.c) on first use
+          gcc libc6-dev  # builds the native exec zygote (isolation/launcher.c) on first use
+          bash-builtins)  # bash's headers: warm bash (isolation/bash_zygote.c)
 # A kernel with AppArmor on makes dockerd load its docker-default profile at every
 # container start; without apparmor_parser each start fails ("AppArmor enabled on system
 # but the docker-default profile could not be loaded"): a minimal Debian 12 has no parser.

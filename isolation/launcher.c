@@ -23,7 +23,9 @@
  * to the Python zygote instead (warm.py): each job process here only masks the mount
  * roots (an empty read-only tmpfs over each), so no job sees another one's environment.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
@@ -231,6 +233,9 @@ static void job(int sock, uid_t uid, gid_t gid) {
     if (syscall(SYS_close_range, 3, ~0U, 0) != 0)
         for (int fd = 3; fd < 65536; fd++)
             close(fd);
+#ifdef SANDMILL_BASH_BUILTIN
+    become_bash(argv, env, buf); /* returns when this job is not ours to run in this bash */
+#endif
     execve(argv[0], argv, env);
     dprintf(2, "sandmill: cannot run %s: %s\n", argv[0], strerror(errno));
     _exit(127);
@@ -266,14 +271,8 @@ static void send_status(int sock, int seq, int status) {
     send(sock, z, sizeof z, MSG_NOSIGNAL);
 }
 
-int main(int argc, char **argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s SOCKFD [MOUNT_ROOT...]\n", argv[0]);
-        return 2;
-    }
-    int sock = atoi(argv[1]);
-    roots = argv + 2;
-    nroots = argc - 2;
+/* The zygote: forks job processes on F, moves itself on M, reports their ends. */
+static int serve(int sock) {
     uid_t uid = getuid();
     gid_t gid = getgid();
     /* Every signal at its default and none blocked, once here, so that each job process
@@ -364,3 +363,15 @@ int main(int argc, char **argv) {
         kids[nkids++] = (struct child){pidfd, (int)pid, seq};
     }
 }
+
+#ifndef SANDMILL_BASH_BUILTIN
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s SOCKFD [MOUNT_ROOT...]\n", argv[0]);
+        return 2;
+    }
+    roots = argv + 2;
+    nroots = argc - 2;
+    return serve(atoi(argv[1]));
+}
+#endif

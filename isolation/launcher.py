@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .warm_proto import JobRequest, WarmError
 
-__all__ = ["build", "cache_dir", "encode"]
+__all__ = ["build", "cache_dir", "compile_cached", "encode"]
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +47,37 @@ def build() -> str | None:
     cannot be had here (switched off, no compiler, a failed build: logged once)."""
     if os.environ.get("SANDMILL_LAUNCHER", "1") == "0":
         return None
+    return compile_cached("launcher", {"launcher.c": SOURCE}, FLAGS, "the native exec zygote")
+
+
+def compile_cached(name: str, sources: dict[str, bytes], flags: tuple[str, ...], what: str,
+                   salt: bytes = b"") -> str | None:
+    """``sources``' first file compiled with ``flags`` into the cache dir, once per source
+    (and ``salt``); its path, or None where it cannot be built here (logged)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    digest = hashlib.sha256(SOURCE + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"launcher-{digest}"
-    if os.access(target, os.X_OK):
+    digest = hashlib.sha256(b"".join(sources.values()) + " ".join(flags).encode() + salt).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{digest}"
+    if os.access(target, os.R_OK):
         return str(target)
     if cc is None:
-        log.info("no C compiler (cc): warm exec jobs fork from the Python zygote")
+        log.info("no C compiler (cc): no %s", what)
         return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        with tempfile.TemporaryDirectory(prefix="sandmill-launcher-") as tmp:
-            src = Path(tmp) / "launcher.c"
-            src.write_bytes(SOURCE)
+        with tempfile.TemporaryDirectory(prefix=f"sandmill-{name}-") as tmp:
+            for fname, data in sources.items():
+                (Path(tmp) / fname).write_bytes(data)
             out = target.parent / f".{target.name}.{os.getpid()}"
-            r = subprocess.run([cc, *FLAGS, "-o", str(out), str(src)], capture_output=True,
+            r = subprocess.run([cc, *flags, "-o", str(out), next(iter(sources))], capture_output=True,
                                timeout=BUILD_TIMEOUT_S, cwd=tmp)
             if r.returncode != 0:
                 out.unlink(missing_ok=True)
-                log.warning("cannot build the native exec zygote (%s): %s", cc,
-                            r.stderr.decode(errors="replace")[-2000:])
+                log.warning("cannot build %s (%s): %s", what, cc, r.stderr.decode(errors="replace")[-2000:])
                 return None
             out.chmod(0o755)
             os.replace(out, target)  # atomic: another worker building at once is harmless
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("cannot build the native exec zygote: %s", e)
+        log.warning("cannot build %s: %s", what, e)
         return None
     return str(target)
 

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 
-from . import launcher, workdir
+from . import bash_zygote, launcher, workdir
 from .base import OutputCallback, Prepared
 from .cgroups import CgroupUnavailable, JobCgroup
 from .spec import Outcome, RunSpec, Status
@@ -55,6 +55,7 @@ START_TIMEOUT_S = 10.0
 RECYCLE_CGROUPS = os.environ.get("SANDMILL_RECYCLE_CGROUPS", "1") != "0"
 PYTHON_FLAGS = ("-u", "-B")  # flags a warm run may carry: the zygote runs with them
 NATIVE = "native"  # the interpreter of a pool key served by the native exec zygote
+BASH = "bash:"  # + a bash: the key of warm bash zygotes (bash_zygote.py)
 
 
 # A backend's way of starting one zygote: (argv tail to run, zygote dir, socket fd to
@@ -113,6 +114,7 @@ class WarmPool:
         # the native exec zygote (launcher.c), where the starter can run a host binary
         # (``native``): built on first use; "" once it is off here
         self.launcher: str | None = None if native else ""
+        self.bash: dict[str, str] = {} if native else {"": ""}  # bash -> its builtin ("": none)
 
     async def native(self) -> str | None:
         """The native exec zygote's path, built on first use; None where there is none
@@ -120,6 +122,25 @@ class WarmPool:
         if self.launcher is None:
             self.launcher = await asyncio.to_thread(launcher.build) or ""
         return self.launcher or None
+
+    async def warm_bash(self, program: str) -> bool:
+        """Whether bash jobs of ``program`` fork from a warm bash (bash_zygote.py): built on
+        first use, where the native exec zygote is on."""
+        if "" in self.bash or not await self.native():
+            return False
+        if program not in self.bash:
+            self.bash[program] = await asyncio.to_thread(bash_zygote.build, program) or ""
+        return bool(self.bash[program])
+
+    def _off(self, python: str, why: str) -> None:
+        """A zygote of ``python`` could not start: that kind is off here from now on."""
+        if python.startswith(BASH):
+            log.warning("warm bash off, bash jobs are exec'd: %s", why)
+            self.bash[python[len(BASH):]] = ""
+            for z in self.idle.pop((python, b""), []):
+                z.close()
+        else:
+            (self.native_off if python == NATIVE else self.disable)(why)
 
     def native_off(self, why: str) -> None:
         """Exec jobs go to the Python exec zygote from now on."""
@@ -144,7 +165,7 @@ class WarmPool:
         try:
             return await self._start(key, script)
         except WarmError as e:
-            (self.native_off if python == NATIVE else self.disable)(str(e))
+            self._off(python, str(e))
             raise
 
     def release(self, z: Zygote) -> None:
@@ -189,13 +210,18 @@ class WarmPool:
             preload = ",".join(self.preload) if script else ""
             if python == NATIVE:
                 argv = [self.launcher or "", str(theirs.fileno()), *self.mount_roots]
+            elif python.startswith(BASH):
+                bash = python[len(BASH):]
+                argv = [bash, *bash_zygote.install(self.bash[bash], zdir, self.mount_at or str(zdir)),
+                        str(theirs.fileno()), bash, *self.mount_roots]
             else:
                 argv = [python, *PYTHON_FLAGS, "-E", "-s", "-c", ZYGOTE_SOURCE,
                         str(theirs.fileno()), preload, script,
                         source.decode(errors="surrogateescape"), json.dumps(self.mount_roots)]
             proc = await self.starter(argv, zdir, theirs.fileno(), cgroup)
             theirs.close()
-            z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent, native=python == NATIVE)
+            z = Zygote(key, proc, ours, zdir, cgroup, self.cgroup_parent,
+                       native=python == NATIVE or python.startswith(BASH))
             await asyncio.wait_for(z.recv_ready(), START_TIMEOUT_S)
             z.prepare()
             return z
@@ -245,6 +271,18 @@ def _plan(pool: WarmPool, spec: RunSpec, program: str,
     return None
 
 
+async def _exec_zygote(pool: WarmPool, spec: RunSpec, argv: list[str]) -> str:
+    """The zygote kind that execs ``argv``: a warm bash for a bash script (bash_zygote.c
+    runs it in the clone, or execs it when its environment is one bash reads at start), else
+    the native exec zygote; the Python one for a job with mounts of its own."""
+    if spec.mounts or await pool.native() is None:
+        return pool.python
+    if (len(argv) > 1 and argv[1][:1] not in ("-", "+")  # a script, no option first
+            and os.path.basename(os.path.realpath(argv[0])) == "bash" and await pool.warm_bash(argv[0])):
+        return BASH + argv[0]
+    return NATIVE
+
+
 def prepare_warm(pool: WarmPool, spec: RunSpec, lane: object, program: str,
                  can_exec: bool = True) -> WarmPrepared | None:
     """``spec``'s warm set-up, started while ``lane``'s job runs (warm_prepare.py), for
@@ -289,9 +327,7 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
     if script is not None:
         key: tuple[str, str, bytes] = (program, script, spec.files[script])
     else:
-        # the native exec zygote binds no mounts of a job's own: those go to the Python one
-        native = not spec.mounts and await pool.native() is not None
-        key = (NATIVE if native else pool.python, "", b"")
+        key = (await _exec_zygote(pool, spec, exec_argv or []), "", b"")
     limits = spec.limits
     lane = asyncio.current_task()
     ready = await prepared.take(spec, (key[0], key[2])) if isinstance(prepared, WarmPrepared) else None
@@ -328,7 +364,7 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
                                          on_output=on_output)
         except WarmSetupError as e:
             # e.g. no unprivileged user namespaces on this kernel (the native one: itself only)
-            (pool.native_off if z.native else pool.disable)(str(e))
+            pool._off(z.key[0], str(e))
             return None
         except WarmMountError as e:  # this job's mounts only; the zygote goes on
             log.info("a job's mounts cannot be made warm, running it cold: %s", e)

@@ -8,7 +8,9 @@ in-process (``<name>+warm``) and warm exec (``<name>+exec``); in the warm varian
 run must really have been warm (docker's are built with ``warm=True``). On process and
 nsjail, ``+exec`` runs through the native exec zygote (isolation/launcher.c; required in
 CI, where setup installs the compiler) and ``+pyexec`` through the Python one (jobs with
-mounts of their own, hosts without a compiler)."""
+mounts of their own, hosts without a compiler); ``+bash`` runs each case's program from
+a bash script (``exec "$@"``) that a warm bash runs in its clone (isolation/bash_zygote.c;
+required in CI, where setup installs bash's headers)."""
 
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from sandmill.isolation import launcher, workdir
 from sandmill.isolation.base import CONFORMANCE_CASES, Backend, OutputCallback, Probe
 from sandmill.isolation.registry import BACKENDS, backend_class
 from sandmill.isolation.spec import Outcome, RunSpec
-from sandmill.isolation.warm import NATIVE
+from sandmill.isolation.warm import BASH, NATIVE
 
 WARM_BACKENDS = ("process", "nsjail", "docker")  # the ones with a ``warm`` option
+WARM_BASH = "/bin/bash"
 NATIVE_BACKENDS = ("process", "nsjail")  # their warm exec may use the native exec zygote
 
 
@@ -37,7 +40,7 @@ def variants() -> list[str]:
         if name in WARM_BACKENDS:
             out += [f"{name}+warm", f"{name}+exec"]
         if name in NATIVE_BACKENDS:
-            out.append(f"{name}+pyexec")
+            out += [f"{name}+pyexec", f"{name}+bash"]
     return out
 
 
@@ -88,11 +91,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class MustRunWarm(Backend):
     """A warm backend whose every run must have been warm (not a silent cold fallback)."""
 
-    def __init__(self, inner: Backend, exec_: bool, native: bool = False) -> None:
+    def __init__(self, inner: Backend, exec_: bool, native: bool = False, bash: bool = False) -> None:
         self.inner = inner
         self.exec = exec_
         self.native = native  # the exec must have gone through the native exec zygote
-        self.name = inner.name + ("+exec" if exec_ else "+warm")
+        self.bash = bash  # the program is exec'd by a script run in a warm bash's clone
+        self.name = inner.name + ("+bash" if bash else "+exec" if exec_ else "+warm")
 
     def probe(self) -> Probe:
         return self.inner.probe()
@@ -101,11 +105,17 @@ class MustRunWarm(Backend):
         assert spec.warm, "conformance specs name their runtime script"
         if self.exec:  # no runtime script: the warm job process execs python3
             spec.warm = None
+        if self.bash:
+            # gone before the program runs: the work dir holds the case's files only
+            spec.files = {**spec.files, "bash-run.sh": b'rm -f bash-run.sh; exec "$@"\n'}
+            spec.argv = [WARM_BASH, "bash-run.sh", *spec.argv]
         o = await self.inner.run(spec, on_output)
         pool = getattr(self.inner, "warm_pool", None)
         assert o.warm, f"ran cold: {pool.disabled if pool else 'no warm pool'}"
         if self.native:
             assert (NATIVE, b"") in pool.idle, "the exec did not use the native exec zygote"
+        if self.bash:
+            assert (BASH + WARM_BASH, b"") in pool.idle, "the script did not run in a warm bash"
         return o
 
 
@@ -132,7 +142,8 @@ def backend(backend_name: str):
             b.warm_pool.launcher = ""  # as where no compiler is found
         elif variant == "+exec":
             native = _in_ci() or launcher.build() is not None
-    yield MustRunWarm(b, variant in ("+exec", "+pyexec"), native) if warm else b
+    yield MustRunWarm(b, variant in ("+exec", "+pyexec", "+bash"), native,
+                      bash=variant == "+bash") if warm else b
     b.close()
 
 
