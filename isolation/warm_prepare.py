@@ -30,7 +30,7 @@ from .warm_proto import JobProc, JobRequest, WarmError
 from .warm_zygote import Zygote
 
 if TYPE_CHECKING:
-    from .warm import WarmPool
+    from .warm_pool import WarmPool
 
 __all__ = ["Ready", "WarmPrepared", "job_started", "lane_done"]
 
