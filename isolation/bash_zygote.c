@@ -52,7 +52,9 @@ static const char *const STARTUP_VARS[] = {
     "EPOCHREALTIME", "HISTCMD", "DIRSTACK", "COMP_WORDBREAKS", "_", NULL};
 
 static int plain_env(char **env) {
+    int path = 0; /* without PATH a bash sets its own default at start */
     for (char **e = env; *e; e++) {
+        path |= strncmp(*e, "PATH=", 5) == 0;
         char *eq = strchr(*e, '=');
         if (eq == NULL || eq == *e || strncmp(*e, "BASH", 4) == 0)
             return 0; /* BASH_ENV, BASH_FUNC_f%%, BASHOPTS, BASH_XTRACEFD, ... */
@@ -64,7 +66,7 @@ static int plain_env(char **env) {
             if ((size_t)(eq - *e) == strlen(*v) && strncmp(*e, *v, eq - *e) == 0)
                 return 0;
     }
-    return 1;
+    return path;
 }
 
 /* The job's environment, and nothing of the zygote's. */

@@ -166,3 +166,23 @@ def test_the_feature_sections_run_through_the_suite(tmp_path):
     for heading in MORE_HEADINGS[:2] + MORE_HEADINGS[3:]:
         assert heading in report, heading
     assert json.loads((tmp_path / "results.json").read_text())["dashboard"]["rounds"] == 2
+
+
+def test_standard_workers_at_the_limit_are_judged():
+    """bash and python3 on nsjail against 300 and 200 jobs/s, and bash's overhead above
+    its bare start (latency p50 - bare p50), with the batch's figure beside it."""
+    from bench.report import targets
+
+    def row(lang: str, jps: float, over: float, bare: float) -> dict:
+        return {"backend": "nsjail", "language": lang, "jps": {"median": jps}, "overhead_ms": over,
+                "bare": {"median": bare}}
+
+    res = {"overhead": {"rows": [row("python3", 190.0, -3.0, 13.0), row("bash", 350.0, 3.5, 1.5)],
+                        "probes": {}}}
+    rows = {t["name"]: t for t in targets(res)}
+    assert rows["python3 on nsjail, one worker, at the limit"]["met"] is False
+    assert rows["python3 on nsjail, one worker, at the limit"]["gap"] == "5% short"
+    assert rows["bash on nsjail, one worker, at the limit"]["met"] is True
+    over = rows["bash on nsjail, overhead above bare"]
+    assert over["met"] is False and over["gap"] == "1.5 ms over"
+    assert "in the batch: 1.4 ms a job above bare" in over["value"]

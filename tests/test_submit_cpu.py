@@ -91,11 +91,24 @@ def test_concurrent_http_submits_share_transactions_and_each_gets_its_answer(mak
     body = {"content": "echo 1\n", "language": "bash", "tag": "nobody-" + ws}
 
     async def go():
+        conn = await dbmod.connect(c.env["DATABASE_URL"])
+        # The first insert waits on this lock while the others come in behind it: they share
+        # statements however slowly this host's client sends them.
+        held = conn.transaction()
+        await held.start()
+        await conn.execute("LOCK TABLE queue IN SHARE MODE")
         async with c.async_client(limits=httpx.Limits(max_connections=20)) as h:
             bad = h.post(f"/api/w/{ws}/jobs/run/preview", json=body, params={"scheduled_in_secs": 1e300})
-            rs = await asyncio.gather(bad, *(h.post(f"/api/w/{ws}/jobs/run/preview", json=body)
-                                              for _ in range(n)))
-        conn = await dbmod.connect(c.env["DATABASE_URL"])
+            sent = asyncio.gather(bad, *(h.post(f"/api/w/{ws}/jobs/run/preview", json=body)
+                                         for _ in range(n)))
+            for _ in range(500):
+                if sent.done() or await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'queue'::regclass"):
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            await held.rollback()
+            rs = await sent
         try:
             txns = await conn.fetchval("SELECT count(DISTINCT xmin::text) FROM queue WHERE workspace = $1", ws)
             rows = await conn.fetchval("SELECT count(*) FROM queue WHERE workspace = $1", ws)

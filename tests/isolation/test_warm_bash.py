@@ -138,6 +138,18 @@ def test_what_bash_reads_at_its_start_makes_a_fresh_bash(kind: str, name: str, v
     assert expect in o.stdout + o.stderr
 
 
+def test_a_job_without_path_is_left_to_a_fresh_bash(kind: str) -> None:
+    b = _backend(kind)
+    env = {k: v for k, v in ENV.items() if k != "PATH"}  # a bash without one makes its own
+    try:
+        o = asyncio.run(b.run(_spec(b"/bin/grep -q sandmill-bash /proc/$$/maps && echo 'in a warm bash'\n"
+                                    b"echo \"PATH=${PATH-unset}\"\n", env)))
+    finally:
+        b.close()
+    assert o.status is Status.success and not _in_warm_bash(o.stdout), o
+    assert b"PATH=/usr/local/bin:/usr/bin:/bin" not in o.stdout  # not the zygote's
+
+
 def test_a_binary_script_and_bash_options_are_left_to_a_fresh_bash(kind: str) -> None:
     b = _backend(kind)
     spec = _spec(WHERE + b"echo $-\n")
