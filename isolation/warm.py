@@ -90,6 +90,11 @@ def _plan(pool: WarmPool, spec: RunSpec, program: str,
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _is_bash(program: str) -> bool:
+    return os.path.basename(os.path.realpath(program)) == "bash"  # /bin/bash -> /usr/bin/bash
+
+
 async def _exec_zygote(pool: WarmPool, spec: RunSpec, argv: list[str]) -> str:
     """The zygote kind that execs ``argv``: a warm bash for a bash script (bash_zygote.c
     runs it in the clone, or execs it when its environment is one bash reads at start), else
@@ -97,7 +102,7 @@ async def _exec_zygote(pool: WarmPool, spec: RunSpec, argv: list[str]) -> str:
     if spec.mounts or await pool.native() is None:
         return pool.python
     if (len(argv) > 1 and argv[1][:1] not in ("-", "+")  # a script, no option first
-            and os.path.basename(os.path.realpath(argv[0])) == "bash" and await pool.warm_bash(argv[0])):
+            and _is_bash(argv[0]) and await pool.warm_bash(argv[0])):
         return BASH + argv[0]
     return NATIVE
 
