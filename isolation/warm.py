@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # a zygote's emptied job cgroups serve its later jobs (JobCgroup.recycle); the
 # environment's 0 turns it off, for the benchmark's before/after
 RECYCLE_CGROUPS = os.environ.get("SANDMILL_RECYCLE_CGROUPS", "1") != "0"
+
+
 def warm_script(spec: RunSpec) -> str | None:
     """The runtime script a warm interpreter may run in-process: ``spec.warm`` when argv
     is ``[python, (-u|-B)*, spec.warm, args...]``; else None (the program is exec'd)."""
@@ -188,7 +190,7 @@ async def run_warm(pool: WarmPool, spec: RunSpec, on_output: OutputCallback | No
                                          on_output=on_output)
         except WarmSetupError as e:
             # e.g. no unprivileged user namespaces on this kernel (the native one: itself only)
-            pool._off(z.key[0], str(e))
+            pool.kind_off(z.key[0], str(e))
             return None
         except WarmMountError as e:  # this job's mounts only; the zygote goes on
             log.info("a job's mounts cannot be made warm, running it cold: %s", e)

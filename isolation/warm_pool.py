@@ -77,7 +77,7 @@ class WarmPool:
         # the native exec zygote (launcher.c), where the starter can run a host binary
         # (``native``): built on first use; "" once it is off here
         self.launcher: str | None = None if native else ""
-        self.bash: dict[str, str] = {} if native else {"": ""}  # bash -> its builtin ("": none)
+        self.bash: dict[str, str] = {}  # a bash -> its builtin, built on first use ("": none)
 
     async def native(self) -> str | None:
         """The native exec zygote's path, built on first use; None where there is none
@@ -89,28 +89,29 @@ class WarmPool:
     async def warm_bash(self, program: str) -> bool:
         """Whether bash jobs of ``program`` fork from a warm bash (bash_zygote.py): built on
         first use, where the native exec zygote is on."""
-        if "" in self.bash or not await self.native():
+        if not await self.native():
             return False
         if program not in self.bash:
             self.bash[program] = await asyncio.to_thread(bash_zygote.build, program) or ""
         return bool(self.bash[program])
 
-    def _off(self, python: str, why: str) -> None:
-        """A zygote of ``python`` could not start: that kind is off here from now on."""
-        if python.startswith(BASH):
-            log.warning("warm bash off, bash jobs are exec'd: %s", why)
-            self.bash[python[len(BASH):]] = ""
-            for z in self.idle.pop((python, b""), []):
-                z.close()
+    def kind_off(self, python: str, why: str) -> None:
+        """A zygote of kind ``python`` failed to start or to set a job up: that kind is off
+        here from now on. The native exec zygote's jobs then fork from the Python one, warm
+        bash's are exec'd; a Python zygote's failure turns warm runs off (``disable``)."""
+        if python == NATIVE:
+            was, self.launcher = self.launcher, ""
+            what = "native exec zygote off, exec jobs fork from the Python one"
+        elif python.startswith(BASH):
+            bash = python[len(BASH):]
+            was, self.bash[bash] = self.bash.get(bash), ""
+            what = "warm bash off, bash jobs are exec'd"
         else:
-            (self.native_off if python == NATIVE else self.disable)(why)
-
-    def native_off(self, why: str) -> None:
-        """Exec jobs go to the Python exec zygote from now on."""
-        if self.launcher:
-            log.warning("native exec zygote off, exec jobs fork from the Python one: %s", why)
-        self.launcher = ""
-        for z in self.idle.pop((NATIVE, b""), []):
+            self.disable(why)
+            return
+        if was:
+            log.warning("%s: %s", what, why)
+        for z in self.idle.pop((python, b""), []):
             z.close()
 
     async def acquire(self, python: str, script: str, source: bytes) -> Zygote:
@@ -128,7 +129,7 @@ class WarmPool:
         try:
             return await self._start(key, script)
         except WarmError as e:
-            self._off(python, str(e))
+            self.kind_off(python, str(e))
             raise
 
     def release(self, z: Zygote) -> None:

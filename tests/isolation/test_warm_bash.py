@@ -81,7 +81,7 @@ def kind(request: pytest.FixtureRequest) -> str:
 def test_a_warm_bash_job_sees_what_an_execd_one_sees(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     warm = _backend(kind)
     execd = _backend(kind)
-    execd.warm_pool.bash[""] = ""  # as where warm bash cannot be built: exec'd by launcher.c
+    execd.warm_pool.bash[BASH_BIN] = ""  # as where warm bash cannot be built: exec'd by launcher.c
     try:
         probe = PROBE.replace(b"return 3\n", WHERE + b"return 3\n")
         ours = asyncio.run(_runs(warm, _spec(probe)))
@@ -191,3 +191,22 @@ def test_without_the_headers_bash_jobs_are_execd(monkeypatch: pytest.MonkeyPatch
         assert o.status is Status.success and b"ok" in o.stdout and not _in_warm_bash(o.stdout)
     finally:
         bash_zygote.build.cache_clear()
+
+
+def test_a_warm_bash_that_cannot_start_turns_only_itself_off(kind: str) -> None:
+    b = _backend(kind)
+    spec = _spec(WHERE + b"echo ok\n")
+
+    async def runs():
+        b.warm_pool.bash[BASH_BIN] = "/nonexistent/bash-zygote.so"  # its start fails
+        first = await b.run(spec)
+        return first, await b.run(spec)
+
+    try:
+        first, second = asyncio.run(runs())
+        assert b.warm_pool.bash[BASH_BIN] == "" and b.warm_pool.disabled is None
+        assert (NATIVE, b"") in b.warm_pool.idle and (BASH + BASH_BIN, b"") not in b.warm_pool.idle
+    finally:
+        b.close()
+    assert first.status is Status.success and b"ok" in first.stdout and not first.warm
+    assert second.status is Status.success and second.warm and not _in_warm_bash(second.stdout)
